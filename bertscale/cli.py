@@ -1,0 +1,168 @@
+"""The `bertscale` command: thin argument parsing around library functions, one verb per stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EPILOG = "Run `bertscale VERB --help` for a verb's options. Start with `make demo` (see README.md)."
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from bertscale.tokenizer import train_tokenizer
+
+    out = train_tokenizer(args.input, vocab_size=args.vocab_size, out_dir=args.out, lowercase=not args.cased,
+                          min_frequency=args.min_frequency)
+    print(f"wrote tokenizer to {out}")
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from bertscale.shards import build_shards
+
+    manifest = build_shards(args.input, args.tokenizer, seq_len=args.seq_len, out_dir=args.out,
+                            samples_per_shard=args.samples_per_shard, seed=args.seed,
+                            valid_fraction=args.valid_fraction)
+    splits = manifest["splits"]
+    print(f"wrote {splits['train']['samples']} training and {splits['valid']['samples']} validation samples "
+          f"({len(splits['train']['shards'])} + {len(splits['valid']['shards'])} shards) to {args.out}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    if args.help_config:
+        from bertscale.config import describe
+
+        print(describe())
+        return 0
+    if not args.config:
+        print("bertscale pretrain: --config FILE is required (see configs/ and README.md)", file=sys.stderr)
+        return 2
+    from launcher.launch import pretrain
+
+    out = pretrain(args.config, args.set, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"training finished; checkpoints in {out / 'checkpoints'}, TensorBoard events in {out / 'tensorboard'}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from bertscale.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.out, tag=args.tag)
+    print(f"wrote Hugging Face model to {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from bertscale.evaluate import evaluate
+
+    results = evaluate(args.model, args.data, split=args.split, batch_size=args.batch_size,
+                       max_batches=args.max_batches, seed=args.seed)
+    print(json.dumps(results))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from bertscale.demo import run_demo
+
+    summary = run_demo(args.corpus, args.out, steps1=args.steps1, steps2=args.steps2, ranks=args.ranks)
+    print(json.dumps(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bertscale", epilog=EPILOG,
+        description="Distributed BERT pretraining: tokenizer -> shards -> DeepSpeed ZeRO + LAMB -> Hugging Face.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("tokenizer", formatter_class=fmt, help="train a BERT WordPiece tokenizer",
+                       description="Train a BERT WordPiece tokenizer (BERT normalisation, [PAD] [UNK] [CLS] [SEP] "
+                                   "[MASK]); writes tokenizer.json, vocab.txt and the files "
+                                   "transformers.BertTokenizerFast.from_pretrained needs.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=".txt, .txt.gz, .jsonl, .jsonl.gz files or directories of them")
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, e.g. 30522")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--cased", action="store_true", help="keep case and accents (default: lowercase)")
+    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
+    p.set_defaults(func=_tokenizer)
+
+    p = sub.add_parser("shards", formatter_class=fmt, help="build WebDataset shards of pretraining samples",
+                       description="Turn documents into BERT sentence-pair samples with next-sentence labels and "
+                                   "write them as WebDataset tar shards (OUT/train/, OUT/valid/) with a manifest "
+                                   "OUT/index.json. Text files hold documents separated by blank lines; jsonl "
+                                   "files hold one document per line in a 'text' field.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
+    p.add_argument("--tokenizer", required=True, help="directory written by `bertscale tokenizer`")
+    p.add_argument("--seq-len", type=int, required=True, help="sequence length, e.g. 128 or 512")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=10000, help="samples per tar file")
+    p.add_argument("--seed", type=int, default=12345, help="seed for pairing, NSP negatives and the split")
+    p.add_argument("--valid-fraction", type=float, default=0.01, help="fraction of documents held out")
+    p.set_defaults(func=_shards)
+
+    p = sub.add_parser("pretrain", formatter_class=fmt, help="run all phases through the deepspeed launcher",
+                       description="Resolve the run configuration (file < --set overrides), check it against the "
+                                   "data and the machine, and train every phase through the `deepspeed` "
+                                   "launcher. Re-running the same command continues from the latest complete "
+                                   "checkpoint.")
+    p.add_argument("--config", help="run configuration (TOML); see configs/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set train.log_interval=5 --set phases.phase1.steps=100")
+    p.add_argument("--dry-run", action="store_true", help="print each phase's deepspeed command and batch plan")
+    p.add_argument("--help-config", action="store_true", help="list every configuration key with its default")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("convert", formatter_class=fmt, help="DeepSpeed checkpoint -> Hugging Face weights",
+                       description="Consolidate a sharded DeepSpeed ZeRO checkpoint and write config.json, "
+                                   "model.safetensors and the tokenizer files (loads in transformers as "
+                                   "BertForPreTraining).")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's checkpoints/ directory (latest complete one is used) or one step directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tag", default=None, help="a checkpoint tag such as step00000300 (default: latest)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("eval", formatter_class=fmt, help="MLM/NSP accuracy of a converted model",
+                       description="Masked-LM loss and accuracy and NSP accuracy of a converted model on held-out "
+                                   "shards; prints one JSON line.")
+    p.add_argument("--model", required=True, help="directory written by `bertscale convert`")
+    p.add_argument("--data", required=True, help="directory written by `bertscale shards`")
+    p.add_argument("--split", default="valid", choices=["valid", "train"], help="which split to evaluate")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--seed", type=int, default=0, help="masking seed")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on a small corpus",
+                       description="Tokenizer, shards, two-phase pretraining of a tiny BERT on DeepSpeed ranks, "
+                                   "conversion and evaluation, in one command. Default corpus: the docstrings of "
+                                   "this Python's standard library (nothing is downloaded).")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="PATH", help="use these files instead")
+    p.add_argument("--out", default="demo_out", help="output directory (hf/, tensorboard/, checkpoints/, ...)")
+    p.add_argument("--steps1", type=int, default=300, help="optimizer steps at seq_len 128")
+    p.add_argument("--steps2", type=int, default=40, help="optimizer steps at seq_len 512")
+    p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes or GPUs)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    from bertscale.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"bertscale {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

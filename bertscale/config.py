@@ -1,0 +1,425 @@
+"""The run configuration: one typed tree, loaded from TOML, overridden by ``--set``, validated once.
+
+Precedence is command line > file > defaults. Every field is documented where it is
+declared; ``validate`` collects every problem and raises one ``ConfigError`` that says
+how to fix each. Paths are resolved against the current working directory when the
+launcher resolves the configuration, so the workers see absolute paths only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """One or more problems in a run configuration; the message lists all of them."""
+
+
+@dataclass
+class RunSection:
+    name: str = "bert"
+    """A label for the run, shown in logs and TensorBoard."""
+    out_dir: str = "runs/bert"
+    """Where checkpoints, TensorBoard events and the resolved configuration go."""
+    seed: int = 1234
+    """Seeds weights, shard order, shuffling and masking."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "base"
+    """Model size: tiny, mini, small, base or large (see bertscale/model.py)."""
+    tokenizer: str = ""
+    """Directory written by `bertscale tokenizer` (tokenizer.json, vocab.txt)."""
+    num_hidden_layers: int | None = None
+    """Override the preset's number of layers."""
+    hidden_size: int | None = None
+    """Override the preset's hidden size."""
+    num_attention_heads: int | None = None
+    """Override the preset's number of attention heads."""
+    intermediate_size: int | None = None
+    """Override the preset's feed-forward size."""
+    dropout: float | None = None
+    """Override hidden and attention dropout (0.1 in every preset)."""
+
+
+@dataclass
+class DistributedSection:
+    deepspeed_config: str = "ds_configs/zero2_bf16.json"
+    """Base DeepSpeed JSON (ZeRO stage, precision); batch sizes and clipping are filled in per phase."""
+    accelerator: str = "auto"
+    """auto (CUDA when present, else CPU), cuda or cpu. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu and gloo."""
+    num_gpus: int | None = None
+    """Ranks per node: GPUs, or CPU processes on a CPU-only machine (default: all GPUs, or 2 CPU ranks)."""
+    num_nodes: int = 1
+    """Number of nodes; more than one needs hostfile, or no_ssh with node_rank and master_addr."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile ("host slots=N" per line) for multi-node runs."""
+    launcher: str = "pdsh"
+    """Multi-node launcher passed to deepspeed: pdsh, openmpi, mvapich, slurm."""
+    no_ssh: bool = False
+    """Run the same command on every node yourself (each with its node_rank); no ssh between nodes."""
+    node_rank: int | None = None
+    """This node's rank with no_ssh."""
+    master_addr: str | None = None
+    """Address of node 0 (required with no_ssh)."""
+    master_port: int = 29500
+    """TCP port of the rendezvous on node 0."""
+    threads_per_rank: int | None = None
+    """torch intra-op threads per rank on CPU (default: cores / local ranks)."""
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "lamb"
+    """lamb (DeepSpeed's fused kernel on CUDA, ours on CPU) or adamw."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam moment decay rates."""
+    eps: float = 1e-6
+    """Added to the second-moment root."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to biases and LayerNorm weights."""
+    bias_correction: bool = True
+    """Adam bias correction of the moments."""
+    grad_clip: float = 1.0
+    """Clip gradients to this global norm (0 disables)."""
+
+
+@dataclass
+class TrainSection:
+    log_interval: int = 10
+    """Optimizer steps between console lines and TensorBoard points."""
+    save_interval: int = 1000
+    """Optimizer steps between checkpoints (each phase's last step is always saved)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the end of each phase."""
+    num_workers: int = 1
+    """Data loader worker processes per rank."""
+    shuffle_buffer: int = 2000
+    """Samples held in the in-memory shuffle buffer per worker."""
+    eval_batches: int = 20
+    """Held-out batches evaluated at the end of each phase (0 disables)."""
+
+
+@dataclass
+class PhaseSection:
+    name: str = "phase1"
+    """Label of the phase (appears in tags and logs)."""
+    seq_len: int = 128
+    """Sequence length; must equal the shards' seq_len."""
+    data: str = ""
+    """Directory written by `bertscale shards` for this sequence length."""
+    global_batch: int = 256
+    """Sequences per optimizer step over all ranks (= micro_batch x accumulation x world size)."""
+    micro_batch: int = 32
+    """Sequences per rank per forward pass."""
+    steps: int = 1000
+    """Optimizer steps in this phase."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    warmup: float = 0.1
+    """Fraction of the phase's steps with linear warmup."""
+    decay_power: float = 1.0
+    """Polynomial decay power after warmup (1.0 linear, 0.5 as NVIDIA's recipe)."""
+    max_predictions: int | None = None
+    """Cap on masked positions per sample (default: 15% of seq_len, rounded up)."""
+    mask_prob: float = 0.15
+    """Fraction of tokens chosen for prediction."""
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    phases: list[PhaseSection] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def phase(self, name: str) -> tuple[int, PhaseSection]:
+        for i, p in enumerate(self.phases):
+            if p.name == name:
+                return i, p
+        raise ConfigError(f"no phase named {name!r}; phases are {[p.name for p in self.phases]}")
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _known(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
+
+
+def _coerce(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
+    """Check one value against its annotation; ints are accepted where floats are expected."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin is not None and type(None) in args:  # X | None
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where, errors)
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, args[0], f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        errors.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint in (str, float) and not isinstance(value, hint):
+        errors.append(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, where: str, errors: list[str]):
+    if not isinstance(data, dict):
+        errors.append(f"{where}: expected a table, got {data!r}")
+        return cls()
+    hints = get_type_hints(cls)
+    known = _known(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            errors.append(f"{where}.{key}: unknown key{_suggest(key, known)}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}", errors)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict, errors: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from nested dicts (file contents); collects unknown keys and type errors."""
+    own = errors is None
+    errors = [] if errors is None else errors
+    cfg = RunConfig()
+    for key, value in data.items():
+        if key not in SECTIONS:
+            errors.append(f"{key}: unknown section{_suggest(key, list(SECTIONS))}")
+            continue
+        if key == "phases":
+            if not isinstance(value, list):
+                errors.append("phases: expected a list of [[phases]] tables")
+                continue
+            cfg.phases = [_build(PhaseSection, p, f"phases[{i}]", errors) for i, p in enumerate(value)]
+        else:
+            section_cls = type(getattr(cfg, key))
+            setattr(cfg, key, _build(section_cls, value, key, errors))
+    if own and errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML literal (numbers, booleans, lists, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``KEY=VALUE`` overrides to raw config dicts.
+
+    Keys are dotted: ``train.log_interval=5``, ``phases.0.steps=100`` or ``phases.phase2.lr=4e-3``
+    (a phase by index or by name).
+    """
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.log_interval=5")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        value = _parse_value(text.strip())
+        if parts[0] == "phases":
+            if len(parts) != 3:
+                raise ConfigError(f"--set {key}: phase keys look like phases.0.lr or phases.phase1.lr")
+            phases = data.setdefault("phases", [])
+            selector = parts[1]
+            index = None
+            if selector.isdigit():
+                index = int(selector)
+            else:
+                names = [p.get("name", PhaseSection.name) for p in phases]
+                if selector in names:
+                    index = names.index(selector)
+            if index is None or index >= len(phases):
+                names = [p.get("name", PhaseSection.name) for p in phases]
+                raise ConfigError(f"--set {key}: no phase {selector!r}; phases are {names} (or their indices)")
+            phases[index][parts[2]] = value
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"--set {key}: keys look like SECTION.FIELD, e.g. train.log_interval")
+        section = data.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"--set {key}: {parts[0]} is not a table")
+        section[parts[1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML (or the launcher's resolved JSON) run configuration, apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    data = apply_overrides(data, overrides or [])
+    errors: list[str] = []
+    cfg = from_dict(data, errors)
+    errors += validate(cfg)
+    if errors:
+        raise ConfigError(f"invalid configuration in {path}:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Every problem the configuration has on its own (without looking at the machine)."""
+    e: list[str] = []
+    from bertscale.model import PRESETS  # local: the model owns the preset table
+
+    if cfg.model.preset not in PRESETS:
+        e.append(f"model.preset: {cfg.model.preset!r} is not a preset{_suggest(cfg.model.preset, list(PRESETS))}")
+    if not cfg.model.tokenizer:
+        e.append("model.tokenizer: set it to the directory written by `bertscale tokenizer`")
+    if cfg.distributed.accelerator not in ("auto", "cpu", "cuda"):
+        e.append(f"distributed.accelerator: {cfg.distributed.accelerator!r} must be auto, cpu or cuda")
+    if cfg.distributed.launcher not in ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"):
+        e.append(f"distributed.launcher: {cfg.distributed.launcher!r} is not a DeepSpeed multi-node launcher")
+    if cfg.distributed.num_gpus is not None and cfg.distributed.num_gpus < 1:
+        e.append("distributed.num_gpus: must be at least 1")
+    if cfg.distributed.num_nodes < 1:
+        e.append("distributed.num_nodes: must be at least 1")
+    if cfg.distributed.no_ssh and (cfg.distributed.node_rank is None or not cfg.distributed.master_addr):
+        e.append("distributed.no_ssh: also set distributed.node_rank and distributed.master_addr")
+    if cfg.optimizer.name not in ("lamb", "adamw"):
+        e.append(f"optimizer.name: {cfg.optimizer.name!r} must be lamb or adamw")
+    if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
+        e.append("optimizer.betas: two numbers in [0, 1), e.g. [0.9, 0.999]")
+    for name in ("log_interval", "save_interval", "keep_last"):
+        if getattr(cfg.train, name) < 1:
+            e.append(f"train.{name}: must be at least 1")
+    if cfg.train.num_workers < 0:
+        e.append("train.num_workers: must be 0 or more")
+    if not cfg.phases:
+        e.append("phases: add at least one [[phases]] table (seq_len, data, global_batch, micro_batch, steps, lr)")
+    names = [p.name for p in cfg.phases]
+    if len(set(names)) != len(names):
+        e.append(f"phases: names must be unique, got {names}")
+    for i, p in enumerate(cfg.phases):
+        w = f"phases[{i}] ({p.name})"
+        if not p.data:
+            e.append(f"{w}.data: set it to the directory written by `bertscale shards --seq-len {p.seq_len}`")
+        if not 8 <= p.seq_len <= 512:
+            e.append(f"{w}.seq_len: {p.seq_len} must be between 8 and 512")
+        for name in ("global_batch", "micro_batch", "steps"):
+            if getattr(p, name) < 1:
+                e.append(f"{w}.{name}: must be at least 1")
+        if p.micro_batch >= 1 and p.global_batch % p.micro_batch:
+            e.append(f"{w}.global_batch: {p.global_batch} is not a multiple of micro_batch {p.micro_batch}")
+        if not p.lr > 0:
+            e.append(f"{w}.lr: must be positive")
+        if not 0 <= p.warmup <= 1:
+            e.append(f"{w}.warmup: a fraction of the phase's steps in [0, 1]")
+        if not 0 < p.mask_prob < 1:
+            e.append(f"{w}.mask_prob: must be in (0, 1)")
+        if p.max_predictions is not None and p.max_predictions < 1:
+            e.append(f"{w}.max_predictions: must be at least 1")
+    return e
+
+
+def accumulation_steps(phase: PhaseSection, world_size: int) -> int:
+    """Gradient accumulation so that micro_batch x accumulation x world_size == global_batch."""
+    per_step = phase.micro_batch * world_size
+    if phase.global_batch % per_step:
+        lower = (phase.global_batch // per_step) * per_step
+        raise ConfigError(
+            f"phase {phase.name!r}: global_batch {phase.global_batch} is not divisible by "
+            f"micro_batch {phase.micro_batch} x world size {world_size} = {per_step}; "
+            f"use a global_batch that is a multiple of {per_step} (e.g. {max(lower, per_step)}) "
+            f"or change micro_batch or the number of ranks")
+    return phase.global_batch // per_step
+
+
+def max_predictions(phase: PhaseSection) -> int:
+    """The phase's cap on predictions per sample (default: ceil(seq_len * mask_prob))."""
+    if phase.max_predictions is not None:
+        return phase.max_predictions
+    return max(1, math.ceil(phase.seq_len * phase.mask_prob))
+
+
+def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
+    """Make every path absolute (against ``base``, default the current directory)."""
+    base = base or Path.cwd()
+
+    def absolute(p: str | None) -> str | None:
+        return str((base / p).resolve()) if p else p
+
+    cfg = dataclasses.replace(cfg)
+    cfg.run = dataclasses.replace(cfg.run, out_dir=absolute(cfg.run.out_dir))
+    cfg.model = dataclasses.replace(cfg.model, tokenizer=absolute(cfg.model.tokenizer))
+    cfg.distributed = dataclasses.replace(
+        cfg.distributed,
+        deepspeed_config=absolute(cfg.distributed.deepspeed_config),
+        hostfile=absolute(cfg.distributed.hostfile))
+    cfg.phases = [dataclasses.replace(p, data=absolute(p.data)) for p in cfg.phases]
+    return cfg
+
+
+def save_resolved(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def describe() -> str:
+    """Every key with its default and documentation, for `bertscale pretrain --help-config`."""
+    import ast
+    import inspect
+
+    lines = []
+    for section_name, f in SECTIONS.items():
+        cls = PhaseSection if section_name == "phases" else type(getattr(RunConfig(), section_name))
+        header = "[[phases]]" if section_name == "phases" else f"[{section_name}]"
+        lines.append(header)
+        docs = _field_docs(cls, ast, inspect)
+        defaults = {x.name: getattr(cls(), x.name) for x in dataclasses.fields(cls)}
+        for name, default in defaults.items():
+            lines.append(f"  {name} = {default!r}    # {docs.get(name, '')}")
+    return "\n".join(lines)
+
+
+def _field_docs(cls, ast, inspect) -> dict[str, str]:
+    """Read the docstring that follows each field declaration."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs

@@ -1,0 +1,273 @@
+"""Reading raw text corpora: documents as lists of sentences.
+
+Supported inputs: ``.txt`` / ``.txt.gz`` (documents separated by blank lines) and
+``.jsonl`` / ``.jsonl.gz`` (one JSON object per line with a ``text`` field).
+Everything streams line by line; nothing loads a whole file into memory.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import logging
+import os
+import re
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+_BINARY_PROBE_BYTES = 8192
+_MAX_LINE_WARNINGS = 5
+
+# Split after . ! ? when whitespace follows; after CJK full stops unconditionally.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
+
+
+@dataclass
+class CorpusStats:
+    """Counters collected while reading a corpus."""
+
+    files: int = 0
+    documents: int = 0
+    sentences: int = 0
+    replaced_chars: int = 0
+    """U+FFFD characters inserted while decoding non-UTF-8 bytes."""
+    skipped_lines: int = 0
+    """Malformed jsonl lines (not JSON, or no string ``text``)."""
+    empty_documents: int = 0
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (
+            f"{self.files} files, {self.documents} documents, {self.sentences} sentences, "
+            f"{self.empty_documents} empty documents skipped, {self.skipped_lines} bad lines skipped, "
+            f"{self.replaced_chars} undecodable chars replaced"
+        )
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a line into sentences, keeping end punctuation; drops empty pieces."""
+    return [s for s in (p.strip() for p in _SENTENCE_END.split(text)) if s]
+
+
+def _suffix_of(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Resolve files and directories (recursively, sorted) into a list of corpus files."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"corpus input {path} does not exist; check the path")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix_of(p))
+            if not found:
+                raise ValueError(
+                    f"corpus directory {path} holds no files ending in {', '.join(SUPPORTED_SUFFIXES)}"
+                )
+            files.extend(found)
+        elif _suffix_of(path) is None:
+            raise ValueError(
+                f"unsupported corpus file {path}: expected one of {', '.join(SUPPORTED_SUFFIXES)}; "
+                "rename it or convert it to plain text / jsonl"
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _check_not_binary(path: Path) -> None:
+    try:
+        with _open_binary(path) as f:
+            head = f.read(_BINARY_PROBE_BYTES)
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read corpus file {path} ({e}); is it a valid (gzip) text file?") from e
+    if b"\x00" in head:
+        raise ValueError(
+            f"{path} looks like a binary file (NUL byte in its first {_BINARY_PROBE_BYTES} bytes); "
+            "remove it from the corpus inputs"
+        )
+
+
+def _decoded_lines(path: Path, stats: CorpusStats) -> Iterator[str]:
+    """Yield decoded lines; invalid UTF-8 is replaced, counted and warned about once."""
+    warned = False
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                stats.replaced_chars += line.count("\ufffd") - raw.count("\ufffd".encode())
+                if not warned:
+                    log.warning(
+                        "%s:%d is not valid UTF-8; undecodable bytes replaced with U+FFFD "
+                        "(further lines of this file not reported)", path, lineno,
+                    )
+                    warned = True
+                yield line
+
+
+def _sentences_of_text(text: str) -> list[str]:
+    out: list[str] = []
+    for line in text.splitlines():
+        out.extend(split_sentences(line))
+    return out
+
+
+def _txt_documents(path: Path, stats: CorpusStats) -> Iterator[list[str]]:
+    doc: list[str] = []
+    blank_seen = False
+    for line in _decoded_lines(path, stats):
+        if not line.strip():
+            blank_seen = True
+            continue
+        if blank_seen:
+            if doc:
+                yield doc
+            doc = []
+            blank_seen = False
+        doc.extend(split_sentences(line))
+    if doc:
+        yield doc
+
+
+def _jsonl_documents(path: Path, stats: CorpusStats) -> Iterator[list[str]]:
+    warnings = 0
+    for lineno, line in enumerate(_decoded_lines(path, stats), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text = obj.get("text") if isinstance(obj, dict) else None
+        except json.JSONDecodeError:
+            text = None
+        if not isinstance(text, str):
+            stats.skipped_lines += 1
+            if warnings < _MAX_LINE_WARNINGS:
+                log.warning("%s:%d skipped: not a JSON object with a string 'text' field", path, lineno)
+                warnings += 1
+            continue
+        sentences = _sentences_of_text(text)
+        if sentences:
+            yield sentences
+        else:
+            stats.empty_documents += 1
+
+
+def iter_documents(
+    paths: Sequence[str | os.PathLike], stats: CorpusStats | None = None
+) -> Iterator[list[str]]:
+    """Stream documents (lists of non-empty sentences) from txt/jsonl files or directories."""
+    stats = stats if stats is not None else CorpusStats()
+    files = expand_inputs(paths)
+    for path in files:
+        _check_not_binary(path)
+    yielded = 0
+    for path in files:
+        stats.files += 1
+        reader = _jsonl_documents if _suffix_of(path) in JSONL_SUFFIXES else _txt_documents
+        for doc in reader(path, stats):
+            stats.documents += 1
+            stats.sentences += len(doc)
+            yielded += 1
+            yield doc
+    if yielded == 0:
+        names = ", ".join(str(p) for p in files[:10]) + (" ..." if len(files) > 10 else "")
+        raise ValueError(f"corpus inputs yielded no documents: {names}; are the files empty?")
+
+
+# --- the embedded default corpus -------------------------------------------------------------
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+_MIN_DOCSTRING_CHARS = 40
+
+
+def _looks_like_code(paragraph: list[str]) -> bool:
+    first = paragraph[0]
+    if any(line.lstrip().startswith((">>>", "...")) for line in paragraph):
+        return True
+    # Indented blocks in a cleaned docstring are examples or tables, not prose.
+    return all(line.startswith("    ") for line in paragraph) or first.rstrip().endswith("::")
+
+
+def _docstring_paragraphs(doc: str) -> list[str]:
+    paragraphs: list[str] = []
+    block: list[str] = []
+    for line in doc.splitlines() + [""]:
+        if line.strip():
+            block.append(line)
+            continue
+        if block and not _looks_like_code(block):
+            text = " ".join(" ".join(block).split())
+            if text:
+                paragraphs.append(text)
+        block = []
+    return paragraphs
+
+
+def _stdlib_files(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        out.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    return sorted(out)
+
+
+def _docstrings_of(source: str) -> Iterator[str]:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
+                yield doc
+
+
+def write_stdlib_corpus(out_path: Path, max_documents: int | None = None) -> CorpusStats:
+    """Write the docstrings of the Python standard library as a ``.txt`` corpus (no imports)."""
+    out_path = Path(out_path)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    stats = CorpusStats(files=1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        for path in _stdlib_files(root):
+            try:
+                source = path.read_text(encoding="utf-8")
+                docs = list(_docstrings_of(source))
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            for doc in docs:
+                paragraphs = _docstring_paragraphs(doc)
+                if not paragraphs:
+                    stats.empty_documents += 1
+                    continue
+                out.write("\n".join(paragraphs) + "\n\n")
+                stats.documents += 1
+                stats.sentences += sum(len(split_sentences(p)) for p in paragraphs)
+                if max_documents is not None and stats.documents >= max_documents:
+                    break
+            if max_documents is not None and stats.documents >= max_documents:
+                break
+    os.replace(tmp, out_path)
+    return stats

@@ -1,0 +1,118 @@
+"""`bertscale demo`: the whole pipeline, end to end, on a small corpus and a tiny BERT.
+
+corpus (the standard library's docstrings by default) -> WordPiece tokenizer -> shards at
+128 and 512 -> two DeepSpeed ranks through both phases -> checkpoint -> Hugging Face model
+-> held-out evaluation, ending with one JSON line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger("bertscale.demo")
+
+# The demo's run configuration: a scaled-down copy of the two-phase BERT recipe.
+DEMO_CONFIG = """\
+# Written by `bertscale demo`; run it again with `bertscale pretrain --config {out}/demo.toml`.
+[run]
+name = "demo"
+out_dir = "{out}"
+seed = 1234
+
+[model]
+preset = "tiny"
+tokenizer = "{out}/tokenizer"
+
+[distributed]
+deepspeed_config = "{ds_config}"
+accelerator = "auto"
+num_gpus = {ranks}
+
+[optimizer]
+name = "lamb"
+weight_decay = 0.01
+grad_clip = 1.0
+
+[train]
+log_interval = 25
+save_interval = 100
+keep_last = 2
+num_workers = 0
+eval_batches = 8
+
+[[phases]]
+name = "phase1"
+seq_len = 128
+data = "{out}/data128"
+global_batch = 128
+micro_batch = 32
+steps = {steps1}
+lr = 4e-3
+warmup = 0.1
+decay_power = 0.5
+
+[[phases]]
+name = "phase2"
+seq_len = 512
+data = "{out}/data512"
+global_batch = 64
+micro_batch = 16
+steps = {steps2}
+lr = 2e-3
+warmup = 0.2
+decay_power = 0.5
+"""
+
+
+def default_ds_config() -> Path:
+    """ds_configs/zero2_bf16.json beside the package (source checkout) or shipped inside it."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "ds_configs" / "zero2_bf16.json", here / "ds_configs" / "zero2_bf16.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("ds_configs/zero2_bf16.json not found beside the bertscale package")
+
+
+def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out", vocab_size: int = 8000,
+             steps1: int = 300, steps2: int = 40, ranks: int = 2) -> dict:
+    """Run the whole pipeline; returns (and the CLI prints) the summary dict."""
+    from bertscale.convert import convert_checkpoint
+    from bertscale.corpus import write_stdlib_corpus
+    from bertscale.evaluate import evaluate
+    from bertscale.shards import build_shards
+    from bertscale.tokenizer import train_tokenizer
+    from launcher.launch import pretrain
+
+    start = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not corpus:
+        path = out / "corpus" / "stdlib_docstrings.txt"
+        log.info("[1/6] gathering the standard library's docstrings into %s", path)
+        stats = write_stdlib_corpus(path)
+        log.info("      %s", stats.summary())
+        corpus = [str(path)]
+    else:
+        log.info("[1/6] corpus: %s", ", ".join(corpus))
+    log.info("[2/6] training a WordPiece tokenizer (vocab %d)", vocab_size)
+    train_tokenizer(corpus, vocab_size=vocab_size, out_dir=out / "tokenizer")
+    for step, seq_len in (("3/6", 128), ("3/6", 512)):
+        log.info("[%s] building shards at seq_len %d", step, seq_len)
+        build_shards(corpus, out / "tokenizer", seq_len=seq_len, out_dir=out / f"data{seq_len}",
+                     samples_per_shard=1000 if seq_len == 128 else 500, seed=1234, valid_fraction=0.02)
+    config = out / "demo.toml"
+    config.write_text(DEMO_CONFIG.format(out=out.as_posix(), ds_config=default_ds_config().as_posix(),
+                                         ranks=ranks, steps1=steps1, steps2=steps2), encoding="utf-8")
+    log.info("[4/6] pretraining with %d DeepSpeed ranks, both phases (config %s)", ranks, config)
+    run_dir = pretrain(str(config))
+    log.info("[5/6] converting the final checkpoint to Hugging Face weights")
+    hf_dir = convert_checkpoint(run_dir / "checkpoints", out / "hf")
+    log.info("[6/6] evaluating %s on held-out data", hf_dir)
+    results = evaluate(hf_dir, out / "data128", split="valid", batch_size=64)
+    summary = {**{k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},
+               "train_steps": steps1 + steps2, "seconds": round(time.perf_counter() - start, 1),
+               "hf_model": str(hf_dir), "tensorboard": str(run_dir / "tensorboard")}
+    return summary

@@ -1,0 +1,125 @@
+"""Training metrics: accumulated on device, reduced over ranks at each log interval, written by rank 0.
+
+The only module that talks to TensorBoard. Tags are namespaced (``loss/mlm``,
+``throughput/tokens_per_s``, ``memory/host_rss_gib``); rates are averaged over the log
+interval, not taken from a single step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import psutil
+import torch
+
+from bertscale.engine import all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+# Order of the running sums kept on device between log points.
+_SUMS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "nsp_count",
+         "samples", "tokens")
+
+
+class Metrics:
+    """Accumulate per micro batch; ``log`` at the interval (every rank calls it: it all-reduces)."""
+
+    def __init__(self, tb_dir: str | None, rank: int, run_name: str, total_steps: int):
+        self.rank = rank
+        self.run_name = run_name
+        self.total_steps = total_steps
+        self.writer = None
+        if rank == 0 and tb_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tb_dir)
+        self._sums: torch.Tensor | None = None
+        self._t0 = time.perf_counter()
+        self._steps_in_interval = 0
+        self._process = psutil.Process()
+        self._start_time = time.perf_counter()
+        self._start_step: int | None = None
+
+    def add(self, out, batch: dict[str, torch.Tensor]) -> None:
+        """One micro batch's outputs (tensors stay on device: no sync here)."""
+        values = torch.stack([
+            out.mlm_loss.detach().float() * out.mlm_count, out.mlm_correct.float(), out.mlm_count.float(),
+            out.nsp_loss.detach().float() * out.nsp_count, out.nsp_correct.float(), out.nsp_count.float(),
+            torch.tensor(float(batch["input_ids"].shape[0]), device=out.mlm_count.device),
+            batch["attention_mask"].sum().float(),
+        ])
+        self._sums = values if self._sums is None else self._sums + values
+
+    def step_done(self) -> None:
+        self._steps_in_interval += 1
+
+    def log(self, step: int, phase: str, phase_index: int, seq_len: int, lr: float, grad_norm: float | None,
+            loss_scale: float, skipped: int, epoch: int) -> dict:
+        """Reduce the interval's sums over ranks; rank 0 prints one line and writes scalars."""
+        sums = self._sums if self._sums is not None else torch.zeros(len(_SUMS))
+        sums = all_reduce_sum(sums.detach().cpu().clone())
+        s = dict(zip(_SUMS, sums.tolist()))
+        elapsed = time.perf_counter() - self._t0
+        if self._start_step is None:
+            self._start_step = step - self._steps_in_interval
+        row = {
+            "loss/mlm": s["mlm_loss_sum"] / max(s["mlm_count"], 1),
+            "loss/nsp": s["nsp_loss_sum"] / max(s["nsp_count"], 1),
+            "accuracy/mlm": s["mlm_correct"] / max(s["mlm_count"], 1),
+            "accuracy/nsp": s["nsp_correct"] / max(s["nsp_count"], 1),
+            "optim/lr": lr,
+            "optim/loss_scale": loss_scale,
+            "optim/skipped_steps": skipped,
+            "throughput/samples_per_s": s["samples"] / elapsed if elapsed > 0 else 0.0,
+            "throughput/tokens_per_s": s["tokens"] / elapsed if elapsed > 0 else 0.0,
+            "memory/host_rss_gib": self._process.memory_info().rss / 2 ** 30,
+            "system/cpu_percent": psutil.cpu_percent(interval=None),
+            "data/epoch": epoch,
+            "train/phase": phase_index,
+            "train/seq_len": seq_len,
+        }
+        row["loss/total"] = row["loss/mlm"] + row["loss/nsp"]
+        if grad_norm is not None:
+            row["optim/grad_norm"] = grad_norm
+        if torch.cuda.is_available():
+            row["memory/device_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if self.rank == 0:
+            done = step - self._start_step
+            rate = done / (time.perf_counter() - self._start_time)
+            eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+            log.info("step %d/%d %s | loss %.4f (mlm %.4f nsp %.4f) | mlm acc %.3f | lr %.2e | %.1f samples/s | eta %s",
+                     step, self.total_steps, phase, row["loss/total"], row["loss/mlm"], row["loss/nsp"],
+                     row["accuracy/mlm"], lr, row["throughput/samples_per_s"], _hms(eta))
+            if self.writer is not None:
+                for tag, value in row.items():
+                    self.writer.add_scalar(tag, value, step)
+                self.writer.flush()
+        self._sums = None
+        self._steps_in_interval = 0
+        self._t0 = time.perf_counter()
+        return row
+
+    def log_eval(self, step: int, results: dict[str, float]) -> None:
+        if self.rank == 0:
+            log.info("eval at step %d: %s", step, json.dumps({k: round(v, 4) for k, v in results.items()}))
+            if self.writer is not None:
+                for key, value in results.items():
+                    self.writer.add_scalar(f"eval/{key}", value, step)
+                self.writer.flush()
+
+    def log_config(self, config: dict) -> None:
+        if self.writer is not None:
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

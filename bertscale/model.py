@@ -1,0 +1,444 @@
+"""BERT for pretraining (MLM + NSP), in one file.
+
+Module and parameter names match Hugging Face's ``BertForPreTraining`` so that
+conversion to and from ``transformers`` is a key-for-key copy. This file knows
+nothing of data, tokenizers or distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+"""Label value for positions that do not count towards the MLM loss (as in Hugging Face)."""
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, what Hugging Face calls "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass
+class BertConfig:
+    """Architecture of a BERT model; field names are Hugging Face's ``config.json`` keys."""
+
+    vocab_size: int
+    """Number of WordPiece tokens; rows of the word embedding and MLM decoder."""
+    hidden_size: int
+    """Width of every hidden state (d_model)."""
+    num_hidden_layers: int
+    """Number of transformer layers (L)."""
+    num_attention_heads: int
+    """Attention heads per layer; must divide hidden_size."""
+    intermediate_size: int
+    """Width of the feed-forward layer (usually 4 * hidden_size)."""
+    hidden_act: str = "gelu"
+    """Feed-forward and MLM-transform activation; "gelu" is the exact erf GELU."""
+    hidden_dropout_prob: float = 0.1
+    """Dropout on embeddings and on each residual branch."""
+    attention_probs_dropout_prob: float = 0.1
+    """Dropout on attention probabilities (training only)."""
+    max_position_embeddings: int = 512
+    """Longest sequence the position embedding covers."""
+    type_vocab_size: int = 2
+    """Number of segment (token type) ids."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal weight init."""
+    layer_norm_eps: float = 1e-12
+    """Epsilon of every LayerNorm."""
+    pad_token_id: int = 0
+    """Id of [PAD]; its word-embedding row starts at zero."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if (isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int)
+                and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads):
+            problems.append(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; pick heads so that hidden_size / heads is a whole head "
+                f"size (e.g. 64)"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {p!r}")
+        if self.initializer_range <= 0:
+            problems.append(f"initializer_range must be positive, got {self.initializer_range!r}")
+        if self.layer_norm_eps <= 0:
+            problems.append(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if isinstance(self.vocab_size, int) and not 0 <= self.pad_token_id < max(self.vocab_size, 1):
+            problems.append(f"pad_token_id {self.pad_token_id} is outside the vocabulary (vocab_size {self.vocab_size})")
+        if problems:
+            raise ValueError("invalid BertConfig:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` contents that ``transformers`` loads as a ``BertForPreTraining``."""
+        d: dict[str, Any] = {
+            "model_type": "bert",
+            "architectures": ["BertForPreTraining"],
+            **asdict(self),
+            "tie_word_embeddings": True,
+            "position_embedding_type": "absolute",
+            "use_cache": True,
+            "is_decoder": False,
+            "add_cross_attention": False,
+            "classifier_dropout": None,
+            # transformers v5 reads "dtype"; v4 reads "torch_dtype".
+            "dtype": "float32",
+            "torch_dtype": "float32",
+        }
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> BertConfig:
+        """Build from a Hugging Face ``config.json`` dict, ignoring keys we do not model."""
+        pet = d.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"position_embedding_type {pet!r} is not supported; bertscale models absolute positions only")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if kwargs.get("pad_token_id") is None:
+            kwargs.pop("pad_token_id", None)
+        return cls(**kwargs)
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "medium": dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+}
+"""Named architectures (the tiny..medium sizes follow Turc et al., "Well-Read Students Learn Better")."""
+
+
+def preset_config(name: str, vocab_size: int, **overrides: Any) -> BertConfig:
+    """A ``BertConfig`` for preset ``name`` with the tokenizer's ``vocab_size`` and any field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return BertConfig(**{**PRESETS[name], "vocab_size": vocab_size, **overrides})
+
+
+@dataclass
+class PretrainingOutput:
+    """What ``BertForPreTraining.forward`` returns; counts let callers aggregate accuracy across steps."""
+
+    loss: torch.Tensor | None
+    """mlm_loss + nsp_loss (float32 scalar); None when no labels were given."""
+    mlm_loss: torch.Tensor | None
+    """Mean cross-entropy over masked positions (0 when there are none)."""
+    nsp_loss: torch.Tensor | None
+    """Mean NSP cross-entropy over the batch (0 when no next_sentence_label)."""
+    mlm_correct: torch.Tensor | None
+    """Number of masked positions predicted right (int64 scalar)."""
+    mlm_count: torch.Tensor | None
+    """Number of masked positions (int64 scalar)."""
+    nsp_correct: torch.Tensor | None
+    """Number of NSP labels predicted right (int64 scalar)."""
+    nsp_count: torch.Tensor | None
+    """Number of NSP labels (int64 scalar)."""
+    prediction_logits: torch.Tensor | None
+    """[B, S, V] MLM logits over all positions; only when labels is None."""
+    seq_relationship_logits: torch.Tensor
+    """[B, 2] NSP logits (0 = B follows A, 1 = random B)."""
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        position_ids = torch.arange(seq_len, device=input_ids.device)
+        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(position_ids))
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
+        bias = None
+        if keep is not None:
+            # Additive mask in the query dtype (not boolean): a row with no real key then
+            # attends uniformly instead of producing NaN, like Hugging Face.
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~keep, torch.finfo(q.dtype).min)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        return out.transpose(1, 2).reshape(b, s, d)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, keep), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        a = self.attention(x, keep)
+        return self.output(self.intermediate(a), a)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, keep, use_reentrant=False)
+            else:
+                x = layer(x, keep)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+class BertModel(nn.Module):
+    """The encoder: embeddings, transformer layers and the [CLS] pooler."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (sequence_output [B,S,d], pooled_output [B,d])."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}")
+        seq_len = input_ids.shape[1]
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}; shorten the sequences or build the model with a "
+                f"larger max_position_embeddings"
+            )
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        # [B,1,1,S]: broadcast over heads and query positions, never materialised per head.
+        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        h = self.encoder(self.embeddings(input_ids, token_type_ids), keep)
+        return h, self.pooler(h)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.decoder.bias = self.bias  # one parameter under two names, as in Hugging Face
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertForPreTraining(nn.Module):
+    """BERT with the masked-LM and next-sentence heads; the MLM decoder is tied to the word embeddings."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make the MLM decoder use the word embedding matrix (the same Parameter object)."""
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if module is self.cls.predictions.decoder:
+            return  # its weight is the word embedding, its bias the head bias; both initialised elsewhere
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertLMPredictionHead):
+            nn.init.zeros_(module.bias)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in backward to trade compute for memory."""
+        self.bert.encoder.gradient_checkpointing = enabled
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+    ) -> PretrainingOutput:
+        """Run BERT; with ``labels`` the MLM head runs only on masked positions (labels != -100).
+
+        ``attention_mask`` is 1 for real tokens and 0 for padding; pass None for unpadded
+        batches so SDPA may pick its mask-free (flash) kernel on GPU.
+        """
+        seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        nsp_logits = self.cls.seq_relationship(pooled)
+
+        prediction_logits = mlm_loss = mlm_correct = mlm_count = None
+        if labels is None:
+            prediction_logits = self.cls.predictions(seq)
+        else:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {list(labels.shape)} must equal input_ids shape {list(input_ids.shape)}")
+            masked = labels != IGNORE_INDEX
+            # Gather before the transform: the head's cost scales with ~15% of positions, not all.
+            targets = labels[masked]
+            logits = self.cls.predictions(seq[masked]).float()
+            mlm_count = masked.sum()
+            mlm_loss = F.cross_entropy(logits, targets, reduction="sum") / mlm_count.clamp(min=1)
+            mlm_correct = (logits.argmax(dim=-1) == targets).sum()
+
+        nsp_loss = nsp_correct = nsp_count = None
+        if next_sentence_label is not None:
+            nsp_targets = next_sentence_label.view(-1)
+            nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_targets)
+            nsp_correct = (nsp_logits.argmax(dim=-1) == nsp_targets).sum()
+            nsp_count = torch.tensor(nsp_targets.numel(), device=nsp_targets.device)
+        elif labels is not None:
+            nsp_loss = torch.zeros((), device=seq.device)
+            nsp_correct = torch.zeros((), dtype=torch.long, device=seq.device)
+            nsp_count = torch.zeros((), dtype=torch.long, device=seq.device)
+
+        loss = None if mlm_loss is None else mlm_loss + nsp_loss
+        return PretrainingOutput(
+            loss=loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
+            mlm_correct=mlm_correct, mlm_count=mlm_count,
+            nsp_correct=nsp_correct, nsp_count=nsp_count,
+            prediction_logits=prediction_logits, seq_relationship_logits=nsp_logits,
+        )
+
+
+def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Count distinct parameters (a tied weight once); optionally without the embedding tables."""
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+    # parameters() yields a shared Parameter only once, so the tied decoder is not double-counted.
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)

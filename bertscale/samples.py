@@ -1,0 +1,132 @@
+"""BERT sentence-pair samples ``[CLS] A [SEP] B [SEP]`` with next-sentence labels (pure numpy).
+
+The logic follows the original BERT data generator: chunks of consecutive sentences up to a
+target length, split at a sentence boundary; half of the time B comes from another document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+IS_NEXT = 0
+"""B really follows A (Hugging Face's ``next_sentence_label`` convention)."""
+IS_RANDOM = 1
+"""B was taken from another document."""
+MIN_SEQ_LEN = 5
+
+
+@dataclass
+class Sample:
+    """One pretraining pair. Token type is 0 for positions < a_len, 1 after."""
+
+    ids: np.ndarray
+    """int32 ``[CLS] A [SEP] B [SEP]``."""
+    a_len: int
+    """Length of ``[CLS] A [SEP]``."""
+    nsp_label: int
+
+
+def truncation_counts(len_a: int, len_b: int, max_tokens: int) -> tuple[int, int]:
+    """How many tokens to drop from A and B: always from the longer one (B on ties)."""
+    excess = len_a + len_b - max_tokens
+    if excess <= 0:
+        return 0, 0
+    drop_a = min(max(len_a - len_b, 0), excess)
+    drop_b = min(max(len_b - len_a, 0), excess - drop_a)
+    rest = excess - drop_a - drop_b
+    # Lengths are now equal; removal alternates B, A, B, ...
+    return drop_a + rest // 2, drop_b + (rest + 1) // 2
+
+
+def _drop(tokens: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Remove n tokens, each from the front or the back with probability 1/2."""
+    if n == 0:
+        return tokens
+    front = int(rng.binomial(n, 0.5))
+    return tokens[front : len(tokens) - (n - front)]
+
+
+def _random_b(
+    documents: list[list[np.ndarray]], doc_index: int, target: int, rng: np.random.Generator
+) -> np.ndarray:
+    other = int(rng.integers(len(documents) - 1))
+    other += other >= doc_index
+    doc = documents[other]
+    parts, length = [], 0
+    for sentence in doc[int(rng.integers(len(doc))) :]:
+        parts.append(sentence)
+        length += len(sentence)
+        if length >= target:
+            break
+    return np.concatenate(parts)
+
+
+def _pack(a: np.ndarray, b: np.ndarray, label: int, cls_id: int, sep_id: int) -> Sample:
+    ids = np.empty(len(a) + len(b) + 3, dtype=np.int32)
+    ids[0] = cls_id
+    ids[1 : 1 + len(a)] = a
+    ids[1 + len(a)] = sep_id
+    ids[2 + len(a) : -1] = b
+    ids[-1] = sep_id
+    return Sample(ids=ids, a_len=len(a) + 2, nsp_label=label)
+
+
+def build_samples(
+    documents: Sequence[Sequence[np.ndarray]],
+    seq_len: int,
+    rng: np.random.Generator,
+    cls_id: int,
+    sep_id: int,
+    short_seq_prob: float = 0.1,
+) -> Iterator[Sample]:
+    """Yield sentence-pair samples of at most seq_len tokens from tokenized documents.
+
+    ``documents`` holds lists of sentences (id arrays without specials); random B segments are
+    drawn from the other documents of this pool. With a single document in the pool every
+    sample is a real continuation; a lone one-sentence chunk is then split inside the sentence.
+    """
+    if seq_len < MIN_SEQ_LEN:
+        raise ValueError(f"seq_len {seq_len} is too short for [CLS] A [SEP] B [SEP]; use >= {MIN_SEQ_LEN}")
+    max_tokens = seq_len - 3
+    docs = [[np.asarray(s) for s in doc if len(s) > 0] for doc in documents]
+    docs = [d for d in docs if d]
+    for doc_index, doc in enumerate(docs):
+        chunk: list[np.ndarray] = []
+        length = 0
+        target = _target_length(max_tokens, short_seq_prob, rng)
+        i = 0
+        while i < len(doc):
+            chunk.append(doc[i])
+            length += len(doc[i])
+            if i == len(doc) - 1 or length >= target:
+                a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+                a = np.concatenate(chunk[:a_end])
+                if len(docs) >= 2 and (len(chunk) == 1 or rng.random() < 0.5):
+                    b = _random_b(docs, doc_index, target - len(a), rng)
+                    label = IS_RANDOM
+                    i -= len(chunk) - a_end  # unused sentences go back to the document
+                elif len(chunk) >= 2:
+                    b = np.concatenate(chunk[a_end:])
+                    label = IS_NEXT
+                elif len(a) >= 2:
+                    cut = int(rng.integers(1, len(a)))
+                    a, b = a[:cut], a[cut:]
+                    label = IS_NEXT
+                else:
+                    a = b = None  # one single-token sentence and nothing to pair it with
+                if a is not None and b is not None:
+                    drop_a, drop_b = truncation_counts(len(a), len(b), max_tokens)
+                    a, b = _drop(a, drop_a, rng), _drop(b, drop_b, rng)
+                    yield _pack(a, b, label, cls_id, sep_id)
+                chunk, length = [], 0
+                target = _target_length(max_tokens, short_seq_prob, rng)
+            i += 1
+
+
+def _target_length(max_tokens: int, short_seq_prob: float, rng: np.random.Generator) -> int:
+    if rng.random() < short_seq_prob:
+        return int(rng.integers(2, max_tokens + 1))
+    return max_tokens

@@ -1,0 +1,228 @@
+"""The worker: one DeepSpeed rank training one phase. Started by the launcher through `deepspeed`.
+
+    deepspeed ... --module bertscale.train --config OUT/run_config.json --phase phase1
+
+Where it starts: the latest complete checkpoint of this phase if there is one (re-running
+the command continues), else the final weights of the previous phase, else fresh weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from bertscale import checkpoint as ckpt
+from bertscale.config import RunConfig, accumulation_steps, load_config, max_predictions
+from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_ds_config,
+                              consolidated_state_dict, detect_accelerator, init_distributed)
+from bertscale.hf_format import load_state_dict_into
+from bertscale.loader import PretrainingLoader, eval_batches
+from bertscale.metrics import Metrics
+from bertscale.model import BertConfig, BertForPreTraining, preset_config
+from bertscale.schedule import lr_at, phase_spans
+from bertscale.state import RunState
+from bertscale.tokenizer import TokenizerInfo, tokenizer_info
+
+log = logging.getLogger("bertscale.train")
+
+
+def model_config(cfg: RunConfig, vocab_size: int) -> BertConfig:
+    m = cfg.model
+    overrides = {k: getattr(m, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                            "intermediate_size") if getattr(m, k) is not None}
+    if m.dropout is not None:
+        overrides.update(hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
+    return preset_config(m.preset, vocab_size=vocab_size, **overrides)
+
+
+def checkpoint_root(cfg: RunConfig) -> Path:
+    return Path(cfg.run.out_dir) / "checkpoints"
+
+
+class Trainer:
+    """Trains one phase on this rank."""
+
+    def __init__(self, cfg: RunConfig, phase_name: str, dist: DistInfo, accelerator: str):
+        self.cfg, self.dist = cfg, dist
+        self.phase_index, self.phase = cfg.phase(phase_name)
+        self.spans = phase_spans([p.steps for p in cfg.phases])
+        self.span = self.spans[self.phase_index]
+        self.tokenizer: TokenizerInfo = tokenizer_info(cfg.model.tokenizer)
+        self.model_config = model_config(cfg, self.tokenizer.vocab_size)
+        self.root = checkpoint_root(cfg)
+        self.state = RunState(global_step=self.span.start, phase_index=self.phase_index)
+
+        torch.manual_seed(cfg.run.seed)
+        model = BertForPreTraining(self.model_config)
+        resume = self._find_resume_point(model)
+        self.accumulation = accumulation_steps(self.phase, dist.world_size)
+        ds_config = build_ds_config(cfg.distributed.deepspeed_config, self.phase, dist.world_size,
+                                    cfg.optimizer, accelerator)
+        self.engine = Engine(model, ds_config, cfg.optimizer, accelerator, lr=self.phase.lr)
+        self.loader = PretrainingLoader(
+            self.phase.data, split="train", micro_batch=self.phase.micro_batch, rank=dist.rank,
+            world_size=dist.world_size, seed=cfg.run.seed, tokenizer=self.tokenizer,
+            mask_prob=self.phase.mask_prob, max_predictions=max_predictions(self.phase),
+            num_workers=cfg.train.num_workers, shuffle_buffer=cfg.train.shuffle_buffer,
+            expect_seq_len=self.phase.seq_len)
+        if resume is not None:
+            self.engine.load_shards(self.root, resume.tag)
+            self.state.load_state_dict(resume.meta["state"])
+            self.loader.load_state_dict(ckpt.read_rank_state(resume.path, dist.rank)["loader"])
+            self._log0(f"resumed from {resume.path} at global step {self.state.global_step}")
+        self.metrics = Metrics(str(Path(cfg.run.out_dir) / "tensorboard"), dist.rank, cfg.run.name,
+                               total_steps=self.spans[-1].end)
+        if self.phase_index == 0 and resume is None:
+            self.metrics.log_config(cfg.to_dict())
+
+    def _log0(self, message: str) -> None:
+        if self.dist.rank == 0:
+            log.info(message)
+
+    def _find_resume_point(self, model: BertForPreTraining) -> ckpt.CheckpointInfo | None:
+        """Resume this phase, or start it from the previous phase's final weights."""
+        latest = ckpt.latest(self.root)
+        if latest is not None:
+            self._check_compatible(latest)
+        if latest is not None and latest.phase_index == self.phase_index and not latest.phase_complete:
+            return latest
+        if latest is not None and latest.phase_index >= self.phase_index and latest.phase_complete:
+            raise RuntimeError(f"phase {self.phase.name!r} is already complete ({latest.path}); "
+                               f"the launcher skips finished phases")
+        if self.phase_index > 0:
+            previous = ckpt.final_of_phase(self.root, self.phase_index - 1)
+            if previous is None:
+                raise RuntimeError(f"phase {self.phase.name!r} starts from the final weights of phase "
+                                   f"{self.cfg.phases[self.phase_index - 1].name!r}, but {self.root} has no "
+                                   f"complete final checkpoint of it; run that phase first")
+            load_state_dict_into(model, consolidated_state_dict(self.root, previous.tag))
+            self._log0(f"phase {self.phase.name}: starting from the final weights of "
+                       f"{self.cfg.phases[self.phase_index - 1].name} ({previous.path}); optimizer moments reset")
+        return None
+
+    def _check_compatible(self, found: ckpt.CheckpointInfo) -> None:
+        saved_model = found.meta.get("model_config", {})
+        ours = self.model_config.to_hf_dict()
+        diffs = [f"{k}: checkpoint {saved_model.get(k)!r} vs config {ours.get(k)!r}"
+                 for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if saved_model.get(k) != ours.get(k)]
+        if found.meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
+            diffs.append("tokenizer: checkpoint was trained with a different vocabulary")
+        if diffs:
+            raise RuntimeError(f"{found.path} belongs to a different model, so this run cannot continue "
+                               f"from it: " + "; ".join(diffs) + f". Use a new run.out_dir or the matching config.")
+
+    def train(self) -> None:
+        cfg, phase = self.cfg, self.phase
+        p = cfg.phases
+        self._log0(f"phase {phase.name}: global steps {self.state.global_step}..{self.span.end} "
+                   f"seq_len {phase.seq_len}, global batch {phase.global_batch} = micro {phase.micro_batch} x "
+                   f"accumulation {self.accumulation} x world {self.dist.world_size}")
+        batches = iter(self.loader)
+        while self.state.global_step < self.span.end:
+            lr = lr_at(self.state.global_step, self.spans, [x.lr for x in p], [x.warmup for x in p],
+                       [x.decay_power for x in p])
+            self.engine.set_lr(lr)
+            tokens = 0
+            for _ in range(self.accumulation):
+                batch = self.engine.to_device(next(batches))
+                out = self.engine.train_micro_batch(batch)
+                self.metrics.add(out, batch)
+                tokens += int(batch["attention_mask"].sum())
+            self.state.global_step += 1
+            self.state.samples_seen += phase.global_batch
+            self.state.tokens_seen += tokens * self.dist.world_size  # estimate; exact count is in metrics
+            self.metrics.step_done()
+            last = self.state.global_step == self.span.end
+            if self.state.global_step % cfg.train.log_interval == 0 or last:
+                self.metrics.log(self.state.global_step, phase.name, self.phase_index, phase.seq_len, lr,
+                                 self.engine.grad_norm(), self.engine.loss_scale(),
+                                 self.engine.skipped_steps(), self.loader.epoch)
+            if last:
+                self.state.phase_complete = True
+                self.save()
+            elif self.state.global_step % cfg.train.save_interval == 0:
+                self.save()
+        if cfg.train.eval_batches > 0:
+            self.metrics.log_eval(self.state.global_step, self.evaluate(cfg.train.eval_batches))
+        self.metrics.close()
+
+    def save(self) -> None:
+        tag = ckpt.tag_for(self.state.global_step)
+        path = self.root / tag
+        t0 = time.perf_counter()
+        self.engine.save_shards(self.root, tag)
+        ckpt.write_rank_state(path, self.dist.rank, {"loader": self.loader.state_dict()})
+        if self.dist.rank == 0:
+            ckpt.write_meta(path, {
+                "state": self.state.state_dict(),
+                "phase": self.phase.name,
+                "model_config": self.model_config.to_hf_dict(),
+                "tokenizer_fingerprint": self.tokenizer.fingerprint,
+                "world_size": self.dist.world_size,
+                "zero_stage": self.engine.ds_config["zero_optimization"]["stage"],
+            }, self.cfg.model.tokenizer)
+        barrier()  # every rank has written its shards and state
+        if self.dist.rank == 0:
+            ckpt.mark_complete(path)
+            ckpt.prune(self.root, self.cfg.train.keep_last)
+            log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
+        barrier()
+
+    def evaluate(self, max_batches: int) -> dict[str, float]:
+        """Held-out MLM/NSP metrics; batches are split over ranks (every rank runs the same count)."""
+        valid = Path(self.phase.data)
+        sums = torch.zeros(6)
+        per_rank = max_batches // self.dist.world_size or 1
+        wanted = per_rank * self.dist.world_size
+        for i, batch in enumerate(eval_batches(valid, split="valid", batch_size=self.phase.micro_batch,
+                                               seed=self.cfg.run.seed, tokenizer=self.tokenizer,
+                                               max_batches=wanted,
+                                               max_predictions=max_predictions(self.phase),
+                                               mask_prob=self.phase.mask_prob)):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
+            out = self.engine.eval_batch(self.engine.to_device(batch))
+            sums += torch.stack([out.mlm_loss.float() * out.mlm_count, out.mlm_correct.float(),
+                                 out.mlm_count.float(), out.nsp_loss.float() * out.nsp_count,
+                                 out.nsp_correct.float(), out.nsp_count.float()]).cpu()
+        all_reduce_sum(sums)
+        mlm_n, nsp_n = max(sums[2].item(), 1), max(sums[5].item(), 1)
+        return {"mlm_loss": sums[0].item() / mlm_n, "mlm_accuracy": sums[1].item() / mlm_n,
+                "nsp_loss": sums[3].item() / nsp_n, "nsp_accuracy": sums[4].item() / nsp_n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="bertscale worker (started by `bertscale pretrain`)")
+    parser.add_argument("--config", required=True, help="resolved run config (JSON) written by the launcher")
+    parser.add_argument("--phase", required=True, help="name of the phase to train")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.getLogger("bertscale").setLevel(logging.INFO if rank == "0" else logging.WARNING)
+    # DeepSpeed's own ZeRO code calls this deprecated collective on every step; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    cfg = load_config(args.config)
+    accelerator = detect_accelerator(cfg.distributed.accelerator)
+    dist = init_distributed(accelerator)
+    if accelerator == "cpu":
+        threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
+        torch.set_num_threads(threads)
+    trainer = Trainer(cfg, args.phase, dist, accelerator)
+    trainer.train()
+    barrier()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+import gzip
+import json
+import logging
+
+import pytest
+
+from bertscale.corpus import CorpusStats, iter_documents, split_sentences, write_stdlib_corpus
+
+
+def test_split_sentences_latin_and_cjk():
+    assert split_sentences("Hello there. How are you? Fine!  Done") == [
+        "Hello there.", "How are you?", "Fine!", "Done"]
+    assert split_sentences("version 3.12 is out.") == ["version 3.12 is out."]
+    assert split_sentences("今天很好。你呢？我很好！") == ["今天很好。", "你呢？", "我很好！"]
+    assert split_sentences("   ") == []
+
+
+def test_txt_documents_and_stats(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("\n\nFirst doc. Two sentences.\nSecond line\n\n\n\nSecond doc!\n  \nThird doc?\n")
+    stats = CorpusStats()
+    docs = list(iter_documents([p], stats))
+    assert docs == [["First doc.", "Two sentences.", "Second line"], ["Second doc!"], ["Third doc?"]]
+    assert (stats.files, stats.documents, stats.sentences) == (1, 3, 5)
+    assert "3 documents" in stats.summary()
+
+
+def test_gz_and_jsonl_and_directory(tmp_path):
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    with gzip.open(d / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("Gz doc one.\n\nGz doc two.\n")
+    lines = [json.dumps({"text": "Line one. Line two.\nLine three"}), "not json", json.dumps({"id": 3}),
+             json.dumps({"text": "   "}), json.dumps({"text": "Last."})]
+    (d / "sub" / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with gzip.open(d / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "Zipped json."}) + "\n")
+    (d / "README.md").write_text("ignored")
+    stats = CorpusStats()
+    docs = list(iter_documents([d], stats))
+    # sorted: a.jsonl.gz, b.txt.gz, sub/c.jsonl
+    assert docs == [["Zipped json."], ["Gz doc one."], ["Gz doc two."],
+                    ["Line one.", "Line two.", "Line three"], ["Last."]]
+    assert stats.skipped_lines == 2 and stats.empty_documents == 1 and stats.files == 3
+
+
+def test_invalid_utf8_is_replaced_counted_and_warned(tmp_path, caplog):
+    p = tmp_path / "bad.txt"
+    p.write_bytes("Good line. Caf\u00e9 ok.\n".encode() + b"Bad \xff\xfe bytes.\n\nNext doc \xc3.\n")
+    stats = CorpusStats()
+    with caplog.at_level(logging.WARNING):
+        docs = list(iter_documents([p], stats))
+    assert docs[0][-1] == "Bad \ufffd\ufffd bytes."
+    assert stats.replaced_chars == 3
+    assert sum("bad.txt" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        list(iter_documents([tmp_path / "nope.txt"]))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="x.csv"):
+        list(iter_documents([tmp_path / "x.csv"]))
+    (tmp_path / "bin.txt").write_bytes(b"abc\x00def")
+    with pytest.raises(ValueError, match="bin.txt.*binary"):
+        list(iter_documents([tmp_path / "bin.txt"]))
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    with pytest.raises(ValueError, match="empty.txt"):
+        list(iter_documents([tmp_path / "empty.txt"]))
+    (tmp_path / "fake.txt.gz").write_text("not gzip")
+    with pytest.raises(ValueError, match="fake.txt.gz"):
+        list(iter_documents([tmp_path / "fake.txt.gz"]))
+    empty_dir = tmp_path / "d"
+    empty_dir.mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        list(iter_documents([empty_dir]))
+
+
+def test_streams_lazily(tmp_path):
+    p = tmp_path / "big.txt"
+    p.write_text("Doc.\n\n" * 1000)
+    it = iter_documents([p])
+    assert next(it) == ["Doc."]
+
+
+def test_write_stdlib_corpus(tmp_path):
+    out = tmp_path / "stdlib.txt"
+    stats = write_stdlib_corpus(out, max_documents=200)
+    assert stats.documents == 200
+    docs = list(iter_documents([out]))
+    assert len(docs) == 200
+    text = out.read_text()
+    assert ">>>" not in text
+    assert all(len(" ".join(d)) >= 20 for d in docs)
+    # deterministic
+    out2 = tmp_path / "again.txt"
+    write_stdlib_corpus(out2, max_documents=200)
+    assert out2.read_bytes() == out.read_bytes()

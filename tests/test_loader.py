@@ -1,0 +1,165 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from bertscale.loader import PretrainingLoader, collate, decode_sample, epoch_shards, eval_batches
+from bertscale.masking import IGNORE_INDEX, mask_tokens
+from bertscale.shards import load_manifest
+from bertscale.tokenizer import tokenizer_info
+
+
+@pytest.fixture(scope="module")
+def info(tokenizer_dir):
+    return tokenizer_info(tokenizer_dir)
+
+
+def all_train_samples(shard_dir, info):
+    """sample_id -> (ids, a_len, nsp) read straight from the shards, via eval_batches' reader."""
+    import webdataset as wds
+    from bertscale.shards import shard_paths
+    m = load_manifest(shard_dir)
+    out = {}
+    for raw in wds.DataPipeline(wds.SimpleShardList(shard_paths(m, shard_dir, "train")), wds.tarfile_to_samples()):
+        sid, ids, a_len, nsp = decode_sample(raw, m["dtype"])
+        out[sid] = (ids, a_len, nsp)
+    return out
+
+
+def test_decode_sample():
+    ids = np.array([2, 300, 7, 3, 9, 3], dtype="<u2")
+    raw = {"__key__": "000000042", "ids": ids.tobytes(), "alen": b"4", "nsp": b"1"}
+    sid, out, a_len, nsp = decode_sample(raw, "uint16")
+    assert (sid, a_len, nsp) == (42, 4, 1) and out.dtype == np.int64 and out.tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="malformed sample"):
+        decode_sample({"__key__": "1", "ids": b""}, "uint16")
+
+
+def test_collate_padding_and_types():
+    items = [
+        {"input_ids": np.array([2, 10, 3, 11, 3]), "labels": np.array([-100, 10, -100, -100, -100]),
+         "a_len": 3, "nsp_label": 0, "sample_id": 5},
+        {"input_ids": np.arange(2, 13), "labels": np.full(11, -100), "a_len": 6, "nsp_label": 1, "sample_id": 6},
+    ]
+    b = collate(items, pad_id=0, with_sample_ids=True)
+    assert b["input_ids"].shape == (2, 16) and all(t.dtype == torch.long for t in b.values())
+    assert b["attention_mask"].sum(1).tolist() == [5, 11]
+    assert b["token_type_ids"][0].tolist() == [0, 0, 0, 1, 1] + [0] * 11
+    assert b["token_type_ids"][1, 6:11].tolist() == [1] * 5 and b["token_type_ids"][1, 11:].sum() == 0
+    assert b["input_ids"][0, 5:].eq(0).all() and b["labels"][0, 5:].eq(IGNORE_INDEX).all()
+    assert b["labels"][0, 1] == 10 and b["next_sentence_label"].tolist() == [0, 1]
+    assert b["sample_ids"].tolist() == [5, 6]
+    assert collate(items, pad_id=0, max_len=12)["input_ids"].shape == (2, 12)
+    assert "sample_ids" not in collate(items, pad_id=0)
+
+
+def make_loader(shard_dir, info, **kw):
+    args = dict(micro_batch=8, rank=0, world_size=1, seed=3, tokenizer=info, shuffle_buffer=50)
+    args.update(kw)
+    return PretrainingLoader(shard_dir, **args)
+
+
+def test_batches_are_consistent_with_shards_and_masking(shard_dir, info):
+    truth = all_train_samples(shard_dir, info)
+    loader = make_loader(shard_dir, info, with_sample_ids=True, expect_seq_len=64)
+    assert loader.manifest["seq_len"] == 64
+    for batch in itertools.islice(loader, 5):
+        assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] % 8 == 0
+        assert batch["input_ids"].shape[1] <= 64
+        for row, sid in enumerate(batch["sample_ids"].tolist()):
+            ids, a_len, nsp = truth[sid]
+            inp, lab = mask_tokens(ids, seed=3, epoch=0, sample_id=sid, vocab_size=info.vocab_size,
+                                   mask_id=info.mask_id, special_ids=info.special_ids)
+            n = len(ids)
+            assert batch["input_ids"][row, :n].tolist() == inp.tolist()
+            assert batch["labels"][row, :n].tolist() == lab.tolist()
+            assert batch["labels"][row, n:].eq(IGNORE_INDEX).all()
+            assert batch["attention_mask"][row].sum() == n
+            assert batch["token_type_ids"][row, :a_len].sum() == 0
+            assert batch["token_type_ids"][row, a_len:n].eq(1).all()
+            assert batch["next_sentence_label"][row] == nsp
+    assert "sample_ids" not in next(iter(make_loader(shard_dir, info)))
+
+
+def epoch_ids(loader):
+    ids = []
+    it = iter(loader)
+    while True:
+        batch = next(it)
+        if loader.epoch != 0:
+            return ids, batch
+        ids.extend(batch["sample_ids"].tolist())
+
+
+def test_two_ranks_cover_an_epoch(shard_dir, info):
+    total = load_manifest(shard_dir)["splits"]["train"]["samples"]
+    seen = []
+    for rank in range(2):
+        loader = make_loader(shard_dir, info, rank=rank, world_size=2, with_sample_ids=True, drop_last=False)
+        ids, _ = epoch_ids(loader)
+        seen.append(ids)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(total))
+    # same shard order on every rank, derived from (seed, epoch)
+    urls = [f"s{i}" for i in range(10)]
+    parts = [epoch_shards(urls, seed=3, epoch=1, rank=r, world_size=3) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(urls)
+    assert parts[0] != epoch_shards(urls, seed=3, epoch=2, rank=0, world_size=3)
+
+
+def test_workers_cover_an_epoch_and_drop_last(shard_dir, info):
+    total = load_manifest(shard_dir)["splits"]["train"]["samples"]
+    loader = make_loader(shard_dir, info, num_workers=2, with_sample_ids=True, drop_last=False)
+    ids, _ = epoch_ids(loader)
+    assert sorted(ids) == list(range(total))
+    dropped = make_loader(shard_dir, info, micro_batch=16, with_sample_ids=True)
+    ids, nxt = epoch_ids(dropped)
+    assert len(ids) % 16 == 0 and total - 16 < len(ids) <= total and len(set(ids)) == len(ids)
+    assert nxt["input_ids"].shape[0] == 16
+
+
+def test_deterministic_and_epochs_differ(shard_dir, info):
+    a = list(itertools.islice(make_loader(shard_dir, info, with_sample_ids=True), 12))
+    b = list(itertools.islice(make_loader(shard_dir, info, with_sample_ids=True), 12))
+    for x, y in zip(a, b):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    c = next(iter(make_loader(shard_dir, info, seed=4, with_sample_ids=True)))
+    assert not torch.equal(a[0]["sample_ids"], c["sample_ids"])
+    loader = make_loader(shard_dir, info, with_sample_ids=True, drop_last=False)
+    _, first_of_epoch1 = epoch_ids(loader)
+    assert loader.epoch == 1
+    assert not torch.equal(first_of_epoch1["sample_ids"], a[0]["sample_ids"])
+
+
+def test_resume_from_state_dict(shard_dir, info):
+    loader = make_loader(shard_dir, info, with_sample_ids=True)
+    it = iter(loader)
+    for _ in range(110):  # an epoch is ~105 batches of 8: resume inside epoch 1
+        next(it)
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["batches_in_epoch"] > 0
+    expected = [next(it) for _ in range(3)]
+    resumed = make_loader(shard_dir, info, with_sample_ids=True)
+    resumed.load_state_dict(state)
+    got = list(itertools.islice(resumed, 3))
+    for x, y in zip(expected, got):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_shard_count_error(shard_dir, info):
+    n = len(load_manifest(shard_dir)["splits"]["valid"]["shards"])
+    with pytest.raises(ValueError, match="smaller --samples-per-shard"):
+        make_loader(shard_dir, info, split="valid", world_size=n + 1)
+    with pytest.raises(ValueError, match="seq_len 64"):
+        make_loader(shard_dir, info, expect_seq_len=128)
+
+
+def test_eval_batches(shard_dir, info):
+    m = load_manifest(shard_dir)
+    batches = list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info))
+    assert sum(b["input_ids"].shape[0] for b in batches) == m["splits"]["valid"]["samples"]
+    again = list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(batches, again) for k in x)
+    assert len(list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info, max_batches=2))) == 2
+    assert all((b["labels"] != IGNORE_INDEX).any() for b in batches)
