@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "this Python's standard library (nothing is downloaded).")
     p.add_argument("--corpus", nargs="+", default=None, metavar="PATH", help="use these files instead")
     p.add_argument("--out", default="demo_out", help="output directory (hf/, tensorboard/, checkpoints/, ...)")
-    p.add_argument("--steps1", type=int, default=300, help="optimizer steps at seq_len 128")
-    p.add_argument("--steps2", type=int, default=40, help="optimizer steps at seq_len 512")
+    p.add_argument("--steps1", type=int, default=800, help="optimizer steps at seq_len 128")
+    p.add_argument("--steps2", type=int, default=60, help="optimizer steps at seq_len 512")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes or GPUs)")
     p.set_defaults(func=_demo)
     return parser

@@ -102,7 +102,14 @@ class Trainer:
                 raise RuntimeError(f"phase {self.phase.name!r} starts from the final weights of phase "
                                    f"{self.cfg.phases[self.phase_index - 1].name!r}, but {self.root} has no "
                                    f"complete final checkpoint of it; run that phase first")
+            if previous.global_step != self.span.start:
+                raise RuntimeError(f"{previous.path} ended phase {previous.meta.get('phase')!r} at global step "
+                                   f"{previous.global_step}, but the config's phase table starts phase "
+                                   f"{self.phase.name!r} at step {self.span.start}; restore the earlier phases' "
+                                   f"steps or start a new run.out_dir")
             load_state_dict_into(model, consolidated_state_dict(self.root, previous.tag))
+            self.state.samples_seen = previous.meta["state"]["samples_seen"]
+            self.state.tokens_seen = previous.meta["state"]["tokens_seen"]
             self._log0(f"phase {self.phase.name}: starting from the final weights of "
                        f"{self.cfg.phases[self.phase_index - 1].name} ({previous.path}); optimizer moments reset")
         return None

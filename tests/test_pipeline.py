@@ -1,0 +1,159 @@
+"""End to end on CPU: the real `deepspeed` launcher, two ranks, ZeRO-2, bf16, accumulation > 1,
+both phases, checkpoints, conversion, and parity of the converted model with `transformers`."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertscale import checkpoint as ckpt
+from bertscale.convert import convert_checkpoint
+from bertscale.engine import consolidated_state_dict
+from bertscale.evaluate import evaluate
+from bertscale.hf_format import load_state_dict_into
+from bertscale.model import BertConfig, BertForPreTraining
+from bertscale.shards import build_shards
+from bertscale.tokenizer import train_tokenizer
+from conftest import write_generated_corpus
+from launcher.launch import pretrain
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp: Path, corpus: Path, stage: int = 2) -> Path:
+    tok = train_tokenizer([corpus], vocab_size=300, out_dir=tmp / "tok", show_progress=False)
+    for seq_len in (128, 512):
+        build_shards([corpus], tok, seq_len=seq_len, out_dir=tmp / f"d{seq_len}", samples_per_shard=60,
+                     seed=3, valid_fraction=0.05, show_progress=False)
+    config = tmp / "run.toml"
+    config.write_text(f"""
+[run]
+name = "pipeline-test"
+out_dir = "{tmp / 'run'}"
+seed = 7
+[model]
+preset = "tiny"
+tokenizer = "{tok}"
+num_hidden_layers = 1
+[distributed]
+deepspeed_config = "{REPO / 'ds_configs' / f'zero{stage}_bf16.json'}"
+accelerator = "cpu"
+num_gpus = 2
+master_port = {free_port()}
+[train]
+log_interval = 2
+save_interval = 3
+keep_last = 2
+num_workers = 0
+eval_batches = 2
+[[phases]]
+name = "phase1"
+seq_len = 128
+data = "{tmp / 'd128'}"
+global_batch = 16
+micro_batch = 4
+steps = 6
+lr = 1e-3
+[[phases]]
+name = "phase2"
+seq_len = 512
+data = "{tmp / 'd512'}"
+global_batch = 8
+micro_batch = 2
+steps = 2
+lr = 5e-4
+""")
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    corpus = write_generated_corpus(tmp / "corpus.txt", n_docs=300, seed=11)
+    config = write_config(tmp, corpus)
+    out = pretrain(str(config))
+    return tmp, out
+
+
+def test_both_phases_leave_complete_checkpoints(trained):
+    _, out = trained
+    root = out / "checkpoints"
+    found = ckpt.complete_checkpoints(root)
+    final1, final2 = ckpt.final_of_phase(root, 0), ckpt.final_of_phase(root, 1)
+    assert final1 is not None and final1.global_step == 6
+    assert final2 is not None and final2.global_step == 8
+    assert [c.global_step for c in found][-2:] == [6, 8]
+    # step 3 was pruned: keep_last 2 keeps 6 and 8; phase ends are kept anyway
+    assert not (root / ckpt.tag_for(3)).exists()
+    meta = final2.meta
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 2 and meta["phase"] == "phase2"
+    assert meta["state"]["samples_seen"] == 6 * 16 + 2 * 8
+    # two ranks wrote their own state beside DeepSpeed's shards
+    assert (final2.path / "rank-00000.pt").is_file() and (final2.path / "rank-00001.pt").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_phase2_starts_from_phase1_weights_and_trains(trained):
+    _, out = trained
+    root = out / "checkpoints"
+    w1 = consolidated_state_dict(root, ckpt.final_of_phase(root, 0).tag)
+    w2 = consolidated_state_dict(root, ckpt.final_of_phase(root, 1).tag)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    delta = (w2[key] - w1[key]).abs().max().item()
+    # phase 2 moved the weights, but only by two small LAMB steps from phase 1's end (not from a fresh init)
+    assert 0 < delta < 0.05
+
+
+def test_rerun_skips_finished_phases(trained, capsys):
+    tmp, out = trained
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    pretrain(str(tmp / "run.toml"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_converted_model_loads_in_transformers_with_identical_logits(trained):
+    transformers = pytest.importorskip("transformers")
+    tmp, out = trained
+    hf_dir = convert_checkpoint(out / "checkpoints", tmp / "hf")
+    hf, info = transformers.BertForPreTraining.from_pretrained(hf_dir, output_loading_info=True,
+                                                               attn_implementation="sdpa")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
+
+    root = out / "checkpoints"
+    final = ckpt.latest(root)
+    ours = BertForPreTraining(BertConfig.from_hf_dict(final.meta["model_config"]))
+    load_state_dict_into(ours, consolidated_state_dict(root, final.tag))
+    ours.eval()
+
+    tok = transformers.BertTokenizerFast.from_pretrained(hf_dir)
+    enc = tok(["ka lo mi ne ru sa.", "vo ze pa"], ["ti vo ze.", "qu dor len fis gar ka lo"],
+              padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(**enc)
+        mine = ours(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"],
+                    attention_mask=enc["attention_mask"])
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(mine.prediction_logits[real], theirs.prediction_logits[real])
+    torch.testing.assert_close(mine.seq_relationship_logits, theirs.seq_relationship_logits)
+
+
+def test_eval_of_converted_model(trained):
+    tmp, out = trained
+    hf_dir = tmp / "hf-eval"
+    convert_checkpoint(out / "checkpoints", hf_dir)
+    results = evaluate(hf_dir, tmp / "d128", split="valid", batch_size=8)
+    assert results["eval_masked_tokens"] > 0
+    assert 0 <= results["eval_mlm_accuracy"] <= 1 and results["eval_mlm_loss"] > 0
+    json.dumps(results)
