@@ -75,6 +75,8 @@ class DistributedSection:
     """TCP port of the rendezvous on node 0."""
     threads_per_rank: int | None = None
     """torch intra-op threads per rank on CPU (default: cores / local ranks)."""
+    timeout_minutes: float = 10.0
+    """How long a collective waits for a missing rank before the run fails (instead of hanging)."""
 
 
 @dataclass
@@ -231,8 +233,19 @@ def from_dict(data: dict, errors: list[str] | None = None) -> RunConfig:
     return cfg
 
 
-def _parse_value(text: str) -> Any:
-    """Parse an override value as a TOML literal (numbers, booleans, lists, quoted strings), else a bare string."""
+def _parse_value(text: str, cls: type | None = None, key: str | None = None) -> Any:
+    """Parse an override value as a TOML literal (numbers, booleans, lists, quoted strings), else a bare string.
+
+    Where the target field holds a string (a path, a host name), the text is taken as it is, so
+    ``distributed.master_addr=10.0.0.1`` or a host called ``inf`` stay strings; quotes are optional.
+    """
+    if cls is not None and key is not None:
+        hint = get_type_hints(cls).get(key)
+        if hint is str or (get_origin(hint) is not None and set(get_args(hint)) == {str, type(None)}):
+            stripped = text.strip()
+            if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+                stripped = stripped[1:-1]
+            return stripped
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -251,7 +264,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.log_interval=5")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
-        value = _parse_value(text.strip())
+        section_cls = PhaseSection if parts[0] == "phases" else (
+            type(getattr(RunConfig(), parts[0])) if parts[0] in SECTIONS else None)
+        value = _parse_value(text.strip(), section_cls, parts[-1])
         if parts[0] == "phases":
             if len(parts) != 3:
                 raise ConfigError(f"--set {key}: phase keys look like phases.0.lr or phases.phase1.lr")
@@ -316,6 +331,13 @@ def validate(cfg: RunConfig) -> list[str]:
         e.append("distributed.num_nodes: must be at least 1")
     if cfg.distributed.no_ssh and (cfg.distributed.node_rank is None or not cfg.distributed.master_addr):
         e.append("distributed.no_ssh: also set distributed.node_rank and distributed.master_addr")
+    if cfg.distributed.node_rank is not None and not 0 <= cfg.distributed.node_rank < cfg.distributed.num_nodes:
+        e.append(f"distributed.node_rank: {cfg.distributed.node_rank} must be in [0, num_nodes="
+                 f"{cfg.distributed.num_nodes})")
+    if not cfg.distributed.timeout_minutes > 0:
+        e.append("distributed.timeout_minutes: must be positive")
+    if not 1 <= cfg.distributed.master_port <= 65535:
+        e.append(f"distributed.master_port: {cfg.distributed.master_port} is not a TCP port")
     if cfg.optimizer.name not in ("lamb", "adamw"):
         e.append(f"optimizer.name: {cfg.optimizer.name!r} must be lamb or adamw")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import psutil
@@ -26,7 +27,10 @@ _SUMS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correc
 class Metrics:
     """Accumulate per micro batch; ``log`` at the interval (every rank calls it: it all-reduces)."""
 
-    def __init__(self, tb_dir: str | None, rank: int, run_name: str, total_steps: int):
+    def __init__(self, tb_dir: str | None, rank: int, run_name: str, total_steps: int,
+                 purge_step: int | None = None):
+        """``purge_step``: on resume, TensorBoard hides events at or after this step that an earlier
+        attempt wrote past its last checkpoint, so no step appears twice."""
         self.rank = rank
         self.run_name = run_name
         self.total_steps = total_steps
@@ -34,7 +38,7 @@ class Metrics:
         if rank == 0 and tb_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=tb_dir)
+            self.writer = SummaryWriter(log_dir=tb_dir, purge_step=purge_step)
         self._sums: torch.Tensor | None = None
         self._t0 = time.perf_counter()
         self._steps_in_interval = 0
@@ -110,8 +114,17 @@ class Metrics:
                 self.writer.flush()
 
     def log_config(self, config: dict) -> None:
-        if self.writer is not None:
-            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+        """The resolved configuration as text, and its scalar leaves as TensorBoard hparams."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+        flat = {k: v for k, v in _flatten(config).items() if isinstance(v, (int, float, str, bool))}
+        experiment, start, end = hparams(flat, {"eval/mlm_accuracy": 0.0, "loss/total": 0.0})
+        for summary in (experiment, start, end):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -123,3 +136,27 @@ def _hms(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                flat.update(_flatten(item, f"{name}.{item.get('name', i)}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_scalars(tb_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series under a TensorBoard directory, as (step, value) lists, read with
+    TensorBoard's own reader (purged steps of resumed runs are dropped, as TensorBoard shows them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
 import warnings
@@ -220,15 +221,32 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     cfg = load_config(args.config)
     accelerator = detect_accelerator(cfg.distributed.accelerator)
-    dist = init_distributed(accelerator)
+    dist = init_distributed(accelerator, cfg.distributed.timeout_minutes)
     if accelerator == "cpu":
         threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
         torch.set_num_threads(threads)
-    trainer = Trainer(cfg, args.phase, dist, accelerator)
-    trainer.train()
-    barrier()
+    try:
+        trainer = Trainer(cfg, args.phase, dist, accelerator)
+        trainer.train()
+        barrier()
+    except BaseException as exc:
+        report_failure(cfg, dist.rank, exc)
+        raise
     torch.distributed.destroy_process_group()
     return 0
+
+
+def report_failure(cfg: RunConfig, rank: int, exc: BaseException) -> None:
+    """Leave the error where the launcher looks, so it can name the rank that failed."""
+    import traceback
+
+    folder = Path(cfg.run.out_dir) / "failures"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        text = "".join(traceback.format_exception(exc)) + f"rank {rank} on {socket.gethostname()}: {exc!r}\n"
+        (folder / f"rank-{rank:05d}.txt").write_text(text, encoding="utf-8")
+    except OSError:
+        pass  # reporting must never hide the original error
 
 
 if __name__ == "__main__":

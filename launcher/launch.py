@@ -11,12 +11,14 @@ re-running the same command continues where the run stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,12 +88,27 @@ def ranks_per_node(cfg: RunConfig, accelerator: str) -> int:
 
 def world_size(cfg: RunConfig, accelerator: str) -> int:
     d = cfg.distributed
-    if d.hostfile and not d.no_ssh:
+    if d.hostfile:
         hosts = parse_hostfile(d.hostfile)
         nodes = list(hosts.values())[: d.num_nodes] if d.num_nodes > 1 else list(hosts.values())
+        if d.num_nodes > len(hosts):
+            raise ConfigError(f"distributed.num_nodes is {d.num_nodes} but {d.hostfile} lists {len(hosts)} hosts")
         per_node = [min(s, d.num_gpus) if d.num_gpus else s for s in nodes]
         return sum(per_node)
     return ranks_per_node(cfg, accelerator) * d.num_nodes
+
+
+def no_ssh_hostfile(cfg: RunConfig, accelerator: str) -> Path:
+    """DeepSpeed's --no_ssh mode still sizes the job from a hostfile; write one when none is given.
+
+    The names are labels only (no ssh, no lookup): ranks find each other through master_addr.
+    """
+    path = Path(cfg.run.out_dir) / f"hostfile.no_ssh.node{cfg.distributed.node_rank}"
+    slots = ranks_per_node(cfg, accelerator)
+    text = "".join(f"node{i} slots={slots}\n" for i in range(cfg.distributed.num_nodes))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def deepspeed_executable() -> str:
@@ -108,8 +125,10 @@ def deepspeed_command(cfg: RunConfig, phase: PhaseSection, config_path: Path, ac
     d = cfg.distributed
     cmd = [deepspeed_executable(), "--log_level", "warning", "--master_port", str(d.master_port)]
     if d.no_ssh:
-        cmd += ["--no_ssh", "--node_rank", str(d.node_rank), "--master_addr", str(d.master_addr),
-                "--num_nodes", str(d.num_nodes), "--num_gpus", str(ranks_per_node(cfg, accelerator))]
+        hostfile = d.hostfile or str(Path(cfg.run.out_dir) / f"hostfile.no_ssh.node{d.node_rank}")
+        cmd += ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(d.node_rank),
+                "--master_addr", str(d.master_addr), "--num_nodes", str(d.num_nodes),
+                "--num_gpus", str(ranks_per_node(cfg, accelerator))]
     elif d.hostfile:
         cmd += ["--hostfile", d.hostfile, "--launcher", d.launcher]
         if d.num_nodes > 1:
@@ -134,6 +153,40 @@ def worker_environment(cfg: RunConfig, accelerator: str) -> dict[str, str]:
         per_rank = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_per_node(cfg, "cpu"))
         env["OMP_NUM_THREADS"] = str(per_rank)
     return env
+
+
+def check_port(cfg: RunConfig) -> None:
+    """On the node that hosts the rendezvous, refuse a master port another process holds."""
+    import socket
+
+    d = cfg.distributed
+    hosts_rendezvous = (d.node_rank in (None, 0)) and (not d.hostfile or d.no_ssh)
+    if not hosts_rendezvous:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like the rendezvous store: TIME_WAIT is fine
+        try:
+            sock.bind(("", d.master_port))
+        except OSError:
+            raise ConfigError(f"distributed.master_port {d.master_port} is in use on this machine (another run?); "
+                              f"pick a free one, e.g. --set distributed.master_port={d.master_port + 1}") from None
+
+
+def failure_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run.out_dir) / "failures"
+
+
+def failed_ranks(cfg: RunConfig, since: float) -> list[str]:
+    """One line per rank that reported a failure after ``since`` (see bertscale.train.main)."""
+    folder = failure_dir(cfg)
+    if not folder.is_dir():
+        return []
+    lines = []
+    for file in sorted(folder.glob("rank-*.txt")):
+        if file.stat().st_mtime >= since:
+            text = file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            lines.append(f"{file.stem}: {text[-1] if text else '(no message)'}  [{file}]")
+    return lines
 
 
 def preflight(cfg: RunConfig, world: int) -> None:
@@ -181,14 +234,19 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
     plans = plan(cfg)
     env = worker_environment(cfg, accelerator)
     if dry_run:
+        print("# resolved configuration")
+        print(json.dumps(cfg.to_dict(), indent=2))
         for p in plans:
             print(f"# phase {p.phase.name}: seq_len {p.phase.seq_len}, {p.phase.steps} steps, world size "
                   f"{p.world_size}, micro batch {p.phase.micro_batch} x accumulation {p.accumulation} = "
                   f"global batch {p.phase.global_batch}{' (complete: skipped)' if p.complete else ''}")
             print(" ".join(f"{k}={v}" for k, v in env.items()), shlex.join(p.command))
         return Path(cfg.run.out_dir)
+    check_port(cfg)
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.distributed.no_ssh and not cfg.distributed.hostfile:
+        no_ssh_hostfile(cfg, accelerator)
     save_resolved(cfg, out / "run_config.json")
     (out / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in env.items()), encoding="utf-8")
     for p in plans:
@@ -198,10 +256,14 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
         log.info("phase %s: %d steps at seq_len %d on %d ranks (micro batch %d x accumulation %d)",
                  p.phase.name, p.phase.steps, p.phase.seq_len, p.world_size, p.phase.micro_batch, p.accumulation)
         log.info("$ %s", shlex.join(p.command))
+        started = time.time()
         result = subprocess.run(p.command, env={**os.environ, **env, "DS_ENV_FILE": str(out / ".deepspeed_env")},
                                 cwd=out)
         if result.returncode != 0:
+            failed = failed_ranks(cfg, started)
+            who = ("\n  " + "\n  ".join(failed)) if failed else (
+                " (no rank reported an error: a process was killed, or a node was lost)")
             raise RuntimeError(f"phase {p.phase.name!r} failed: the deepspeed launcher exited with "
-                               f"{result.returncode} (see the rank tracebacks above); re-run the same command "
-                               f"to continue from the latest complete checkpoint")
+                               f"{result.returncode}; failed ranks:{who}\nRe-run the same command to continue "
+                               f"from the latest complete checkpoint")
     return out

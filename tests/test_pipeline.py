@@ -4,8 +4,6 @@ both phases, checkpoints, conversion, and parity of the converted model with `tr
 from __future__ import annotations
 
 import json
-import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,72 +14,16 @@ from bertscale.engine import consolidated_state_dict
 from bertscale.evaluate import evaluate
 from bertscale.hf_format import load_state_dict_into
 from bertscale.model import BertConfig, BertForPreTraining
-from bertscale.shards import build_shards
-from bertscale.tokenizer import train_tokenizer
-from conftest import write_generated_corpus
 from launcher.launch import pretrain
+from runs import build_data, write_config
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(tmp: Path, corpus: Path, stage: int = 2) -> Path:
-    tok = train_tokenizer([corpus], vocab_size=300, out_dir=tmp / "tok", show_progress=False)
-    for seq_len in (128, 512):
-        build_shards([corpus], tok, seq_len=seq_len, out_dir=tmp / f"d{seq_len}", samples_per_shard=60,
-                     seed=3, valid_fraction=0.05, show_progress=False)
-    config = tmp / "run.toml"
-    config.write_text(f"""
-[run]
-name = "pipeline-test"
-out_dir = "{tmp / 'run'}"
-seed = 7
-[model]
-preset = "tiny"
-tokenizer = "{tok}"
-num_hidden_layers = 1
-[distributed]
-deepspeed_config = "{REPO / 'ds_configs' / f'zero{stage}_bf16.json'}"
-accelerator = "cpu"
-num_gpus = 2
-master_port = {free_port()}
-[train]
-log_interval = 2
-save_interval = 3
-keep_last = 2
-num_workers = 0
-eval_batches = 2
-[[phases]]
-name = "phase1"
-seq_len = 128
-data = "{tmp / 'd128'}"
-global_batch = 16
-micro_batch = 4
-steps = 6
-lr = 1e-3
-[[phases]]
-name = "phase2"
-seq_len = 512
-data = "{tmp / 'd512'}"
-global_batch = 8
-micro_batch = 2
-steps = 2
-lr = 5e-4
-""")
-    return config
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    corpus = write_generated_corpus(tmp / "corpus.txt", n_docs=300, seed=11)
-    config = write_config(tmp, corpus)
+    config = write_config(tmp, build_data(tmp))
     out = pretrain(str(config))
     return tmp, out
 

@@ -1,0 +1,74 @@
+"""Helpers for tests that train for real through the launcher: tiny data and a run config."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from bertscale.shards import build_shards
+from bertscale.tokenizer import train_tokenizer
+from conftest import write_generated_corpus
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_data(tmp: Path, n_docs: int = 300, seed: int = 11) -> dict[str, Path]:
+    """A generated corpus, a tokenizer, and shards at 128 and 512."""
+    corpus = write_generated_corpus(tmp / "corpus.txt", n_docs=n_docs, seed=seed)
+    tok = train_tokenizer([corpus], vocab_size=300, out_dir=tmp / "tok", show_progress=False)
+    for seq_len in (128, 512):
+        build_shards([corpus], tok, seq_len=seq_len, out_dir=tmp / f"d{seq_len}", samples_per_shard=60,
+                     seed=3, valid_fraction=0.05, show_progress=False)
+    return {"corpus": corpus, "tokenizer": tok, "d128": tmp / "d128", "d512": tmp / "d512"}
+
+
+def write_config(tmp: Path, data: dict[str, Path], *, out: Path | None = None, stage: int = 2,
+                 ranks: int = 2, steps: tuple[int, int] = (6, 2), extra: str = "", name: str = "run.toml") -> Path:
+    """A two-phase run config for the tiny model on CPU (global batch 16 then 8, accumulation 2 at 2 ranks)."""
+    out = out or tmp / "run"
+    config = tmp / name
+    config.write_text(f"""
+[run]
+name = "test"
+out_dir = "{out}"
+seed = 7
+[model]
+preset = "tiny"
+tokenizer = "{data['tokenizer']}"
+num_hidden_layers = 1
+[distributed]
+deepspeed_config = "{REPO / 'ds_configs' / f'zero{stage}_bf16.json'}"
+accelerator = "cpu"
+num_gpus = {ranks}
+master_port = {free_port()}
+[train]
+log_interval = 2
+save_interval = 3
+keep_last = 2
+num_workers = 0
+eval_batches = 2
+{extra}
+[[phases]]
+name = "phase1"
+seq_len = 128
+data = "{data['d128']}"
+global_batch = 16
+micro_batch = 4
+steps = {steps[0]}
+lr = 1e-3
+[[phases]]
+name = "phase2"
+seq_len = 512
+data = "{data['d512']}"
+global_batch = 8
+micro_batch = 2
+steps = {steps[1]}
+lr = 5e-4
+""")
+    return config

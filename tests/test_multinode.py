@@ -1,0 +1,95 @@
+"""Two nodes on one machine: two launcher processes in DeepSpeed's --no_ssh mode, node ranks 0 and 1,
+master 127.0.0.1, one CPU rank each; both phases, then conversion. And a lost node: the survivor
+fails within the collective timeout, the launcher names what failed, and re-running resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bertscale import checkpoint as ckpt
+from bertscale.convert import convert_checkpoint
+from runs import build_data, free_port, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def node_command(config: Path, node_rank: int, port: int, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "bertscale.cli", "pretrain", "--config", str(config),
+            "--set", "distributed.no_ssh=true", "--set", "distributed.num_nodes=2",
+            "--set", f"distributed.node_rank={node_rank}", "--set", "distributed.master_addr=127.0.0.1",
+            "--set", f"distributed.master_port={port}", "--set", "distributed.num_gpus=1", *extra]
+
+
+def start_nodes(config: Path, port: int, logs: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
+    procs = []
+    for rank in (0, 1):
+        log = open(logs / f"node{rank}.log", "w")
+        procs.append(subprocess.Popen(node_command(config, rank, port, extra), stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            codes.append(p.wait())
+            pytest.fail(f"a node launcher did not finish within {timeout}s (hang)")
+    return codes
+
+
+def test_two_nodes_no_ssh_train_both_phases_and_convert(tmp_path):
+    data = build_data(tmp_path)
+    config = write_config(tmp_path, data, ranks=1)
+    codes = wait_all(start_nodes(config, free_port(), tmp_path), timeout=300)
+    logs = {r: (tmp_path / f"node{r}.log").read_text() for r in (0, 1)}
+    assert codes == [0, 0], logs
+    root = tmp_path / "run" / "checkpoints"
+    final = ckpt.final_of_phase(root, 1)
+    assert final is not None and final.meta["world_size"] == 2
+    # accumulation is derived from the world size of two nodes x one rank: 16 / (4 x 2) = 2
+    assert "accumulation 2 x world 2" in logs[0]
+    assert (final.path / "rank-00000.pt").is_file() and (final.path / "rank-00001.pt").is_file()
+    hf = convert_checkpoint(root, tmp_path / "hf")
+    assert (hf / "model.safetensors").is_file() and (hf / "config.json").is_file()
+
+
+def test_lost_node_fails_within_timeout_and_rerun_resumes(tmp_path):
+    data = build_data(tmp_path)
+    config_path = write_config(tmp_path, data, ranks=1, steps=(40, 2))
+    port = free_port()
+    timeout = ["--set", "distributed.timeout_minutes=0.5", "--set", "train.save_interval=5"]
+    procs = start_nodes(config_path, port, tmp_path, timeout)
+    root = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while ckpt.latest(root) is None or ckpt.latest(root).global_step < 5:  # wait for a first checkpoint
+        assert time.monotonic() < deadline, (tmp_path / "node0.log").read_text()
+        assert procs[0].poll() is None, (tmp_path / "node0.log").read_text()
+        time.sleep(0.5)
+    os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 disappears: launcher and its worker
+    t0 = time.monotonic()
+    code0 = wait_all(procs[:1], timeout=180)[0]
+    procs[1].wait()
+    assert code0 != 0
+    assert time.monotonic() - t0 < 150  # bounded by the collective timeout, not hours
+    log0 = (tmp_path / "node0.log").read_text()
+    assert "failed ranks" in log0 and "rank-00000" in log0
+    resumed_from = ckpt.latest(root).global_step
+
+    # the same command on both nodes continues from the latest complete checkpoint
+    codes = wait_all(start_nodes(config_path, free_port(), tmp_path, timeout), timeout=300)
+    log0 = (tmp_path / "node0.log").read_text()
+    assert codes == [0, 0], log0
+    assert f"resumed from {root / ckpt.tag_for(resumed_from)}" in log0
+    assert ckpt.final_of_phase(root, 1).global_step == 42
