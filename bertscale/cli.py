@@ -51,8 +51,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from bertscale.convert import convert_checkpoint
 
-    out = convert_checkpoint(args.checkpoint, args.out, tag=args.tag)
-    print(f"wrote Hugging Face model to {out}")
+    out = convert_checkpoint(args.checkpoint, args.out, tag=args.tag, fmt=args.format)
+    print(f"wrote {'Hugging Face model' if args.format == 'hf' else 'PyTorch state dict'} to {out}")
     return 0
 
 
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run's checkpoints/ directory (latest complete one is used) or one step directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tag", default=None, help="a checkpoint tag such as step00000300 (default: latest)")
+    p.add_argument("--format", default="hf", choices=["hf", "torch"],
+                   help="hf: config.json + model.safetensors + tokenizer; torch: model.pt state dict + config.json")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("eval", formatter_class=fmt, help="MLM/NSP accuracy of a converted model",
