@@ -139,6 +139,13 @@ def write_meta(path: Path, meta: dict, tokenizer_dir: str | os.PathLike) -> None
     os.replace(tmp, path / META)
 
 
+def remove_incomplete(path: Path) -> None:
+    """Delete a checkpoint directory that never got its completion marker (never a complete one)."""
+    if (path / COMPLETE).exists():
+        raise ValueError(f"refusing to delete {path}: it is a complete checkpoint")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def mark_complete(path: Path) -> None:
     (path / COMPLETE).write_text("ok\n", encoding="utf-8")
 

@@ -42,7 +42,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         return 2
     from launcher.launch import pretrain
 
-    out = pretrain(args.config, args.set, dry_run=args.dry_run)
+    out = pretrain(args.config, args.set, dry_run=args.dry_run, resume=args.resume)
     if not args.dry_run:
         print(f"training finished; checkpoints in {out / 'checkpoints'}, TensorBoard events in {out / 'tensorboard'}")
     return 0
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set train.log_interval=5 --set phases.phase1.steps=100")
     p.add_argument("--dry-run", action="store_true", help="print each phase's deepspeed command and batch plan")
+    p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto: continue from the latest complete checkpoint of run.out_dir; never: start fresh "
+                        "(refused if run.out_dir has checkpoints); PATH: continue from that checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every configuration key with its default")
     p.set_defaults(func=_pretrain)
 

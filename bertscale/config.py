@@ -109,6 +109,8 @@ class TrainSection:
     """Samples held in the in-memory shuffle buffer per worker."""
     eval_batches: int = 20
     """Held-out batches evaluated at the end of each phase (0 disables)."""
+    eval_interval: int = 0
+    """Also evaluate every this many optimizer steps (0: only at the end of each phase)."""
 
 
 @dataclass
@@ -345,6 +347,8 @@ def validate(cfg: RunConfig) -> list[str]:
     for name in ("log_interval", "save_interval", "keep_last"):
         if getattr(cfg.train, name) < 1:
             e.append(f"train.{name}: must be at least 1")
+    if cfg.train.eval_interval < 0:
+        e.append("train.eval_interval: 0 (end of phase only) or a number of steps")
     if cfg.train.num_workers < 0:
         e.append("train.num_workers: must be 0 or more")
     if not cfg.phases:

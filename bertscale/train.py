@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -50,8 +51,10 @@ def checkpoint_root(cfg: RunConfig) -> Path:
 class Trainer:
     """Trains one phase on this rank."""
 
-    def __init__(self, cfg: RunConfig, phase_name: str, dist: DistInfo, accelerator: str):
+    def __init__(self, cfg: RunConfig, phase_name: str, dist: DistInfo, accelerator: str,
+                 resume_from: str | None = None, stop: StopRequest | None = None):
         self.cfg, self.dist = cfg, dist
+        self.stop = stop or StopRequest()
         self.phase_index, self.phase = cfg.phase(phase_name)
         self.spans = phase_spans([p.steps for p in cfg.phases])
         self.span = self.spans[self.phase_index]
@@ -62,7 +65,7 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)
         model = BertForPreTraining(self.model_config)
-        resume = self._find_resume_point(model)
+        resume = self._find_resume_point(model, resume_from)
         self.accumulation = accumulation_steps(self.phase, dist.world_size)
         ds_config = build_ds_config(cfg.distributed.deepspeed_config, self.phase, dist.world_size,
                                     cfg.optimizer, accelerator)
@@ -74,12 +77,15 @@ class Trainer:
             num_workers=cfg.train.num_workers, shuffle_buffer=cfg.train.shuffle_buffer,
             expect_seq_len=self.phase.seq_len)
         if resume is not None:
-            self.engine.load_shards(self.root, resume.tag)
+            self.engine.load_shards(resume.path.parent, resume.tag)
             self.state.load_state_dict(resume.meta["state"])
+            # last: RNG states (dropout) as they were right after the checkpointed step
             self.loader.load_state_dict(ckpt.read_rank_state(resume.path, dist.rank)["loader"])
             self._log0(f"resumed from {resume.path} at global step {self.state.global_step}")
+        # on resume, hide events an interrupted attempt logged after its last checkpoint
         self.metrics = Metrics(str(Path(cfg.run.out_dir) / "tensorboard"), dist.rank, cfg.run.name,
-                               total_steps=self.spans[-1].end)
+                               total_steps=self.spans[-1].end,
+                               purge_step=self.state.global_step + 1 if resume is not None else None)
         if self.phase_index == 0 and resume is None:
             self.metrics.log_config(cfg.to_dict())
 
@@ -87,18 +93,36 @@ class Trainer:
         if self.dist.rank == 0:
             log.info(message)
 
-    def _find_resume_point(self, model: BertForPreTraining) -> ckpt.CheckpointInfo | None:
-        """Resume this phase, or start it from the previous phase's final weights."""
-        latest = ckpt.latest(self.root)
-        if latest is not None:
-            self._check_compatible(latest)
-        if latest is not None and latest.phase_index == self.phase_index and not latest.phase_complete:
-            return latest
-        if latest is not None and latest.phase_index >= self.phase_index and latest.phase_complete:
-            raise RuntimeError(f"phase {self.phase.name!r} is already complete ({latest.path}); "
+    def _find_resume_point(self, model: BertForPreTraining, resume_from: str | None) -> ckpt.CheckpointInfo | None:
+        """Resume this phase, or start it from the previous phase's final weights.
+
+        The source is ``resume_from`` (a checkpoint given with --resume PATH) or the latest complete
+        checkpoint of this run. Mid-phase resume needs the same number of ranks (the optimizer shards and
+        data positions are per rank); a new phase starts from consolidated weights on any number.
+        """
+        source = ckpt.resolve(resume_from) if resume_from else ckpt.latest(self.root)
+        if source is not None:
+            self._check_compatible(source)
+        if source is not None and source.phase_index == self.phase_index and not source.phase_complete:
+            saved_world = source.meta.get("world_size")
+            if saved_world != self.dist.world_size:
+                raise RuntimeError(
+                    f"{source.path} was written by {saved_world} ranks but this run has {self.dist.world_size}; "
+                    f"resuming in the middle of a phase needs the same number of ranks (optimizer shards and data "
+                    f"positions are per rank). Resume with {saved_world} ranks, or let the phase finish: the next "
+                    f"phase starts from consolidated weights on any number of ranks.")
+            if not self.span.start <= source.global_step < self.span.end:
+                raise RuntimeError(f"{source.path} is at global step {source.global_step}, outside phase "
+                                   f"{self.phase.name!r} (steps {self.span.start}..{self.span.end}) of this config")
+            return source
+        if source is not None and source.phase_index >= self.phase_index and source.phase_complete:
+            raise RuntimeError(f"phase {self.phase.name!r} is already complete ({source.path}); "
                                f"the launcher skips finished phases")
         if self.phase_index > 0:
-            previous = ckpt.final_of_phase(self.root, self.phase_index - 1)
+            if source is not None and source.phase_index == self.phase_index - 1 and source.phase_complete:
+                previous = source
+            else:
+                previous = ckpt.final_of_phase(self.root, self.phase_index - 1)
             if previous is None:
                 raise RuntimeError(f"phase {self.phase.name!r} starts from the final weights of phase "
                                    f"{self.cfg.phases[self.phase_index - 1].name!r}, but {self.root} has no "
@@ -108,7 +132,7 @@ class Trainer:
                                    f"{previous.global_step}, but the config's phase table starts phase "
                                    f"{self.phase.name!r} at step {self.span.start}; restore the earlier phases' "
                                    f"steps or start a new run.out_dir")
-            load_state_dict_into(model, consolidated_state_dict(self.root, previous.tag))
+            load_state_dict_into(model, consolidated_state_dict(previous.path.parent, previous.tag))
             self.state.samples_seen = previous.meta["state"]["samples_seen"]
             self.state.tokens_seen = previous.meta["state"]["tokens_seen"]
             self._log0(f"phase {self.phase.name}: starting from the final weights of "
@@ -149,15 +173,23 @@ class Trainer:
             self.state.tokens_seen += tokens * self.dist.world_size  # estimate; exact count is in metrics
             self.metrics.step_done()
             last = self.state.global_step == self.span.end
-            if self.state.global_step % cfg.train.log_interval == 0 or last:
+            stop = self.stop.agreed()  # every rank takes the same decision at the same step
+            if self.state.global_step % cfg.train.log_interval == 0 or last or stop:
                 self.metrics.log(self.state.global_step, phase.name, self.phase_index, phase.seq_len, lr,
                                  self.engine.grad_norm(), self.engine.loss_scale(),
                                  self.engine.skipped_steps(), self.loader.epoch)
             if last:
                 self.state.phase_complete = True
                 self.save()
-            elif self.state.global_step % cfg.train.save_interval == 0:
+            elif stop or self.state.global_step % cfg.train.save_interval == 0:
                 self.save()
+            if stop and not last:
+                self._log0(f"stop requested (SIGTERM/SIGINT): saved at global step {self.state.global_step}; "
+                           f"re-run the same command to continue")
+                self.metrics.close()
+                return
+            if cfg.train.eval_interval and self.state.global_step % cfg.train.eval_interval == 0 and not last:
+                self.metrics.log_eval(self.state.global_step, self.evaluate(cfg.train.eval_batches))
         if cfg.train.eval_batches > 0:
             self.metrics.log_eval(self.state.global_step, self.evaluate(cfg.train.eval_batches))
         self.metrics.close()
@@ -166,7 +198,11 @@ class Trainer:
         tag = ckpt.tag_for(self.state.global_step)
         path = self.root / tag
         t0 = time.perf_counter()
+        if self.dist.rank == 0 and path.exists():  # an interrupted attempt's leftover at this step
+            ckpt.remove_incomplete(path)
+        barrier()
         self.engine.save_shards(self.root, tag)
+        _fault_point("die-in-save", self.state.global_step, self.dist.rank)
         ckpt.write_rank_state(path, self.dist.rank, {"loader": self.loader.state_dict()})
         if self.dist.rank == 0:
             ckpt.write_meta(path, {
@@ -186,18 +222,21 @@ class Trainer:
 
     def evaluate(self, max_batches: int) -> dict[str, float]:
         """Held-out MLM/NSP metrics; batches are split over ranks (every rank runs the same count)."""
-        valid = Path(self.phase.data)
+        world, rank = self.dist.world_size, self.dist.rank
+        batches = list(eval_batches(Path(self.phase.data), split="valid", batch_size=self.phase.micro_batch,
+                                    seed=self.cfg.run.seed, tokenizer=self.tokenizer, max_batches=max_batches,
+                                    max_predictions=max_predictions(self.phase), mask_prob=self.phase.mask_prob))
+        # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively).
+        usable = len(batches) // world * world
+        if usable:
+            mine = [(b, True) for b in batches[rank:usable:world]]
+        else:  # fewer batches than ranks: all run them all, rank 0 counts
+            mine = [(b, rank == 0) for b in batches]
         sums = torch.zeros(6)
-        per_rank = max_batches // self.dist.world_size or 1
-        wanted = per_rank * self.dist.world_size
-        for i, batch in enumerate(eval_batches(valid, split="valid", batch_size=self.phase.micro_batch,
-                                               seed=self.cfg.run.seed, tokenizer=self.tokenizer,
-                                               max_batches=wanted,
-                                               max_predictions=max_predictions(self.phase),
-                                               mask_prob=self.phase.mask_prob)):
-            if i % self.dist.world_size != self.dist.rank:
-                continue
+        for batch, counted in mine:
             out = self.engine.eval_batch(self.engine.to_device(batch))
+            if not counted:
+                continue
             sums += torch.stack([out.mlm_loss.float() * out.mlm_count, out.mlm_correct.float(),
                                  out.mlm_count.float(), out.nsp_loss.float() * out.nsp_count,
                                  out.nsp_correct.float(), out.nsp_count.float()]).cpu()
@@ -207,10 +246,37 @@ class Trainer:
                 "nsp_loss": sums[3].item() / nsp_n, "nsp_accuracy": sums[4].item() / nsp_n}
 
 
+class StopRequest:
+    """Set by SIGTERM/SIGINT (what schedulers send before preemption). The ranks agree on it once per
+    optimizer step, so all of them save at the same step and exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+def _fault_point(name: str, step: int, rank: int) -> None:
+    """Fault injection for the fault-tolerance tests: BERTSCALE_FAULT=name:step:rank kills this rank here."""
+    spec = os.environ.get("BERTSCALE_FAULT", "")
+    if spec and spec == f"{name}:{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="bertscale worker (started by `bertscale pretrain`)")
     parser.add_argument("--config", required=True, help="resolved run config (JSON) written by the launcher")
     parser.add_argument("--phase", required=True, help="name of the phase to train")
+    parser.add_argument("--resume-from", default=None, help="a checkpoint directory to start this phase from")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
@@ -225,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator == "cpu":
         threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
         torch.set_num_threads(threads)
+    stop = StopRequest()
+    stop.install()
     try:
-        trainer = Trainer(cfg, args.phase, dist, accelerator)
+        trainer = Trainer(cfg, args.phase, dist, accelerator, resume_from=args.resume_from, stop=stop)
         trainer.train()
         barrier()
     except BaseException as exc:

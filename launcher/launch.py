@@ -16,6 +16,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -212,30 +213,110 @@ def preflight(cfg: RunConfig, world: int) -> None:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
 
 
-def plan(cfg: RunConfig) -> list[PhasePlan]:
+def resume_source(cfg: RunConfig, resume: str) -> ckpt.CheckpointInfo | None:
+    """What the run continues from: ``auto`` (latest complete checkpoint of run.out_dir, if any),
+    ``never`` (nothing; refused if run.out_dir already has checkpoints) or a checkpoint path."""
+    root = Path(cfg.run.out_dir) / "checkpoints"
+    if resume == "auto":
+        return ckpt.latest(root)
+    if resume == "never":
+        found = ckpt.latest(root)
+        if found is not None:
+            raise ConfigError(f"--resume never, but {root} already holds checkpoints (latest {found.tag}); "
+                              f"use a new run.out_dir, delete that folder, or --resume auto to continue it")
+        return None
+    try:
+        return ckpt.resolve(resume)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {resume}: {exc}") from None
+
+
+def plan(cfg: RunConfig, source: ckpt.CheckpointInfo | None = None) -> list[PhasePlan]:
+    """One entry per phase; a phase is complete if the run (or the resume source) finished it."""
     accelerator = detect_accelerator(cfg.distributed.accelerator)
     world = world_size(cfg, accelerator)
     config_path = Path(cfg.run.out_dir) / "run_config.json"
     root = Path(cfg.run.out_dir) / "checkpoints"
     plans = []
     for index, phase in enumerate(cfg.phases):
+        done = ckpt.final_of_phase(root, index) is not None or (
+            source is not None and (source.phase_index > index or (source.phase_index == index and source.phase_complete)))
         plans.append(PhasePlan(phase, index, world, accumulation_steps(phase, world),
-                               deepspeed_command(cfg, phase, config_path, accelerator),
-                               ckpt.final_of_phase(root, index) is not None))
+                               deepspeed_command(cfg, phase, config_path, accelerator), done))
     return plans
 
 
-def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = False) -> Path:
-    """Run every phase of the configured job; returns the run's output directory."""
+class _Forwarder:
+    """Relays SIGTERM/SIGINT to the worker ranks so they finish the step, save and exit 0.
+
+    The deepspeed launcher runs in its own session: a signal to our process group reaches only us,
+    and we send SIGTERM to the ranks themselves (the deepspeed launcher would SIGKILL them after 30 s).
+    A second signal kills the whole launch.
+    """
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.signalled = 0
+
+    def __enter__(self) -> "_Forwarder":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signalled += 1
+        if self.child is None:
+            return
+        if self.signalled > 1:
+            os.killpg(self.child.pid, signal.SIGKILL)
+            return
+        log.warning("received %s: asking every rank to save and stop", signal.Signals(signum).name)
+        import psutil
+
+        try:
+            tree = psutil.Process(self.child.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        workers = [p for p in tree if _is_worker(p)]
+        for proc in workers or tree:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _is_worker(proc) -> bool:
+    try:
+        return "bertscale.train" in " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - a process that vanished or that we may not inspect
+        return False
+
+
+def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = False,
+             resume: str = "auto") -> Path:
+    """Run every phase of the configured job; returns the run's output directory.
+
+    Stops early (returning normally) when SIGTERM/SIGINT arrives: the ranks save first.
+    """
     cfg = resolve_paths(load_config(config, overrides))
     accelerator = detect_accelerator(cfg.distributed.accelerator)
     world = world_size(cfg, accelerator)
     preflight(cfg, world)
-    plans = plan(cfg)
+    source = resume_source(cfg, resume)
+    plans = plan(cfg, source)
     env = worker_environment(cfg, accelerator)
+    first = next((p for p in plans if not p.complete), None)
+    explicit = source is not None and resume not in ("auto", "never")
+    if explicit and first is not None:
+        first.command.extend(["--resume-from", str(source.path)])
     if dry_run:
         print("# resolved configuration")
         print(json.dumps(cfg.to_dict(), indent=2))
+        if source is not None:
+            print(f"# resuming from {source.path} (global step {source.global_step})")
         for p in plans:
             print(f"# phase {p.phase.name}: seq_len {p.phase.seq_len}, {p.phase.steps} steps, world size "
                   f"{p.world_size}, micro batch {p.phase.micro_batch} x accumulation {p.accumulation} = "
@@ -249,21 +330,40 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
         no_ssh_hostfile(cfg, accelerator)
     save_resolved(cfg, out / "run_config.json")
     (out / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in env.items()), encoding="utf-8")
-    for p in plans:
-        if p.complete:
-            log.info("phase %s already complete; skipping", p.phase.name)
-            continue
-        log.info("phase %s: %d steps at seq_len %d on %d ranks (micro batch %d x accumulation %d)",
-                 p.phase.name, p.phase.steps, p.phase.seq_len, p.world_size, p.phase.micro_batch, p.accumulation)
-        log.info("$ %s", shlex.join(p.command))
-        started = time.time()
-        result = subprocess.run(p.command, env={**os.environ, **env, "DS_ENV_FILE": str(out / ".deepspeed_env")},
-                                cwd=out)
-        if result.returncode != 0:
+    if source is not None:
+        log.info("resuming from %s (global step %d, phase %s)", source.path, source.global_step,
+                 source.meta.get("phase"))
+    root = out / "checkpoints"
+    with _Forwarder() as forwarder:
+        for p in plans:
+            if p.complete:
+                log.info("phase %s already complete; skipping", p.phase.name)
+                continue
+            if forwarder.signalled:
+                break
+            log.info("phase %s: %d steps at seq_len %d on %d ranks (micro batch %d x accumulation %d)",
+                     p.phase.name, p.phase.steps, p.phase.seq_len, p.world_size, p.phase.micro_batch,
+                     p.accumulation)
+            log.info("$ %s", shlex.join(p.command))
+            started = time.time()
+            forwarder.child = subprocess.Popen(
+                p.command, env={**os.environ, **env, "DS_ENV_FILE": str(out / ".deepspeed_env")}, cwd=out,
+                start_new_session=True)
+            returncode = forwarder.child.wait()
+            forwarder.child = None
+            finished = ckpt.final_of_phase(root, p.index) is not None
+            if finished:
+                continue
+            latest = ckpt.latest(root)
+            if forwarder.signalled or returncode == 0:
+                where = f"{latest.path} (global step {latest.global_step})" if latest else "no checkpoint"
+                log.warning("stopped before the end of phase %s; latest complete checkpoint: %s. Re-run the same "
+                            "command to continue.", p.phase.name, where)
+                return out
             failed = failed_ranks(cfg, started)
             who = ("\n  " + "\n  ".join(failed)) if failed else (
                 " (no rank reported an error: a process was killed, or a node was lost)")
             raise RuntimeError(f"phase {p.phase.name!r} failed: the deepspeed launcher exited with "
-                               f"{result.returncode}; failed ranks:{who}\nRe-run the same command to continue "
+                               f"{returncode}; failed ranks:{who}\nRe-run the same command to continue "
                                f"from the latest complete checkpoint")
     return out

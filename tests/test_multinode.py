@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bertscale import checkpoint as ckpt
@@ -77,7 +78,9 @@ def test_lost_node_fails_within_timeout_and_rerun_resumes(tmp_path):
         assert time.monotonic() < deadline, (tmp_path / "node0.log").read_text()
         assert procs[0].poll() is None, (tmp_path / "node0.log").read_text()
         time.sleep(0.5)
-    os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 disappears: launcher and its worker
+    node1 = psutil.Process(procs[1].pid)
+    for proc in node1.children(recursive=True) + [node1]:  # node 1 disappears: launcher and its worker
+        proc.kill()
     t0 = time.monotonic()
     code0 = wait_all(procs[:1], timeout=180)[0]
     procs[1].wait()
