@@ -21,17 +21,38 @@ log = logging.getLogger(__name__)
 
 # Order of the running sums kept on device between log points.
 _SUMS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "nsp_count",
-         "samples", "tokens")
+         "samples", "tokens", "padded_tokens", "padded_tokens_sq")
+
+# Dense bf16 peak per device (TFLOP/s) for throughput/mfu, by CUDA device name.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+def device_peak_tflops() -> float | None:
+    """The local GPU's dense bf16 peak, or None (CPU, unknown card)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def pretraining_flops(layers: int, hidden: int, vocab: int, seq_len: int, masked: int) -> float:
+    """Model FLOPs of one training step (forward + backward) for one sequence:
+    72·L·s·d² + 12·L·s²·d + 6·m·d·(d+V), with m the positions that go through the MLM head."""
+    return 72 * layers * seq_len * hidden ** 2 + 12 * layers * seq_len ** 2 * hidden + 6 * masked * hidden * (hidden + vocab)
 
 
 class Metrics:
     """Accumulate per micro batch; ``log`` at the interval (every rank calls it: it all-reduces)."""
 
     def __init__(self, tb_dir: str | None, rank: int, run_name: str, total_steps: int,
-                 purge_step: int | None = None):
+                 purge_step: int | None = None, model_dims: tuple[int, int, int] = (0, 0, 0),
+                 world_size: int = 1, peak_tflops: float | None = None):
         """``purge_step``: on resume, TensorBoard hides events at or after this step that an earlier
         attempt wrote past its last checkpoint, so no step appears twice."""
         self.rank = rank
+        self.model_dims = model_dims  # (layers, hidden, vocab) for model FLOPs
+        self.world_size = world_size
+        self.peak_tflops = peak_tflops
         self.run_name = run_name
         self.total_steps = total_steps
         self.writer = None
@@ -48,54 +69,61 @@ class Metrics:
 
     def add(self, out, batch: dict[str, torch.Tensor]) -> None:
         """One micro batch's outputs (tensors stay on device: no sync here)."""
+        rows, length = batch["input_ids"].shape
         values = torch.stack([
             out.mlm_loss.detach().float() * out.mlm_count, out.mlm_correct.float(), out.mlm_count.float(),
             out.nsp_loss.detach().float() * out.nsp_count, out.nsp_correct.float(), out.nsp_count.float(),
-            torch.tensor(float(batch["input_ids"].shape[0]), device=out.mlm_count.device),
+            torch.tensor(float(rows), device=out.mlm_count.device),
             batch["attention_mask"].sum().float(),
+            torch.tensor(float(rows * length), device=out.mlm_count.device),
+            torch.tensor(float(rows * length ** 2), device=out.mlm_count.device),
         ])
         self._sums = values if self._sums is None else self._sums + values
 
     def step_done(self) -> None:
         self._steps_in_interval += 1
 
-    def log(self, step: int, phase: str, phase_index: int, seq_len: int, lr: float, grad_norm: float | None,
-            loss_scale: float, skipped: int, epoch: int) -> dict:
-        """Reduce the interval's sums over ranks; rank 0 prints one line and writes scalars."""
+    def log(self, step: int, phase: str, scalars: dict[str, float]) -> dict:
+        """Reduce the interval's sums over ranks; rank 0 prints one line and writes every scalar.
+
+        ``scalars`` are what the trainer knows (``optim/lr``, ``optim/grad_norm``, ``train/phase``, ...);
+        this adds losses, accuracies, throughput, model FLOP/s, memory and CPU use over the interval.
+        """
         sums = self._sums if self._sums is not None else torch.zeros(len(_SUMS))
         sums = all_reduce_sum(sums.detach().cpu().clone())
         s = dict(zip(_SUMS, sums.tolist()))
         elapsed = time.perf_counter() - self._t0
         if self._start_step is None:
             self._start_step = step - self._steps_in_interval
+        rate = (lambda x: x / elapsed) if elapsed > 0 else (lambda x: 0.0)
+        layers, hidden, vocab = self.model_dims
+        flops = (72 * layers * hidden ** 2 * s["padded_tokens"] + 12 * layers * hidden * s["padded_tokens_sq"]
+                 + 6 * hidden * (hidden + vocab) * s["mlm_count"])
         row = {
             "loss/mlm": s["mlm_loss_sum"] / max(s["mlm_count"], 1),
             "loss/nsp": s["nsp_loss_sum"] / max(s["nsp_count"], 1),
             "accuracy/mlm": s["mlm_correct"] / max(s["mlm_count"], 1),
             "accuracy/nsp": s["nsp_correct"] / max(s["nsp_count"], 1),
-            "optim/lr": lr,
-            "optim/loss_scale": loss_scale,
-            "optim/skipped_steps": skipped,
-            "throughput/samples_per_s": s["samples"] / elapsed if elapsed > 0 else 0.0,
-            "throughput/tokens_per_s": s["tokens"] / elapsed if elapsed > 0 else 0.0,
+            "throughput/samples_per_s": rate(s["samples"]),
+            "throughput/tokens_per_s": rate(s["tokens"]),
+            "throughput/tflops": rate(flops) / 1e12,
             "memory/host_rss_gib": self._process.memory_info().rss / 2 ** 30,
             "system/cpu_percent": psutil.cpu_percent(interval=None),
-            "data/epoch": epoch,
-            "train/phase": phase_index,
-            "train/seq_len": seq_len,
+            **scalars,
         }
         row["loss/total"] = row["loss/mlm"] + row["loss/nsp"]
-        if grad_norm is not None:
-            row["optim/grad_norm"] = grad_norm
+        if self.peak_tflops:
+            row["throughput/mfu"] = row["throughput/tflops"] / (self.peak_tflops * self.world_size)
         if torch.cuda.is_available():
             row["memory/device_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         if self.rank == 0:
             done = step - self._start_step
-            rate = done / (time.perf_counter() - self._start_time)
-            eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+            steps_per_s = done / (time.perf_counter() - self._start_time)
+            eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
             log.info("step %d/%d %s | loss %.4f (mlm %.4f nsp %.4f) | mlm acc %.3f | lr %.2e | %.1f samples/s | eta %s",
                      step, self.total_steps, phase, row["loss/total"], row["loss/mlm"], row["loss/nsp"],
-                     row["accuracy/mlm"], lr, row["throughput/samples_per_s"], _hms(eta))
+                     row["accuracy/mlm"], scalars.get("optim/lr", float("nan")), row["throughput/samples_per_s"],
+                     _hms(eta))
             if self.writer is not None:
                 for tag, value in row.items():
                     self.writer.add_scalar(tag, value, step)

@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bertscale import checkpoint as ckpt
 from bertscale.config import RunConfig, accumulation_steps, load_config, max_predictions
@@ -26,7 +28,7 @@ from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_d
                               consolidated_state_dict, detect_accelerator, init_distributed)
 from bertscale.hf_format import load_state_dict_into
 from bertscale.loader import PretrainingLoader, eval_batches
-from bertscale.metrics import Metrics
+from bertscale.metrics import Metrics, device_peak_tflops
 from bertscale.model import BertConfig, BertForPreTraining, preset_config
 from bertscale.schedule import lr_at, phase_spans
 from bertscale.state import RunState
@@ -85,7 +87,10 @@ class Trainer:
         # on resume, hide events an interrupted attempt logged after its last checkpoint
         self.metrics = Metrics(str(Path(cfg.run.out_dir) / "tensorboard"), dist.rank, cfg.run.name,
                                total_steps=self.spans[-1].end,
-                               purge_step=self.state.global_step + 1 if resume is not None else None)
+                               purge_step=self.state.global_step + 1 if resume is not None else None,
+                               model_dims=(self.model_config.num_hidden_layers, self.model_config.hidden_size,
+                                           self.model_config.vocab_size),
+                               world_size=dist.world_size, peak_tflops=device_peak_tflops())
         if self.phase_index == 0 and resume is None:
             self.metrics.log_config(cfg.to_dict())
 
@@ -152,12 +157,20 @@ class Trainer:
                                f"from it: " + "; ".join(diffs) + f". Use a new run.out_dir or the matching config.")
 
     def train(self) -> None:
-        cfg, phase = self.cfg, self.phase
-        p = cfg.phases
+        phase = self.phase
         self._log0(f"phase {phase.name}: global steps {self.state.global_step}..{self.span.end} "
                    f"seq_len {phase.seq_len}, global batch {phase.global_batch} = micro {phase.micro_batch} x "
                    f"accumulation {self.accumulation} x world {self.dist.world_size}")
         batches = iter(self.loader)
+        # A bar per phase where a person watches (a terminal); logs and pipes get the interval lines only.
+        bar = tqdm(total=self.span.steps, initial=self.state.global_step - self.span.start, desc=phase.name,
+                   unit="step", dynamic_ncols=True, disable=self.dist.rank != 0 or not sys.stderr.isatty())
+        with bar, logging_redirect_tqdm():
+            self._train_loop(batches, bar)
+
+    def _train_loop(self, batches, bar) -> None:
+        cfg, phase = self.cfg, self.phase
+        p = cfg.phases
         while self.state.global_step < self.span.end:
             lr = lr_at(self.state.global_step, self.spans, [x.lr for x in p], [x.warmup for x in p],
                        [x.decay_power for x in p])
@@ -170,14 +183,15 @@ class Trainer:
                 tokens += int(batch["attention_mask"].sum())
             self.state.global_step += 1
             self.state.samples_seen += phase.global_batch
-            self.state.tokens_seen += tokens * self.dist.world_size  # estimate; exact count is in metrics
+            # one small all-reduce per step: every rank takes the same stop decision at the same step,
+            # and the run counts its real (non-padding) tokens
+            stop, all_tokens = self.stop.agreed(tokens)
+            self.state.tokens_seen += all_tokens
             self.metrics.step_done()
+            bar.update()
             last = self.state.global_step == self.span.end
-            stop = self.stop.agreed()  # every rank takes the same decision at the same step
             if self.state.global_step % cfg.train.log_interval == 0 or last or stop:
-                self.metrics.log(self.state.global_step, phase.name, self.phase_index, phase.seq_len, lr,
-                                 self.engine.grad_norm(), self.engine.loss_scale(),
-                                 self.engine.skipped_steps(), self.loader.epoch)
+                self.metrics.log(self.state.global_step, phase.name, self._scalars(lr))
             if last:
                 self.state.phase_complete = True
                 self.save()
@@ -193,6 +207,24 @@ class Trainer:
         if cfg.train.eval_batches > 0:
             self.metrics.log_eval(self.state.global_step, self.evaluate(cfg.train.eval_batches))
         self.metrics.close()
+
+    def _scalars(self, lr: float) -> dict[str, float]:
+        """What the trainer knows at a log point (Metrics adds losses, throughput and resources)."""
+        scalars = {
+            "optim/lr": lr,
+            "optim/loss_scale": self.engine.loss_scale(),
+            "optim/skipped_steps": self.engine.skipped_steps(),
+            "optim/global_batch": self.phase.global_batch,
+            "train/phase": self.phase_index,
+            "train/seq_len": self.phase.seq_len,
+            "train/samples_seen": self.state.samples_seen,
+            "data/epoch": self.loader.epoch,
+            "data/corrupt_shards": getattr(self.loader, "corrupt_shards", 0),
+        }
+        grad_norm = self.engine.grad_norm()
+        if grad_norm is not None:
+            scalars["optim/grad_norm"] = grad_norm
+        return scalars
 
     def save(self) -> None:
         tag = ckpt.tag_for(self.state.global_step)
@@ -260,9 +292,10 @@ class StopRequest:
     def _handler(self, signum: int, frame) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        return bool(all_reduce_sum(flag).item() > 0)
+    def agreed(self, count: int = 0) -> tuple[bool, int]:
+        """(did any rank receive a stop signal, sum of ``count`` over ranks) in one all-reduce."""
+        values = all_reduce_sum(torch.tensor([1.0 if self.requested else 0.0, float(count)], dtype=torch.float64))
+        return bool(values[0].item() > 0), int(values[1].item())
 
 
 def _fault_point(name: str, step: int, rank: int) -> None:

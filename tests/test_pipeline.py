@@ -15,7 +15,7 @@ from bertscale.evaluate import evaluate
 from bertscale.hf_format import load_state_dict_into
 from bertscale.model import BertConfig, BertForPreTraining
 from launcher.launch import pretrain
-from runs import build_data, write_config
+from runs import REPO, build_data, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +99,46 @@ def test_eval_of_converted_model(trained):
     assert results["eval_masked_tokens"] > 0
     assert 0 <= results["eval_mlm_accuracy"] <= 1 and results["eval_mlm_loss"] > 0
     json.dumps(results)
+
+
+TAGS = ("loss/total", "loss/mlm", "loss/nsp", "accuracy/mlm", "accuracy/nsp", "optim/lr", "optim/grad_norm",
+        "optim/loss_scale", "optim/skipped_steps", "optim/global_batch", "throughput/samples_per_s",
+        "throughput/tokens_per_s", "throughput/tflops", "memory/host_rss_gib", "system/cpu_percent", "data/epoch",
+        "data/corrupt_shards", "train/phase", "train/seq_len", "train/samples_seen", "eval/mlm_accuracy",
+        "eval/mlm_loss", "eval/nsp_accuracy")
+
+
+def test_tensorboard_events_read_back_with_tensorboards_reader(trained):
+    import math
+
+    from bertscale.metrics import read_scalars
+
+    _, out = trained
+    scalars = read_scalars(out / "tensorboard")
+    missing = [t for t in TAGS if t not in scalars]
+    assert not missing, f"missing tags {missing}; have {sorted(scalars)}"
+    for tag, series in scalars.items():
+        assert all(math.isfinite(v) for _, v in series), tag
+        steps = [s for s, _ in series]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps), f"{tag}: steps {steps}"
+    assert [s for s, _ in scalars["loss/total"]] == [2, 4, 6, 8]  # log_interval 2 over 6 + 2 steps
+    assert [v for _, v in scalars["train/phase"]] == [0, 0, 0, 1]
+    assert [v for _, v in scalars["train/seq_len"]] == [128, 128, 128, 512]
+    samples = [v for _, v in scalars["train/samples_seen"]]
+    assert samples == [32, 64, 96, 112]
+    assert all(v > 0 for _, v in scalars["throughput/tflops"])
+    assert [s for s, _ in scalars["eval/mlm_accuracy"]] == [6, 8]  # end of each phase
+
+
+def test_run_summary_tool(trained):
+    import importlib.util
+
+    _, out = trained
+    spec = importlib.util.spec_from_file_location("run_summary", REPO / "tools" / "run_summary.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    summary = tool.summarize(out)
+    assert summary["latest_logged_step"] == 8 and summary["total_steps"] == 8
+    assert [c["tag"] for c in summary["checkpoints"]] == ["step00000006", "step00000008"]
+    assert all(c["complete"] for c in summary["checkpoints"])
+    assert "loss/total" in summary["scalars"] and not summary["failures"]
