@@ -95,7 +95,9 @@ def resolve(checkpoint: str | os.PathLike, tag: str | None = None) -> Checkpoint
         sub = path / tag
         if not (sub / COMPLETE).is_file():
             tags = [c.tag for c in complete_checkpoints(path)]
-            raise ValueError(f"no complete checkpoint {tag!r} in {path}; complete ones: {tags or 'none'}")
+            state = "incomplete (no COMPLETE marker)" if sub.is_dir() else "missing"
+            raise ValueError(f"no complete checkpoint {tag!r} in {path}: it is {state}; "
+                             f"complete ones: {tags or 'none'}")
         return CheckpointInfo(sub, tag, read_meta(sub))
     found = latest(path)
     if found is None:

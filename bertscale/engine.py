@@ -50,8 +50,17 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> DistInf
     """Join the process group the deepspeed launcher set up (env:// rendezvous)."""
     import deepspeed
 
+    import torch.distributed.distributed_c10d as c10d
+
     backend = "nccl" if accelerator == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # DeepSpeed builds its data-parallel groups with new_group() and no timeout, which falls back to
+    # torch's 30-minute default: a rank whose peer vanished (link down, no TCP reset) would wait that
+    # long. Make our timeout the default for every group created from here on.
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))

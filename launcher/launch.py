@@ -94,8 +94,14 @@ def world_size(cfg: RunConfig, accelerator: str) -> int:
         nodes = list(hosts.values())[: d.num_nodes] if d.num_nodes > 1 else list(hosts.values())
         if d.num_nodes > len(hosts):
             raise ConfigError(f"distributed.num_nodes is {d.num_nodes} but {d.hostfile} lists {len(hosts)} hosts")
-        per_node = [min(s, d.num_gpus) if d.num_gpus else s for s in nodes]
-        return sum(per_node)
+        if d.num_gpus is None:
+            return sum(nodes)
+        short = [f"{h} (slots={n})" for h, n in list(hosts.items())[: len(nodes)] if n < d.num_gpus]
+        if short:
+            # DeepSpeed would start num_gpus ranks on every host regardless of its slots
+            raise ConfigError(f"distributed.num_gpus is {d.num_gpus} but {d.hostfile} gives fewer slots to "
+                              f"{', '.join(short)}; lower num_gpus or fix the hostfile")
+        return d.num_gpus * len(nodes)
     return ranks_per_node(cfg, accelerator) * d.num_nodes
 
 

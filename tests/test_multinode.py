@@ -5,7 +5,6 @@ fails within the collective timeout, the launcher names what failed, and re-runn
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +36,20 @@ def start_nodes(config: Path, port: int, logs: Path, extra: list[str] = ()) -> l
     return procs
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    try:
+        root = psutil.Process(proc.pid)
+        tree = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     codes = []
@@ -44,8 +57,8 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
         try:
             codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            codes.append(p.wait())
+            for q in procs:
+                kill_tree(q)
             pytest.fail(f"a node launcher did not finish within {timeout}s (hang)")
     return codes
 
@@ -78,9 +91,7 @@ def test_lost_node_fails_within_timeout_and_rerun_resumes(tmp_path):
         assert time.monotonic() < deadline, (tmp_path / "node0.log").read_text()
         assert procs[0].poll() is None, (tmp_path / "node0.log").read_text()
         time.sleep(0.5)
-    node1 = psutil.Process(procs[1].pid)
-    for proc in node1.children(recursive=True) + [node1]:  # node 1 disappears: launcher and its worker
-        proc.kill()
+    kill_tree(procs[1])  # node 1 disappears: launcher and its worker
     t0 = time.monotonic()
     code0 = wait_all(procs[:1], timeout=180)[0]
     procs[1].wait()
@@ -92,6 +103,80 @@ def test_lost_node_fails_within_timeout_and_rerun_resumes(tmp_path):
 
     # the same command on both nodes continues from the latest complete checkpoint
     codes = wait_all(start_nodes(config_path, free_port(), tmp_path, timeout), timeout=300)
+    log0 = (tmp_path / "node0.log").read_text()
+    assert codes == [0, 0], log0
+    assert f"resumed from {root / ckpt.tag_for(resumed_from)}" in log0
+    assert ckpt.final_of_phase(root, 1).global_step == 42
+
+
+# --- two hosts with their own addresses: network namespaces joined by a veth pair -----------------
+# Addresses from 198.18.0.0/15 (reserved for network benchmark tests); they exist only inside the
+# namespaces this test creates and removes.
+HOSTS = {"bsnode0": ("198.18.0.1", "bsveth0"), "bsnode1": ("198.18.0.2", "bsveth1")}
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def two_hosts():
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create network namespaces")
+    try:
+        for ns in HOSTS:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            _ip("netns", "add", ns)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot create network namespaces here: {exc.stderr!r}")
+    try:
+        (ns0, (addr0, dev0)), (ns1, (addr1, dev1)) = HOSTS.items()
+        _ip("link", "add", dev0, "type", "veth", "peer", "name", dev1)
+        for ns, (addr, dev) in HOSTS.items():
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        yield HOSTS
+    finally:
+        for ns in HOSTS:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def start_hosts(config: Path, hosts: dict, logs: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
+    master = hosts["bsnode0"][0]
+    procs = []
+    for rank, (ns, (_, dev)) in enumerate(hosts.items()):
+        cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}",
+               *node_command(config, rank, 29500, extra)]
+        cmd[cmd.index("distributed.master_addr=127.0.0.1")] = f"distributed.master_addr={master}"
+        log = open(logs / f"node{rank}.log", "w")
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def test_two_hosts_in_network_namespaces_and_one_cut_off(two_hosts, tmp_path):
+    data = build_data(tmp_path)
+    config = write_config(tmp_path, data, ranks=1, steps=(40, 2))
+    settings = ["--set", "distributed.timeout_minutes=0.5", "--set", "train.save_interval=5"]
+    procs = start_hosts(config, two_hosts, tmp_path, settings)
+    root = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while ckpt.latest(root) is None or ckpt.latest(root).global_step < 5:
+        assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "node0.log").read_text()
+        time.sleep(0.5)
+    _ip("-n", "bsnode1", "link", "set", "bsveth1", "down")  # host 1 drops off the network
+    t0 = time.monotonic()
+    codes = wait_all(procs, timeout=240)
+    assert codes[0] != 0 and codes[1] != 0
+    assert time.monotonic() - t0 < 200  # bounded by the collective timeout
+    assert "failed" in (tmp_path / "node0.log").read_text()
+    resumed_from = ckpt.latest(root).global_step
+
+    _ip("-n", "bsnode1", "link", "set", "bsveth1", "up")  # back on the network: the same commands resume
+    codes = wait_all(start_hosts(config, two_hosts, tmp_path, settings), timeout=300)
     log0 = (tmp_path / "node0.log").read_text()
     assert codes == [0, 0], log0
     assert f"resumed from {root / ckpt.tag_for(resumed_from)}" in log0

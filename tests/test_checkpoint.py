@@ -1,0 +1,205 @@
+"""Checkpoint layout: completeness markers, lookup, pruning and per-rank state (RNG included)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bertscale import checkpoint as ckpt
+
+
+def make(root: Path, step: int, phase_index: int = 0, phase_complete: bool = False, complete: bool = True) -> Path:
+    """A fake checkpoint directory: metadata, one payload file, and the completion marker if ``complete``."""
+    path = root / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    meta = {"state": {"global_step": step, "phase_index": phase_index, "phase_complete": phase_complete},
+            "phase": f"phase{phase_index + 1}"}
+    (path / ckpt.META).write_text(json.dumps(meta), encoding="utf-8")
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        ckpt.mark_complete(path)
+    return path
+
+
+def tags(infos) -> list[str]:
+    return [c.tag for c in infos]
+
+
+def test_tag_for_is_zero_padded_and_sorts_by_step():
+    assert ckpt.tag_for(10) == "step00000010"
+    assert sorted([ckpt.tag_for(s) for s in (100, 9, 20)]) == [ckpt.tag_for(s) for s in (9, 20, 100)]
+
+
+def test_complete_checkpoints_ignores_incomplete_and_foreign_dirs(tmp_path):
+    make(tmp_path, 20)
+    make(tmp_path, 10, phase_index=0, phase_complete=True)
+    make(tmp_path, 30, complete=False)
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "step_notes.txt").write_text("a file, not a checkpoint")
+    found = ckpt.complete_checkpoints(tmp_path)
+    assert tags(found) == ["step00000010", "step00000020"]
+    first = found[0]
+    assert first.path == tmp_path / "step00000010"
+    assert (first.global_step, first.phase_index, first.phase_complete) == (10, 0, True)
+    assert found[1].phase_complete is False
+
+
+def test_complete_checkpoints_of_missing_root_is_empty(tmp_path):
+    assert ckpt.complete_checkpoints(tmp_path / "nope") == []
+    assert ckpt.latest(tmp_path / "nope") is None
+    assert ckpt.final_of_phase(tmp_path / "nope", 0) is None
+
+
+def test_latest_is_the_highest_complete_step(tmp_path):
+    assert ckpt.latest(tmp_path) is None
+    make(tmp_path, 5)
+    make(tmp_path, 40)
+    make(tmp_path, 50, complete=False)
+    assert ckpt.latest(tmp_path).tag == "step00000040"
+
+
+def test_final_of_phase(tmp_path):
+    make(tmp_path, 10, phase_index=0)
+    make(tmp_path, 20, phase_index=0, phase_complete=True)
+    make(tmp_path, 30, phase_index=1)
+    make(tmp_path, 40, phase_index=1, phase_complete=True, complete=False)  # rank did not finish
+    assert ckpt.final_of_phase(tmp_path, 0).tag == "step00000020"
+    assert ckpt.final_of_phase(tmp_path, 1) is None
+    assert ckpt.final_of_phase(tmp_path, 2) is None
+
+
+def test_resolve_root_tag_and_tag_dir(tmp_path):
+    make(tmp_path, 10)
+    make(tmp_path, 20)
+    make(tmp_path, 30, complete=False)
+    assert ckpt.resolve(tmp_path).tag == "step00000020"                       # root -> latest complete
+    assert ckpt.resolve(str(tmp_path), "step00000010").path == tmp_path / "step00000010"
+    one = ckpt.resolve(tmp_path / "step00000010")                             # a step directory itself
+    assert (one.tag, one.global_step) == ("step00000010", 10)
+
+
+def test_resolve_incomplete_tag_dir_says_incomplete(tmp_path):
+    make(tmp_path, 30, complete=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        ckpt.resolve(tmp_path / "step00000030")
+
+
+def test_resolve_incomplete_tag_under_root_lists_complete_ones(tmp_path):
+    make(tmp_path, 10)
+    make(tmp_path, 30, complete=False)
+    with pytest.raises(ValueError) as info:
+        ckpt.resolve(tmp_path, "step00000030")
+    msg = str(info.value)
+    assert "no complete checkpoint 'step00000030'" in msg and "['step00000010']" in msg
+    assert "incomplete" in msg
+    with pytest.raises(ValueError, match="missing; complete ones: none"):
+        ckpt.resolve(tmp_path / "empty", "step00000001")
+
+
+def test_resolve_empty_dir(tmp_path):
+    with pytest.raises(ValueError, match=f"no complete checkpoint in {tmp_path}"):
+        ckpt.resolve(tmp_path)
+    make(tmp_path, 5, complete=False)
+    with pytest.raises(ValueError, match="no complete checkpoint in"):
+        ckpt.resolve(tmp_path)
+
+
+def test_read_meta_of_a_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a bertscale checkpoint"):
+        ckpt.read_meta(tmp_path)
+
+
+def test_prune_keeps_newest_and_phase_finals(tmp_path):
+    for step in (10, 20, 30, 40, 50, 60):
+        make(tmp_path, step, phase_index=0 if step <= 30 else 1, phase_complete=step == 30)
+    removed = ckpt.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step00000010", "step00000020", "step00000040"]
+    assert tags(ckpt.complete_checkpoints(tmp_path)) == ["step00000030", "step00000050", "step00000060"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000030", "step00000050", "step00000060"]
+    assert ckpt.prune(tmp_path, keep_last=2) == []  # idempotent
+
+
+def test_prune_removes_old_incomplete_but_never_a_newer_one(tmp_path):
+    make(tmp_path, 10)
+    make(tmp_path, 15, complete=False)      # leftover of a crash, older than the newest complete
+    make(tmp_path, 20)
+    make(tmp_path, 30, complete=False)      # may be being written right now
+    removed = ckpt.prune(tmp_path, keep_last=5)
+    assert [p.name for p in removed] == ["step00000015"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000010", "step00000020", "step00000030"]
+    assert (tmp_path / "step00000030" / "mp_rank_00_model_states.pt").is_file()
+
+
+def test_prune_with_only_incomplete_dirs_removes_nothing(tmp_path):
+    make(tmp_path, 10, complete=False)
+    assert ckpt.prune(tmp_path, keep_last=1) == []
+    assert (tmp_path / "step00000010").is_dir()
+
+
+def test_remove_incomplete(tmp_path):
+    done = make(tmp_path, 10)
+    partial = make(tmp_path, 20, complete=False)
+    with pytest.raises(ValueError, match="refusing to delete .* complete checkpoint"):
+        ckpt.remove_incomplete(done)
+    assert (done / ckpt.COMPLETE).is_file() and (done / ckpt.META).is_file()
+    ckpt.remove_incomplete(partial)
+    assert not partial.exists()
+
+
+def test_rank_state_round_trip_restores_rng(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    ckpt.write_rank_state(tmp_path, 1, {"loader": {"epoch": 3, "position": 17}})
+    assert (tmp_path / "rank-00001.pt").is_file()
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically
+    expected = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    # move every generator on, then restore
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    state = ckpt.read_rank_state(tmp_path, 1)
+    assert state["loader"] == {"epoch": 3, "position": 17}
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_rank_states_are_per_rank(tmp_path):
+    torch.manual_seed(0)
+    ckpt.write_rank_state(tmp_path, 0, {"who": 0})
+    first = torch.rand(2)
+    ckpt.write_rank_state(tmp_path, 1, {"who": 1})
+    second = torch.rand(2)
+    assert ckpt.read_rank_state(tmp_path, 0)["who"] == 0
+    assert torch.equal(torch.rand(2), first)
+    assert ckpt.read_rank_state(tmp_path, 1)["who"] == 1
+    assert torch.equal(torch.rand(2), second)
+
+
+def test_read_rank_state_missing_rank(tmp_path):
+    ckpt.write_rank_state(tmp_path, 0, {})
+    with pytest.raises(FileNotFoundError, match="rank-00003.pt is missing.*same number of ranks"):
+        ckpt.read_rank_state(tmp_path, 3)
+
+
+def test_write_meta_copies_tokenizer_and_meta(tmp_path, tokenizer_dir):
+    path = tmp_path / "step00000007"
+    path.mkdir()
+    meta = {"state": {"global_step": 7, "phase_index": 0, "phase_complete": False}}
+    ckpt.write_meta(path, meta, tokenizer_dir)
+    assert ckpt.read_meta(path) == meta
+    assert (path / "tokenizer" / "vocab.txt").read_bytes() == (tokenizer_dir / "vocab.txt").read_bytes()
+    assert ckpt.complete_checkpoints(tmp_path) == []  # not complete until marked
+    ckpt.mark_complete(path)
+    assert ckpt.latest(tmp_path).global_step == 7
+
+
+def test_complete_checkpoints_sorted_by_step_not_name(tmp_path):
+    make(tmp_path, 99_999_999)
+    make(tmp_path, 123_456_789)  # 9 digits: sorts before the 8-digit tag by name
+    assert [c.global_step for c in ckpt.complete_checkpoints(tmp_path)] == [99_999_999, 123_456_789]
+    assert ckpt.latest(tmp_path).global_step == 123_456_789

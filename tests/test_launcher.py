@@ -1,0 +1,413 @@
+"""The launcher: hostfiles, deepspeed command lines, world size, preflight checks and the phase plan.
+
+Nothing here starts a rank: commands are checked flag by flag (and against DeepSpeed's own argument
+parser), and `pretrain` runs with ``dry_run=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from bertscale import checkpoint as ckpt
+from bertscale.config import ConfigError, DistributedSection, PhaseSection, RunConfig
+from bertscale.tokenizer import train_tokenizer, tokenizer_info
+from launcher.launch import (check_port, deepspeed_command, deepspeed_executable, failed_ranks, no_ssh_hostfile,
+                             parse_hostfile, plan, preflight, pretrain, resume_source, world_size)
+from runs import build_data, write_config
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def make_cfg(tmp_path: Path, **distributed) -> RunConfig:
+    """Two phases on CPU ranks; ``distributed`` overrides DistributedSection fields."""
+    cfg = RunConfig(phases=[PhaseSection(name="phase1", seq_len=128, data="d128", global_batch=16, micro_batch=4),
+                            PhaseSection(name="phase2", seq_len=512, data="d512", global_batch=8, micro_batch=2)])
+    cfg.run.out_dir = str(tmp_path / "run")
+    cfg.distributed = DistributedSection(**{"accelerator": "cpu", **distributed})
+    return cfg
+
+
+def make_ckpt(root: Path, step: int, phase_index: int, phase_complete: bool, complete: bool = True) -> Path:
+    path = root / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    (path / ckpt.META).write_text(json.dumps(
+        {"state": {"global_step": step, "phase_index": phase_index, "phase_complete": phase_complete}}))
+    if complete:
+        ckpt.mark_complete(path)
+    return path
+
+
+def ds_args(cmd: list[str]):
+    """Parse a command with DeepSpeed's own launcher parser: every flag we pass must be one it knows."""
+    from deepspeed.launcher.runner import parse_args
+
+    assert cmd[0] == deepspeed_executable()
+    return parse_args(cmd[1:])
+
+
+# ---------------------------------------------------------------- hostfiles
+
+def test_parse_hostfile_good_with_comments_and_blank_lines(tmp_path):
+    path = write(tmp_path / "hosts", "# the cluster\n\nworker-1 slots=8\n   \nworker-2 slots=4  # half a node\n")
+    assert parse_hostfile(str(path)) == {"worker-1": 8, "worker-2": 4}
+    assert list(parse_hostfile(str(path))) == ["worker-1", "worker-2"]  # file order is node order
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("a slots=2\nb\n", ":2: expected 'HOSTNAME slots=N', got 'b'"),
+    ("a slots=2\n\nb gpus=2\n", ":3: expected 'HOSTNAME slots=N', got 'b gpus=2'"),
+    ("a slots=2 extra\n", ":1: expected 'HOSTNAME slots=N'"),
+    ("a slots=two\n", ":1: slots must be a whole number, got 'slots=two'"),
+    ("# c\na slots=0\n", ":2: host a has 0 slots; every host needs at least one"),
+    ("a slots=2\nb slots=2\na slots=4\n", ":3: host a is listed twice"),
+])
+def test_parse_hostfile_errors_name_file_and_line(tmp_path, text, fragment):
+    path = write(tmp_path / "hosts", text)
+    with pytest.raises(ConfigError) as info:
+        parse_hostfile(str(path))
+    assert str(info.value).startswith(str(path) + ":")
+    assert fragment in str(info.value)
+
+
+def test_parse_hostfile_empty_and_missing(tmp_path):
+    path = write(tmp_path / "hosts", "# only a comment\n\n")
+    with pytest.raises(ConfigError, match="no hosts; write one 'HOSTNAME slots=N' line per node"):
+        parse_hostfile(str(path))
+    with pytest.raises(ConfigError, match=f"distributed.hostfile: {tmp_path / 'nope'} does not exist"):
+        parse_hostfile(str(tmp_path / "nope"))
+
+
+# ---------------------------------------------------------------- deepspeed commands
+
+def test_command_one_node(tmp_path):
+    cfg = make_cfg(tmp_path, num_gpus=2, master_port=29611)
+    cfg_path = tmp_path / "run" / "run_config.json"
+    cmd = deepspeed_command(cfg, cfg.phases[0], cfg_path, "cpu")
+    assert cmd == [deepspeed_executable(), "--log_level", "warning", "--master_port", "29611", "--num_gpus", "2",
+                   "--module", "bertscale.train", "--config", str(cfg_path), "--phase", "phase1"]
+    args = ds_args(cmd)
+    assert (args.num_gpus, args.master_port, args.module, args.user_script) == (2, 29611, True, "bertscale.train")
+    assert args.user_args == ["--config", str(cfg_path), "--phase", "phase1"]
+
+
+def test_command_one_node_default_cpu_ranks(tmp_path):
+    cfg = make_cfg(tmp_path)
+    cmd = deepspeed_command(cfg, cfg.phases[1], Path("c.json"), "cpu")
+    assert cmd[cmd.index("--num_gpus") + 1] == "2"
+    assert cmd[-2:] == ["--phase", "phase2"]
+
+
+def test_command_many_nodes_without_hostfile_or_no_ssh_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, num_nodes=2, num_gpus=2)
+    with pytest.raises(ConfigError, match="num_nodes > 1 needs distributed.hostfile, or no_ssh"):
+        deepspeed_command(cfg, cfg.phases[0], Path("c.json"), "cpu")
+
+
+def test_command_hostfile_openmpi(tmp_path):
+    hosts = write(tmp_path / "hosts", "a slots=4\nb slots=4\nc slots=4\n")
+    cfg = make_cfg(tmp_path, hostfile=str(hosts), launcher="openmpi", num_nodes=2, num_gpus=4, master_addr="a")
+    cmd = deepspeed_command(cfg, cfg.phases[1], Path("/x/run_config.json"), "cuda")
+    assert cmd == [deepspeed_executable(), "--log_level", "warning", "--master_port", "29500",
+                   "--hostfile", str(hosts), "--launcher", "openmpi", "--num_nodes", "2", "--num_gpus", "4",
+                   "--master_addr", "a",
+                   "--module", "bertscale.train", "--config", "/x/run_config.json", "--phase", "phase2"]
+    args = ds_args(cmd)
+    assert (args.hostfile, args.launcher, args.num_nodes, args.num_gpus) == (str(hosts), "openmpi", 2, 4)
+
+
+def test_command_hostfile_defaults_leave_sizing_to_the_hostfile(tmp_path):
+    hosts = write(tmp_path / "hosts", "a slots=2\nb slots=2\n")
+    cfg = make_cfg(tmp_path, hostfile=str(hosts))
+    cmd = deepspeed_command(cfg, cfg.phases[0], Path("c.json"), "cpu")
+    assert cmd[5:9] == ["--hostfile", str(hosts), "--launcher", "pdsh"]
+    for flag in ("--num_nodes", "--num_gpus", "--master_addr", "--no_ssh"):
+        assert flag not in cmd
+
+
+def test_command_no_ssh_uses_the_generated_hostfile(tmp_path):
+    cfg = make_cfg(tmp_path, no_ssh=True, node_rank=1, master_addr="127.0.0.1", num_nodes=2, num_gpus=2,
+                   master_port=29612)
+    cmd = deepspeed_command(cfg, cfg.phases[0], Path("/x/c.json"), "cpu")
+    generated = tmp_path / "run" / "hostfile.no_ssh.node1"
+    assert cmd == [deepspeed_executable(), "--log_level", "warning", "--master_port", "29612",
+                   "--hostfile", str(generated), "--no_ssh", "--node_rank", "1", "--master_addr", "127.0.0.1",
+                   "--num_nodes", "2", "--num_gpus", "2",
+                   "--module", "bertscale.train", "--config", "/x/c.json", "--phase", "phase1"]
+    args = ds_args(cmd)
+    assert (args.no_ssh, args.node_rank, args.master_addr, args.num_nodes) == (True, 1, "127.0.0.1", 2)
+    # the file the command names is the one pretrain writes, and it sizes the job like world_size does
+    assert no_ssh_hostfile(cfg, "cpu") == generated
+    assert generated.read_text() == "node0 slots=2\nnode1 slots=2\n"
+    assert sum(parse_hostfile(str(generated)).values()) == world_size(cfg, "cpu") == 4
+
+
+def test_command_no_ssh_with_a_given_hostfile(tmp_path):
+    hosts = write(tmp_path / "hosts", "n0 slots=2\nn1 slots=2\n")
+    cfg = make_cfg(tmp_path, no_ssh=True, node_rank=0, master_addr="n0", num_nodes=2, hostfile=str(hosts))
+    cmd = deepspeed_command(cfg, cfg.phases[0], Path("c.json"), "cpu")
+    assert cmd[cmd.index("--hostfile") + 1] == str(hosts)
+
+
+# ---------------------------------------------------------------- world size
+
+def test_world_size_one_node_and_no_ssh(tmp_path):
+    assert world_size(make_cfg(tmp_path, num_gpus=2), "cpu") == 2
+    assert world_size(make_cfg(tmp_path), "cpu") == 2  # default CPU ranks
+    assert world_size(make_cfg(tmp_path, num_gpus=3, num_nodes=4, no_ssh=True, node_rank=0,
+                               master_addr="h"), "cpu") == 12
+
+
+def test_world_size_from_hostfile(tmp_path):
+    hosts = str(write(tmp_path / "hosts", "a slots=4\nb slots=4\nc slots=2\n"))
+    assert world_size(make_cfg(tmp_path, hostfile=hosts), "cuda") == 10                # every host
+    assert world_size(make_cfg(tmp_path, hostfile=hosts, num_nodes=2), "cuda") == 8   # first two hosts
+    assert world_size(make_cfg(tmp_path, hostfile=hosts, num_nodes=3, num_gpus=2), "cuda") == 6  # capped
+    assert world_size(make_cfg(tmp_path, hostfile=hosts, num_nodes=2, num_gpus=1), "cuda") == 2
+    with pytest.raises(ConfigError, match=f"num_nodes is 4 but {hosts} lists 3 hosts"):
+        world_size(make_cfg(tmp_path, hostfile=hosts, num_nodes=4), "cuda")
+
+
+@pytest.mark.parametrize("num_nodes, num_gpus", [(1, None), (2, None), (3, None), (2, 2), (3, 1)])
+def test_world_size_matches_what_deepspeed_launches(tmp_path, num_nodes, num_gpus):
+    """The launcher's world size equals the ranks DeepSpeed's runner allocates for the same command."""
+    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, fetch_hostfile
+
+    hosts = str(write(tmp_path / "hosts", "a slots=4\nb slots=4\nc slots=2\n"))
+    cfg = make_cfg(tmp_path, hostfile=hosts, num_nodes=num_nodes, num_gpus=num_gpus)
+    args = ds_args(deepspeed_command(cfg, cfg.phases[0], Path("c.json"), "cuda"))
+    resources = apply_num_nodes_and_gpus(fetch_hostfile(args.hostfile), args.num_nodes, args.num_gpus)
+    # the runner keeps a slot count per host, or a list of slots once --num_gpus trimmed it
+    assert world_size(cfg, "cuda") == sum(s if isinstance(s, int) else len(s) for s in resources.values())
+
+
+# ---------------------------------------------------------------- port and failures
+
+def test_check_port_refuses_a_listening_port(tmp_path):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"master_port {port} is in use.*master_port={port + 1}"):
+            check_port(make_cfg(tmp_path, master_port=port))
+        # a node that does not host the rendezvous does not check
+        check_port(make_cfg(tmp_path, master_port=port, no_ssh=True, node_rank=1, num_nodes=2, master_addr="h"))
+
+
+def test_check_port_passes_on_a_free_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    check_port(make_cfg(tmp_path, master_port=port))
+    check_port(make_cfg(tmp_path, master_port=port))  # it releases the port it probed
+
+
+def test_failed_ranks_reads_only_recent_reports(tmp_path):
+    cfg = make_cfg(tmp_path)
+    assert failed_ranks(cfg, 0.0) == []  # no failures folder yet
+    folder = tmp_path / "run" / "failures"
+    folder.mkdir(parents=True)
+    since = time.time()
+    old = write(folder / "rank-00000.txt", "Traceback\nRuntimeError: from an earlier attempt\n")
+    os.utime(old, (since - 100, since - 100))
+    new = write(folder / "rank-00003.txt", "Traceback (most recent call last):\n  ...\nValueError: bad shard\n")
+    os.utime(new, (since + 1, since + 1))
+    empty = write(folder / "rank-00001.txt", "")
+    os.utime(empty, (since + 1, since + 1))
+    write(folder / "notes.txt", "not a rank report")
+    assert failed_ranks(cfg, since) == [
+        f"rank-00001: (no message)  [{empty}]",
+        f"rank-00003: ValueError: bad shard  [{new}]",
+    ]
+
+
+# ---------------------------------------------------------------- resume and plan
+
+def test_resume_source_auto(tmp_path):
+    cfg = make_cfg(tmp_path, num_gpus=2)
+    assert resume_source(cfg, "auto") is None
+    root = tmp_path / "run" / "checkpoints"
+    make_ckpt(root, 3, 0, False)
+    make_ckpt(root, 6, 0, True)
+    make_ckpt(root, 7, 1, False, complete=False)
+    assert resume_source(cfg, "auto").tag == "step00000006"
+
+
+def test_resume_source_never(tmp_path):
+    cfg = make_cfg(tmp_path, num_gpus=2)
+    root = tmp_path / "run" / "checkpoints"
+    make_ckpt(root, 3, 0, False, complete=False)
+    assert resume_source(cfg, "never") is None  # an incomplete directory is not a checkpoint
+    make_ckpt(root, 6, 0, True)
+    with pytest.raises(ConfigError, match=r"--resume never, but .*checkpoints already holds checkpoints "
+                                          r"\(latest step00000006\)"):
+        resume_source(cfg, "never")
+
+
+def test_resume_source_path(tmp_path):
+    cfg = make_cfg(tmp_path, num_gpus=2)
+    other = tmp_path / "other" / "checkpoints"
+    make_ckpt(other, 4, 0, False)
+    make_ckpt(other, 8, 1, False)
+    assert resume_source(cfg, str(other)).tag == "step00000008"
+    assert resume_source(cfg, str(other / "step00000004")).global_step == 4
+    with pytest.raises(ConfigError, match=f"--resume {tmp_path / 'empty'}: no complete checkpoint"):
+        resume_source(cfg, str(tmp_path / "empty"))
+    make_ckpt(other, 9, 1, False, complete=False)
+    with pytest.raises(ConfigError, match="incomplete"):
+        resume_source(cfg, str(other / "step00000009"))
+
+
+def test_plan_without_source(tmp_path):
+    cfg = make_cfg(tmp_path, num_gpus=2)
+    plans = plan(cfg)
+    assert [(p.index, p.phase.name, p.world_size, p.accumulation, p.complete) for p in plans] == [
+        (0, "phase1", 2, 2, False), (1, "phase2", 2, 2, False)]
+    config_path = str(tmp_path / "run" / "run_config.json")
+    for p in plans:
+        assert p.command[-4:] == ["--config", config_path, "--phase", p.phase.name]
+
+
+@pytest.mark.parametrize("phase_index, phase_complete, expected", [
+    (0, False, [False, False]),
+    (0, True, [True, False]),
+    (1, False, [True, False]),
+    (1, True, [True, True]),
+])
+def test_plan_marks_phases_complete_from_the_source(tmp_path, phase_index, phase_complete, expected):
+    cfg = make_cfg(tmp_path, num_gpus=2)
+    source = ckpt.resolve(make_ckpt(tmp_path / "elsewhere", 5, phase_index, phase_complete))
+    assert [p.complete for p in plan(cfg, source)] == expected
+
+
+def test_plan_marks_phases_complete_from_the_run_own_checkpoints(tmp_path):
+    cfg = make_cfg(tmp_path, num_gpus=2)
+    root = tmp_path / "run" / "checkpoints"
+    make_ckpt(root, 4, 0, True)
+    make_ckpt(root, 6, 1, True, complete=False)  # not finished writing: phase 2 still to do
+    assert [p.complete for p in plan(cfg)] == [True, False]
+
+
+def test_plan_rejects_a_batch_the_world_cannot_split(tmp_path):
+    cfg = make_cfg(tmp_path, num_gpus=3)
+    with pytest.raises(ConfigError, match="phase 'phase1': global_batch 16 is not divisible by micro_batch 4 x "
+                                          "world size 3 = 12"):
+        plan(cfg)
+
+
+# ---------------------------------------------------------------- preflight and dry run on real data
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return build_data(tmp_path_factory.mktemp("launcher_data"), n_docs=120)
+
+
+def real_cfg(built: dict[str, Path], tmp_path: Path, **phase1) -> RunConfig:
+    cfg = make_cfg(tmp_path, num_gpus=2)
+    cfg.model.tokenizer = str(built["tokenizer"])
+    cfg.phases[0].data, cfg.phases[1].data = str(built["d128"]), str(built["d512"])
+    for key, value in phase1.items():
+        setattr(cfg.phases[0], key, value)
+    return cfg
+
+
+def test_preflight_passes_on_matching_data(data, tmp_path):
+    preflight(real_cfg(data, tmp_path), 2)
+
+
+def test_preflight_seq_len_mismatch(data, tmp_path):
+    cfg = real_cfg(data, tmp_path, data=str(data["d512"]))
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, 2)
+    msg = str(info.value)
+    assert msg.startswith("the run cannot start:")
+    assert (f"phase 'phase1': shards in {data['d512']} were built with seq_len 512 but the phase trains at 128"
+            in msg)
+    assert "rebuild with --seq-len 128" in msg
+
+
+def test_preflight_shards_at_64_for_a_phase_at_128(shard_dir, tokenizer_dir, tmp_path):
+    cfg = make_cfg(tmp_path, num_gpus=2)
+    cfg.model.tokenizer = str(tokenizer_dir)
+    cfg.phases = [PhaseSection(name="phase1", seq_len=128, data=str(shard_dir), global_batch=16, micro_batch=4)]
+    with pytest.raises(ConfigError, match=f"shards in {shard_dir} were built with seq_len 64 but the phase "
+                                          f"trains at 128"):
+        preflight(cfg, 2)
+
+
+def test_preflight_tokenizer_mismatch(data, corpus_file, tmp_path):
+    other = train_tokenizer([corpus_file], vocab_size=150, out_dir=tmp_path / "other_tok", show_progress=False)
+    cfg = real_cfg(data, tmp_path)
+    cfg.model.tokenizer = str(other)
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, 2)
+    msg = str(info.value)
+    fingerprint = tokenizer_info(other).fingerprint
+    assert f"but the run uses tokenizer {fingerprint}" in msg
+    assert f"shards in {data['d128']}" in msg and f"shards in {data['d512']}" in msg  # both phases reported
+
+
+def test_preflight_batch_not_divisible_and_missing_data_reported_together(data, tmp_path):
+    cfg = real_cfg(data, tmp_path, global_batch=12)  # 12 % (4 x 2) != 0
+    cfg.phases[1].data = str(tmp_path / "no_such_shards")
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, 2)
+    msg = str(info.value)
+    assert "phase 'phase1': global_batch 12 is not divisible by micro_batch 4 x world size 2 = 8" in msg
+    assert "multiple of 8 (e.g. 8)" in msg
+    assert f"phase 'phase2': no index.json in {tmp_path / 'no_such_shards'}" in msg
+
+
+def test_preflight_missing_tokenizer(data, tmp_path):
+    cfg = real_cfg(data, tmp_path)
+    cfg.model.tokenizer = str(tmp_path / "no_tok")
+    with pytest.raises(ConfigError, match="model.tokenizer: no vocab.txt in"):
+        preflight(cfg, 2)
+
+
+def test_pretrain_dry_run_prints_every_phase_command(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, data, out=out)
+    result = pretrain(str(config), ["phases.phase2.steps=3"], dry_run=True)
+    assert result == out
+    printed = capsys.readouterr().out
+    commands = [line for line in printed.splitlines() if "--module bertscale.train" in line]
+    assert len(commands) == 2
+    assert commands[0].startswith("PYTHONUNBUFFERED=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=")
+    assert commands[0].endswith(f"--config {out / 'run_config.json'} --phase phase1")
+    assert commands[1].endswith("--phase phase2")
+    assert "--num_gpus 2" in commands[0] and "--resume-from" not in printed
+    assert ("# phase phase1: seq_len 128, 6 steps, world size 2, micro batch 4 x accumulation 2 = global batch 16"
+            in printed)
+    assert "# phase phase2: seq_len 512, 3 steps, world size 2, micro batch 2 x accumulation 2 = global batch 8" \
+        in printed
+    resolved = json.loads(printed.split("# resolved configuration\n", 1)[1].split("\n#", 1)[0])
+    assert resolved["phases"][1]["steps"] == 3 and resolved["model"]["tokenizer"] == str(data["tokenizer"])
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_pretrain_dry_run_with_explicit_resume(data, tmp_path, capsys):
+    source = make_ckpt(tmp_path / "old" / "checkpoints", 6, 0, True)
+    config = write_config(tmp_path, data, out=tmp_path / "run")
+    pretrain(str(config), dry_run=True, resume=str(source))
+    printed = capsys.readouterr().out
+    assert f"# resuming from {source} (global step 6)" in printed
+    assert "# phase phase1: " in printed and "(complete: skipped)" in printed.split("# phase phase2")[0]
+    phase2 = [line for line in printed.splitlines() if "--phase phase2" in line]
+    assert phase2 == [line for line in printed.splitlines() if "--resume-from" in line]
+    assert phase2[0].endswith(f"--phase phase2 --resume-from {source}")
+
+
+def test_pretrain_dry_run_refuses_bad_preflight(data, tmp_path, capsys):
+    config = write_config(tmp_path, data, out=tmp_path / "run")
+    with pytest.raises(ConfigError, match="seq_len 128 but the phase trains at 512"):
+        pretrain(str(config), [f"phases.phase2.data={data['d128']}"], dry_run=True)
+    assert "--module" not in capsys.readouterr().out
