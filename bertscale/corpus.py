@@ -27,8 +27,11 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
 _BINARY_PROBE_BYTES = 8192
 _MAX_LINE_WARNINGS = 5
 
-# Split after . ! ? when whitespace follows; after CJK full stops unconditionally.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
+# Split after . ! ? (and closing quotes/brackets) when whitespace follows; after CJK full stops
+# (。！？ and their closing quotes/brackets) unconditionally, since CJK text has no spaces.
+_SENTENCE_END = re.compile(
+    r"(?<=[.!?])[\"'”’)\]]*\s+|[。！？｡]+[”’」』）】》\"')]*"
+)
 
 
 @dataclass
@@ -54,8 +57,17 @@ class CorpusStats:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split a line into sentences, keeping end punctuation; drops empty pieces."""
-    return [s for s in (p.strip() for p in _SENTENCE_END.split(text)) if s]
+    """Split a line into sentences, keeping end punctuation (Latin . ! ?, CJK 。！？); drops empty pieces."""
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        piece = text[start : m.end()].strip()
+        if piece:
+            out.append(piece)
+        start = m.end()
+    tail = text[start:].strip()
+    if tail:
+        out.append(tail)
+    return out
 
 
 def _suffix_of(path: Path) -> str | None:
@@ -173,6 +185,19 @@ def _jsonl_documents(path: Path, stats: CorpusStats) -> Iterator[list[str]]:
             yield sentences
         else:
             stats.empty_documents += 1
+
+
+def file_documents(path: str | os.PathLike, stats: CorpusStats | None = None) -> Iterator[list[str]]:
+    """Stream the documents of one corpus file (binary files refused with their name)."""
+    path = Path(path)
+    stats = stats if stats is not None else CorpusStats()
+    _check_not_binary(path)
+    stats.files += 1
+    reader = _jsonl_documents if _suffix_of(path) in JSONL_SUFFIXES else _txt_documents
+    for doc in reader(path, stats):
+        stats.documents += 1
+        stats.sentences += len(doc)
+        yield doc
 
 
 def iter_documents(

@@ -1,23 +1,41 @@
 """Streaming pretraining batches from WebDataset shards, masked on the fly.
 
-Shard order per epoch comes from (seed, epoch) and is identical on every rank; rank r takes
-shards r, r + world_size, ...; each dataloader worker then takes every num_workers-th of those.
+Every epoch is planned up front from the manifest's sample counts, identically on every rank:
+
+* the shards are permuted from (seed, epoch) and concatenated into one virtual sample stream;
+* rank r takes a contiguous slice of that stream, split into the same number of batches on every
+  rank (``drop_last``: the tail of fewer than world_size x micro_batch samples waits for another
+  epoch, whose shard order differs); whatever the shard sizes, no sample is read twice;
+* the rank's batch j comes from (logical) worker j mod W, which reads its own contiguous slice;
+* each worker shuffles inside blocks of ``shuffle_buffer`` samples, seeded by the block's index.
+
+So a position is just "batches taken in this epoch": a resumed loader works out every worker's
+shard and sample offset, skips whole shards by their manifest counts, skips only the partial
+shard's leading samples, and re-reads at most one shuffle block. No WebDataset pipeline stage
+(node splitter, shard shuffle, ``with_epoch``, resampling) is involved, so none of their traps
+apply; each shard is read whole by ``shards.read_shard``, which checks every header and the
+sample count, so a damaged shard is known before any of its samples is used.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import random
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bertscale.masking import IGNORE_INDEX, mask_tokens
-from bertscale.shards import load_manifest, shard_paths
+from bertscale.masking import IGNORE_INDEX, Masker
+from bertscale.shards import CorruptShardError, ShardIndex, load_manifest, read_shard, shard_paths
 from bertscale.tokenizer import TokenizerInfo
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 2
 
 
 def decode_sample(raw: dict, dtype) -> tuple[int, np.ndarray, int, int]:
@@ -25,12 +43,18 @@ def decode_sample(raw: dict, dtype) -> tuple[int, np.ndarray, int, int]:
     try:
         sample_id = int(raw["__key__"])
         ids = np.frombuffer(raw["ids"], dtype=np.dtype(dtype).newbyteorder("<")).astype(np.int64)
-        return sample_id, ids, int(raw["alen"]), int(raw["nsp"])
+        a_len, nsp = int(raw["alen"]), int(raw["nsp"])
     except (KeyError, ValueError) as e:
         where = raw.get("__url__", "?")
         raise ValueError(
             f"malformed sample {raw.get('__key__')!r} in {where}: {e!r}; rebuild the shards with `bertscale shards`"
         ) from e
+    if not 0 < a_len < len(ids) or nsp not in (0, 1):
+        raise ValueError(f"malformed sample {raw['__key__']!r}: a_len {a_len}, nsp {nsp}, {len(ids)} tokens")
+    return sample_id, ids, a_len, nsp
+
+
+# --- batches ---------------------------------------------------------------------------------
 
 
 def collate(
@@ -45,108 +69,261 @@ def collate(
     Each item has ``input_ids`` and ``labels`` (int64 arrays), ``a_len``, ``nsp_label`` and
     ``sample_id``. The length is the longest item rounded up to pad_to_multiple, at most max_len.
     """
-    longest = max(len(it["input_ids"]) for it in items)
-    length = -(-longest // pad_to_multiple) * pad_to_multiple if pad_to_multiple > 1 else longest
-    if max_len is not None:
-        length = max(min(length, max_len), longest)
+    length = _padded_length(max(len(it["input_ids"]) for it in items), pad_to_multiple, max_len)
     b = len(items)
     input_ids = np.full((b, length), pad_id, dtype=np.int64)
     labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
-    token_type = np.zeros((b, length), dtype=np.int64)
-    attention = np.zeros((b, length), dtype=np.int64)
     for row, it in enumerate(items):
-        n = len(it["input_ids"])
-        input_ids[row, :n] = it["input_ids"]
-        labels[row, :n] = it["labels"]
-        token_type[row, it["a_len"] : n] = 1
-        attention[row, :n] = 1
+        input_ids[row, : len(it["input_ids"])] = it["input_ids"]
+        labels[row, : len(it["labels"])] = it["labels"]
+    lengths = np.array([len(it["input_ids"]) for it in items])
+    return _tensors(input_ids, labels, lengths, np.array([it["a_len"] for it in items]),
+                    [it["nsp_label"] for it in items], [it["sample_id"] for it in items], with_sample_ids)
+
+
+def _padded_length(longest: int, pad_to_multiple: int, max_len: int | None) -> int:
+    length = -(-longest // pad_to_multiple) * pad_to_multiple if pad_to_multiple > 1 else longest
+    if max_len is not None:
+        length = max(min(length, max_len), longest)
+    return length
+
+
+def _tensors(input_ids, labels, lengths, a_lens, nsp, sample_ids, with_sample_ids) -> dict[str, torch.Tensor]:
+    cols = np.arange(input_ids.shape[1])[None, :]
+    attention = (cols < lengths[:, None]).astype(np.int64)
+    token_type = ((cols >= a_lens[:, None]) & (cols < lengths[:, None])).astype(np.int64)
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "token_type_ids": torch.from_numpy(token_type),
         "attention_mask": torch.from_numpy(attention),
         "labels": torch.from_numpy(labels),
-        "next_sentence_label": torch.tensor([it["nsp_label"] for it in items], dtype=torch.long),
+        "next_sentence_label": torch.tensor(nsp, dtype=torch.long),
     }
     if with_sample_ids:
-        batch["sample_ids"] = torch.tensor([it["sample_id"] for it in items], dtype=torch.long)
+        batch["sample_ids"] = torch.tensor(sample_ids, dtype=torch.long)
     return batch
 
 
-class _Masker:
-    """Decodes and masks raw samples for one epoch (picklable, for worker processes)."""
+class _Masking:
+    """Turns samples into a masked, padded batch for one epoch (picklable, for worker processes)."""
 
-    def __init__(self, dtype: str, seed: int, epoch: int, tok: TokenizerInfo, mask_prob: float, max_predictions):
-        self.dtype, self.seed, self.epoch, self.tok = dtype, seed, epoch, tok
-        self.mask_prob, self.max_predictions = mask_prob, max_predictions
+    def __init__(self, seed: int, epoch: int, tok: TokenizerInfo, mask_prob: float, max_predictions: int | None,
+                 whole_word: bool, max_len: int, with_sample_ids: bool):
+        self.epoch, self.pad_id, self.max_len, self.with_sample_ids = epoch, tok.pad_id, max_len, with_sample_ids
+        self.masker = Masker(tok, seed=seed, epoch=epoch, mask_prob=mask_prob, max_predictions=max_predictions,
+                             whole_word=whole_word)
 
-    def __call__(self, raw: dict) -> dict:
-        sample_id, ids, a_len, nsp = decode_sample(raw, self.dtype)
-        inputs, labels = mask_tokens(
-            ids, seed=self.seed, epoch=self.epoch, sample_id=sample_id, vocab_size=self.tok.vocab_size,
-            mask_id=self.tok.mask_id, special_ids=self.tok.special_ids, mask_prob=self.mask_prob,
-            max_predictions=self.max_predictions,
+    def batch(self, samples: list[tuple[int, np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
+        lengths = np.array([len(s[1]) for s in samples])
+        width = _padded_length(int(lengths.max()), 8, self.max_len)
+        inputs = np.full((len(samples), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(samples), width), IGNORE_INDEX, dtype=np.int64)
+        for row, (sid, ids, _, _) in enumerate(samples):
+            inputs[row, : len(ids)], labels[row, : len(ids)] = self.masker(ids, sid)
+        return _tensors(inputs, labels, lengths, np.array([s[2] for s in samples]), [s[3] for s in samples],
+                        [s[0] for s in samples], self.with_sample_ids)
+
+
+# --- the epoch plan ---------------------------------------------------------------------------
+
+
+def epoch_order(num_shards: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's shard permutation, from (seed, epoch) only: identical on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(num_shards)
+
+
+@dataclass
+class WorkerPlan:
+    start: int
+    """First position of this worker's slice in the epoch's sample stream."""
+    batch_sizes: list[int]
+
+
+def plan_rank(total: int, *, rank: int, world_size: int, workers: int, micro_batch: int,
+              drop_last: bool) -> list[WorkerPlan]:
+    """Split an epoch of ``total`` samples: this rank's logical workers, each a contiguous slice.
+
+    Every rank gets the same number of batches. With drop_last every batch has micro_batch rows
+    and fewer than world_size x micro_batch samples are left for later epochs; without it every
+    sample is used once and batch sizes differ by at most one.
+    """
+    if drop_last:
+        batches = total // (world_size * micro_batch)
+        sizes = [micro_batch] * batches
+        rank_start = rank * batches * micro_batch
+    else:
+        batches = -(-total // (world_size * micro_batch))
+        per_rank = total // world_size + (rank < total % world_size)
+        rank_start = rank * (total // world_size) + min(rank, total % world_size)
+        sizes = [per_rank // batches + (j < per_rank % batches) for j in range(batches)] if batches else []
+    if batches == 0 or min(sizes) == 0:
+        raise ValueError(
+            f"an epoch of {total} samples cannot give each of {world_size} rank(s) a batch of {micro_batch}; "
+            "use a smaller micro batch, fewer ranks or more data"
         )
-        return {"input_ids": inputs, "labels": labels, "a_len": a_len, "nsp_label": nsp, "sample_id": sample_id}
+    plans, start = [], rank_start
+    for w in range(workers):
+        mine = sizes[w::workers]
+        plans.append(WorkerPlan(start=start, batch_sizes=mine))
+        start += sum(mine)
+    return plans
 
 
-def _read(urls: list[str]) -> Iterator[dict]:
-    return iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+@dataclass
+class _Epoch:
+    """One rank's plan for one epoch, shipped to the dataloader workers."""
+
+    urls: list[str]
+    counts: list[int]
+    order: list[int]
+    plans: list[WorkerPlan]
+    dtype: str
+    masking: _Masking
+    seed: int
+    rank: int
+    shuffle_buffer: int
+    strict: bool
+
+    @property
+    def shard_starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([self.counts[j] for j in self.order])])
+
+    def position(self, worker: int, batches_done: int) -> dict:
+        """Where a worker stands after ``batches_done`` of its batches: shard and sample offset."""
+        plan = self.plans[worker]
+        consumed = sum(plan.batch_sizes[:batches_done])
+        pos = plan.start + consumed
+        starts = self.shard_starts
+        k = min(int(np.searchsorted(starts, pos, side="right")) - 1, len(self.order) - 1)
+        return {"batches": batches_done, "samples": consumed,
+                "shard": Path(self.urls[self.order[k]]).name, "shard_offset": int(pos - starts[k])}
 
 
-def _buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir-style shuffle: fill a buffer, then emit a random element for each new one."""
-    buf: list[dict] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        k = rng.randrange(len(buf))
-        buf[k], item = item, buf[k]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
+class _WorkerStream:
+    """The samples and batches of one logical worker; corrupt shards are reported, not fatal."""
+
+    def __init__(self, ep: _Epoch, worker: int):
+        self.ep, self.worker = ep, worker
+        self.events: list[tuple[str, str]] = []
+
+    def _note(self, url: str, err: CorruptShardError) -> None:
+        if self.ep.strict:
+            raise CorruptShardError(f"{err} (strict mode; set data.strict_shards = false to skip damaged "
+                                    "shards with a warning)") from None
+        self.events.append((url, str(err)))
+
+    def _shard(self, k: int) -> ShardIndex | None:
+        """The k-th shard of the epoch, checked whole against its manifest count; None when damaged."""
+        url = self.ep.urls[self.ep.order[k]]
+        try:
+            return read_shard(url, self.ep.dtype, expect_samples=self.ep.counts[self.ep.order[k]])
+        except CorruptShardError as e:
+            self._note(url, e)
+            return None
+
+    @staticmethod
+    def _sample(shard: ShardIndex, i: int) -> tuple[int, np.ndarray, int, int]:
+        return int(shard.keys[i]), shard.ids(i), int(shard.alen[i]), int(shard.nsp[i])
+
+    def _slice(self, k: int, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray, int, int]]:
+        """Samples lo..hi-1 of the k-th shard of the epoch; a damaged shard's come from the filler."""
+        shard = self._shard(k)
+        if shard is not None:
+            for i in range(lo, hi):
+                yield self._sample(shard, i)
+        else:
+            yield from self._filler(k, lo, hi - lo)
+
+    def _filler(self, k: int, offset: int, count: int) -> Iterator[tuple[int, np.ndarray, int, int]]:
+        """Stand-ins for a damaged shard's samples: the next readable shards of the epoch, cycling.
+
+        They are repeats, but they keep every rank's batch count equal (no rank waits forever).
+        Which shards are damaged depends on the files only, so a resumed run fills identically.
+        """
+        n = len(self.ep.order)
+        position = 0
+        while True:
+            readable = False
+            for q in ((k + step) % n for step in range(1, n)):
+                shard = self._shard(q)
+                if shard is None:
+                    continue
+                readable = True
+                for i in range(max(0, offset - position), min(len(shard), offset + count - position)):
+                    yield self._sample(shard, i)
+                position += len(shard)
+                if position >= offset + count:
+                    return
+            if not readable:
+                raise RuntimeError(f"no readable shard is left to stand in for {self.ep.urls[self.ep.order[k]]}; "
+                                   "rebuild the shards")
+
+    def _samples(self, begin: int, end: int) -> Iterator[tuple[int, np.ndarray, int, int]]:
+        """Stream positions begin..end-1, skipping whole shards by their manifest counts."""
+        starts = self.ep.shard_starts
+        k = int(np.searchsorted(starts, begin, side="right")) - 1
+        pos = begin
+        while pos < end:
+            lo = pos - int(starts[k])
+            hi = min(int(starts[k + 1]), end) - int(starts[k])
+            yield from self._slice(k, lo, hi)
+            pos = int(starts[k]) + hi
+            k += 1
+
+    def batches(self, skip_batches: int) -> Iterator[dict]:
+        ep, plan = self.ep, self.ep.plans[self.worker]
+        sizes = plan.batch_sizes
+        length = sum(sizes)
+        done = sum(sizes[:skip_batches])
+        block = max(1, ep.shuffle_buffer)
+        first_block = done // block
+        source = self._samples(plan.start + first_block * block, plan.start + length)
+        pending: list = []
+        todo = iter(sizes[skip_batches:])
+        want = next(todo, None)
+        for b in range(first_block, -(-length // block)):
+            items = [next(source) for _ in range(min(block, length - b * block))]
+            if block > 1:
+                rng = np.random.default_rng([ep.seed, ep.masking.epoch, ep.rank, self.worker, b])
+                items = [items[i] for i in rng.permutation(len(items))]
+            if b == first_block:
+                items = items[done - b * block :]
+            pending.extend(items)
+            while want is not None and len(pending) >= want:
+                batch = ep.masking.batch(pending[:want])
+                del pending[:want]
+                if self.events:
+                    batch["_corrupt"] = self.events
+                    self.events = []
+                yield batch
+                want = next(todo, None)
+        assert want is None and not pending, "epoch plan and stream disagree"
 
 
-class _EpochStream(IterableDataset):
-    """One rank's batches for one epoch; splits its shards among dataloader workers."""
+class _EpochDataset(IterableDataset):
+    """A rank's epoch for torch's DataLoader; physical worker i serves logical worker (i + first) mod W."""
 
-    def __init__(self, urls, masker: _Masker, *, rank, seed, epoch, micro_batch, shuffle_buffer,
-                 pad_id, max_len, drop_last, with_sample_ids):
+    def __init__(self, ep: _Epoch, done: list[int], first: int):
         super().__init__()
-        self.urls, self.masker, self.rank, self.seed, self.epoch = urls, masker, rank, seed, epoch
-        self.micro_batch, self.shuffle_buffer, self.pad_id = micro_batch, shuffle_buffer, pad_id
-        self.max_len, self.drop_last, self.with_sample_ids = max_len, drop_last, with_sample_ids
+        self.ep, self.done, self.first = ep, done, first
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        urls = self.urls[worker::workers]
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        items = (self.masker(raw) for raw in _read(urls))
-        if self.shuffle_buffer > 1:
-            items = _buffer_shuffle(items, self.shuffle_buffer, rng)
-        batch: list[dict] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == self.micro_batch:
-                yield collate(batch, self.pad_id, max_len=self.max_len, with_sample_ids=self.with_sample_ids)
-                batch = []
-        if batch and not self.drop_last:
-            yield collate(batch, self.pad_id, max_len=self.max_len, with_sample_ids=self.with_sample_ids)
+        physical = info.id if info is not None else 0
+        logical = (physical + self.first) % len(self.ep.plans)
+        return _WorkerStream(self.ep, logical).batches(self.done[logical])
 
 
-def epoch_shards(urls: list[str], *, seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
-    """This rank's shards for an epoch: a (seed, epoch)-seeded permutation, dealt round-robin."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(urls))
-    return [urls[j] for k, j in enumerate(order) if k % world_size == rank]
+# --- the loader -----------------------------------------------------------------------------
 
 
 class PretrainingLoader:
     """Infinite iterator of masked micro batches for one rank; epochs follow each other forever.
 
-    ``drop_last`` drops each worker's incomplete final batch of an epoch so every batch has
-    ``micro_batch`` rows. ``state_dict()`` records (epoch, batches taken in it); after
-    ``load_state_dict`` the next iteration fast-forwards to the same position.
+    ``state_dict()`` records the epoch and the batches taken in it (plus, for people and checks,
+    every worker's shard and offset); ``load_state_dict`` makes the next iteration start exactly
+    there without reading the epoch from its start. ``corrupt_shards`` counts damaged shards
+    skipped so far (once per shard and epoch); ``strict_shards`` raises instead.
     """
 
     def __init__(
@@ -166,66 +343,120 @@ class PretrainingLoader:
         expect_seq_len: int | None = None,
         drop_last: bool = True,
         with_sample_ids: bool = False,
+        whole_word_masking: bool = False,
+        strict_shards: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.data_dir = str(data_dir)
         self.manifest = load_manifest(data_dir, expect_seq_len, tokenizer.fingerprint)
         self.urls = shard_paths(self.manifest, data_dir, split)
-        need = world_size * max(1, num_workers)
-        if len(self.urls) < need:
-            raise ValueError(
-                f"{data_dir} has {len(self.urls)} {split} shard(s) but {world_size} rank(s) x "
-                f"{max(1, num_workers)} worker(s) need at least {need}; rebuild with a smaller "
-                "--samples-per-shard or use fewer dataloader workers"
-            )
+        self.counts = [int(s["samples"]) for s in self.manifest["splits"][split]["shards"]]
+        if sum(self.counts) == 0:
+            raise ValueError(f"{data_dir} has no {split} samples; rebuild the shards with more text")
         self.split, self.micro_batch, self.rank, self.world_size = split, micro_batch, rank, world_size
         self.seed, self.tokenizer, self.mask_prob, self.max_predictions = seed, tokenizer, mask_prob, max_predictions
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.drop_last, self.with_sample_ids = drop_last, with_sample_ids
+        self.whole_word_masking, self.strict_shards = whole_word_masking, strict_shards
         self.seq_len = int(self.manifest["seq_len"])
         self.epoch = 0
         self.batches_in_epoch = 0
+        self.corrupt_shards = 0
+        self._counted: set[tuple[int, str]] = set()
+        plan_rank(sum(self.counts), rank=rank, world_size=world_size, workers=self.workers,
+                  micro_batch=micro_batch, drop_last=drop_last)  # fail now, not at the first batch
+
+    @property
+    def workers(self) -> int:
+        """Logical workers: the slices an epoch is cut into (1 when reading in-process)."""
+        return max(1, self.num_workers)
+
+    def _epoch(self, epoch: int) -> _Epoch:
+        masking = _Masking(self.seed, epoch, self.tokenizer, self.mask_prob, self.max_predictions,
+                           self.whole_word_masking, self.seq_len, self.with_sample_ids)
+        return _Epoch(
+            urls=self.urls, counts=self.counts,
+            order=epoch_order(len(self.urls), seed=self.seed, epoch=epoch).tolist(),
+            plans=plan_rank(sum(self.counts), rank=self.rank, world_size=self.world_size, workers=self.workers,
+                            micro_batch=self.micro_batch, drop_last=self.drop_last),
+            dtype=self.manifest["dtype"], masking=masking, seed=self.seed, rank=self.rank,
+            shuffle_buffer=self.shuffle_buffer, strict=self.strict_shards,
+        )
+
+    def batches_per_epoch(self) -> int:
+        """Batches every rank gets per epoch (the same on all ranks)."""
+        return sum(len(p.batch_sizes) for p in self._epoch(self.epoch).plans)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+        ep = self._epoch(self.epoch)
+        w = self.workers
+        done = [len(range(v, self.batches_in_epoch, w)) for v in range(w)]
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+            "world_size": self.world_size, "workers": w, "micro_batch": self.micro_batch,
+            "drop_last": self.drop_last, "corrupt_shards": self.corrupt_shards,
+            "positions": [ep.position(v, done[v]) for v in range(w)],
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        mismatched = [
+            f"{key} {state[key]} (now {now})"
+            for key, now in (("world_size", self.world_size), ("workers", self.workers),
+                             ("micro_batch", self.micro_batch), ("drop_last", self.drop_last))
+            if key in state and state[key] != now
+        ]
+        if mismatched:
+            raise ValueError(
+                "the saved data position was taken with " + ", ".join(mismatched) + "; an epoch is cut "
+                "differently under other settings, so resume with the same ranks, dataloader workers "
+                "(train.num_workers) and micro batch"
+            )
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.corrupt_shards = int(state.get("corrupt_shards", 0))
+
+    def _batches_from(self, epoch: int, skip: int) -> Iterator[dict]:
+        ep = self._epoch(epoch)
+        w = self.workers
+        done = [len(range(v, skip, w)) for v in range(w)]
+        first = skip % w
+        if self.num_workers == 0:
+            return _WorkerStream(ep, 0).batches(done[0])
+        return iter(DataLoader(_EpochDataset(ep, done, first), batch_size=None, num_workers=self.num_workers))
+
+    def _account(self, epoch: int, batch: dict) -> dict:
+        for shard, reason in batch.pop("_corrupt", ()):
+            if (epoch, shard) in self._counted:
+                continue
+            self._counted.add((epoch, shard))
+            self.corrupt_shards += 1
+            log.warning("skipped corrupt shard %s (%s); its missing samples are replaced by repeats from the "
+                        "next shards this epoch; set data.strict_shards = true to fail instead", shard, reason)
+        return batch
 
     def epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's batches of one epoch (finite)."""
-        masker = _Masker(self.manifest["dtype"], self.seed, epoch, self.tokenizer, self.mask_prob, self.max_predictions)
-        stream = _EpochStream(
-            epoch_shards(self.urls, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size),
-            masker, rank=self.rank, seed=self.seed, epoch=epoch, micro_batch=self.micro_batch,
-            shuffle_buffer=self.shuffle_buffer, pad_id=self.tokenizer.pad_id, max_len=self.seq_len,
-            drop_last=self.drop_last, with_sample_ids=self.with_sample_ids,
-        )
-        if self.num_workers == 0:
-            return iter(stream)
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
+        """This rank's batches of one epoch (finite), from its start."""
+        for batch in self._batches_from(epoch, 0):
+            yield self._account(epoch, batch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch, skip = self.epoch, self.batches_in_epoch
         while True:
-            self.epoch, self.batches_in_epoch = epoch, 0
-            produced = 0
-            for i, batch in enumerate(self.epoch_batches(epoch)):
-                produced += 1
-                if i < skip:
-                    continue
-                self.batches_in_epoch = i + 1
-                yield batch
-            if produced == 0:
-                raise ValueError(
-                    f"rank {self.rank} got no batch of {self.micro_batch} samples in epoch {epoch} from "
-                    f"{self.data_dir}; use a smaller micro batch or more data"
-                )
+            if skip >= self.batches_per_epoch_of(epoch):
+                epoch, skip = epoch + 1, 0
+            self.epoch, self.batches_in_epoch = epoch, skip
+            for batch in self._batches_from(epoch, skip):
+                self.batches_in_epoch += 1
+                yield self._account(epoch, batch)
             epoch, skip = epoch + 1, 0
+
+    def batches_per_epoch_of(self, epoch: int) -> int:
+        return sum(len(p.batch_sizes) for p in self._epoch(epoch).plans)
 
 
 def eval_batches(
@@ -238,20 +469,24 @@ def eval_batches(
     max_batches: int | None = None,
     mask_prob: float = 0.15,
     max_predictions: int | None = None,
+    whole_word_masking: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Finite, deterministic batches of a split in manifest order with epoch-0 masks."""
     manifest = load_manifest(data_dir, expect_fingerprint=tokenizer.fingerprint)
     urls = shard_paths(manifest, data_dir, split)
-    masker = _Masker(manifest["dtype"], seed, 0, tokenizer, mask_prob, max_predictions)
-    batch: list[dict] = []
+    masking = _Masking(seed, 0, tokenizer, mask_prob, max_predictions, whole_word_masking,
+                       int(manifest["seq_len"]), False)
+    batch: list = []
     produced = 0
-    for raw in _read(urls) if urls else ():
-        if max_batches is not None and produced >= max_batches:
-            return
-        batch.append(masker(raw))
-        if len(batch) == batch_size:
-            yield collate(batch, tokenizer.pad_id, max_len=manifest["seq_len"])
-            produced += 1
-            batch = []
+    for url, entry in zip(urls, manifest["splits"][split]["shards"]):
+        shard = read_shard(url, manifest["dtype"], expect_samples=int(entry["samples"]))
+        for i in range(len(shard)):
+            if max_batches is not None and produced >= max_batches:
+                return
+            batch.append(_WorkerStream._sample(shard, i))
+            if len(batch) == batch_size:
+                yield masking.batch(batch)
+                produced += 1
+                batch = []
     if batch and (max_batches is None or produced < max_batches):
-        yield collate(batch, tokenizer.pad_id, max_len=manifest["seq_len"])
+        yield masking.batch(batch)

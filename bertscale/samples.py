@@ -15,6 +15,8 @@ IS_NEXT = 0
 """B really follows A (Hugging Face's ``next_sentence_label`` convention)."""
 IS_RANDOM = 1
 """B was taken from another document."""
+IN_ORDER, SWAPPED = 0, 1
+"""Sentence-order prediction labels (ALBERT): A and B in their order in the text, or swapped."""
 MIN_SEQ_LEN = 5
 
 
@@ -81,18 +83,26 @@ def build_samples(
     cls_id: int,
     sep_id: int,
     short_seq_prob: float = 0.1,
+    sentence_order: bool = False,
 ) -> Iterator[Sample]:
     """Yield sentence-pair samples of at most seq_len tokens from tokenized documents.
 
     ``documents`` holds lists of sentences (id arrays without specials); random B segments are
     drawn from the other documents of this pool. With a single document in the pool every
     sample is a real continuation; a lone one-sentence chunk is then split inside the sentence.
+    A sentence longer than half the token budget is first cut into pieces that fit, so that no
+    text is lost to truncation. With ``sentence_order`` B always follows A in the text and half
+    of the pairs are swapped (label ``SWAPPED``) instead of taking a random B.
     """
     if seq_len < MIN_SEQ_LEN:
         raise ValueError(f"seq_len {seq_len} is too short for [CLS] A [SEP] B [SEP]; use >= {MIN_SEQ_LEN}")
     max_tokens = seq_len - 3
-    docs = [[np.asarray(s) for s in doc if len(s) > 0] for doc in documents]
+    docs = [split_long_sentences([np.asarray(s) for s in doc if len(s) > 0], max(1, max_tokens // 2))
+            for doc in documents]
     docs = [d for d in docs if d]
+    if sentence_order:
+        yield from _sop_samples(docs, max_tokens, rng, cls_id, sep_id, short_seq_prob)
+        return
     for doc_index, doc in enumerate(docs):
         chunk: list[np.ndarray] = []
         length = 0
@@ -130,3 +140,45 @@ def _target_length(max_tokens: int, short_seq_prob: float, rng: np.random.Genera
     if rng.random() < short_seq_prob:
         return int(rng.integers(2, max_tokens + 1))
     return max_tokens
+
+
+def split_long_sentences(sentences: list[np.ndarray], limit: int) -> list[np.ndarray]:
+    """Cut every sentence longer than limit into consecutive, nearly equal pieces of at most limit."""
+    out: list[np.ndarray] = []
+    for s in sentences:
+        if len(s) <= limit:
+            out.append(s)
+        else:
+            out.extend(np.array_split(s, -(-len(s) // limit)))
+    return out
+
+
+def _sop_samples(docs: list[list[np.ndarray]], max_tokens: int, rng: np.random.Generator, cls_id: int,
+                 sep_id: int, short_seq_prob: float) -> Iterator[Sample]:
+    for doc in docs:
+        chunk: list[np.ndarray] = []
+        length = 0
+        target = _target_length(max_tokens, short_seq_prob, rng)
+        for i, sentence in enumerate(doc):
+            chunk.append(sentence)
+            length += len(sentence)
+            if i == len(doc) - 1 or length >= target:
+                if len(chunk) >= 2:
+                    a_end = int(rng.integers(1, len(chunk)))
+                    a, b = np.concatenate(chunk[:a_end]), np.concatenate(chunk[a_end:])
+                else:
+                    a = chunk[0]
+                    if len(a) < 2:
+                        a = None
+                    else:
+                        cut = int(rng.integers(1, len(a)))
+                        a, b = a[:cut], a[cut:]
+                if a is not None:
+                    drop_a, drop_b = truncation_counts(len(a), len(b), max_tokens)
+                    a, b = _drop(a, drop_a, rng), _drop(b, drop_b, rng)
+                    label = SWAPPED if rng.random() < 0.5 else IN_ORDER
+                    if label == SWAPPED:
+                        a, b = b, a
+                    yield _pack(a, b, label, cls_id, sep_id)
+                chunk, length = [], 0
+                target = _target_length(max_tokens, short_seq_prob, rng)

@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -124,6 +126,15 @@ class TokenizerInfo:
     lowercase: bool
     fingerprint: str
     """sha256 prefix of vocab.txt and the lowercase flag; shards record it."""
+    continuation_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    """Ids of ``##`` word pieces (whole-word masking keeps them with the piece before)."""
+
+    @property
+    def continuation(self) -> np.ndarray:
+        """A bool per vocabulary id: True for ``##`` continuation pieces."""
+        out = np.zeros(self.vocab_size, dtype=bool)
+        out[list(self.continuation_ids)] = True
+        return out
 
     @property
     def special_ids(self) -> tuple[int, ...]:
@@ -157,6 +168,7 @@ def tokenizer_info(dir: str | os.PathLike) -> TokenizerInfo:
         mask_id=ids["[MASK]"],
         lowercase=lowercase,
         fingerprint=digest[:16],
+        continuation_ids=tuple(i for i, t in enumerate(tokens) if t.startswith("##") and len(t) > 2),
     )
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertscale.loader import PretrainingLoader, collate, decode_sample, epoch_shards, eval_batches
+from bertscale.loader import PretrainingLoader, collate, decode_sample, epoch_order, eval_batches
 from bertscale.masking import IGNORE_INDEX, mask_tokens
 from bertscale.shards import load_manifest
 from bertscale.tokenizer import tokenizer_info
@@ -101,11 +101,10 @@ def test_two_ranks_cover_an_epoch(shard_dir, info):
         seen.append(ids)
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(total))
-    # same shard order on every rank, derived from (seed, epoch)
-    urls = [f"s{i}" for i in range(10)]
-    parts = [epoch_shards(urls, seed=3, epoch=1, rank=r, world_size=3) for r in range(3)]
-    assert sorted(sum(parts, [])) == sorted(urls)
-    assert parts[0] != epoch_shards(urls, seed=3, epoch=2, rank=0, world_size=3)
+    # the shard order comes from (seed, epoch) only, so every rank computes the same one
+    assert epoch_order(10, seed=3, epoch=1).tolist() == epoch_order(10, seed=3, epoch=1).tolist()
+    assert sorted(epoch_order(10, seed=3, epoch=1)) == list(range(10))
+    assert epoch_order(10, seed=3, epoch=1).tolist() != epoch_order(10, seed=3, epoch=2).tolist()
 
 
 def test_workers_cover_an_epoch_and_drop_last(shard_dir, info):
@@ -147,10 +146,13 @@ def test_resume_from_state_dict(shard_dir, info):
         assert all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_shard_count_error(shard_dir, info):
-    n = len(load_manifest(shard_dir)["splits"]["valid"]["shards"])
-    with pytest.raises(ValueError, match="smaller --samples-per-shard"):
-        make_loader(shard_dir, info, split="valid", world_size=n + 1)
+def test_more_ranks_than_shards_and_too_little_data(shard_dir, info):
+    valid = load_manifest(shard_dir)["splits"]["valid"]
+    # ranks need not own whole shards: more ranks than shards still works
+    ld = make_loader(shard_dir, info, split="valid", world_size=len(valid["shards"]) + 1, micro_batch=2)
+    assert next(iter(ld))["input_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match="cannot give each of"):
+        make_loader(shard_dir, info, split="valid", world_size=valid["samples"] + 1, micro_batch=1)
     with pytest.raises(ValueError, match="seq_len 64"):
         make_loader(shard_dir, info, expect_seq_len=128)
 

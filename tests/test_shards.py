@@ -42,7 +42,7 @@ def test_manifest_and_shard_contents(shard_dir, tokenizer_dir):
                 assert ids.max() < 200
                 keys.append(key)
                 tokens += len(ids)
-        assert sorted(keys) == [f"{i:09d}" for i in range(entry["samples"])]
+        assert sorted(keys) == [f"{0:06d}{i:010d}" for i in range(entry["samples"])]  # file 0, sample i
         assert tokens == entry["tokens"]
     assert not list(shard_dir.rglob("*.tmp"))
     assert m["splits"]["valid"]["samples"] < m["splits"]["train"]["samples"] / 5
@@ -51,7 +51,7 @@ def test_manifest_and_shard_contents(shard_dir, tokenizer_dir):
 def test_samples_decode_to_corpus_text(shard_dir, tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     m = load_manifest(shard_dir)
-    s = read_tar(shard_paths(m, shard_dir, "train")[0])["000000000"]
+    s = read_tar(shard_paths(m, shard_dir, "train")[0])["0000000000000000"]
     ids = np.frombuffer(s["ids"], dtype="<u2").tolist()
     text = tok.decode(ids[1 : int(s["alen"]) - 1])
     assert len(text.split()) >= 1 and "[" not in text
@@ -65,7 +65,7 @@ def test_deterministic_and_seed_dependent(corpus_file, tokenizer_dir, tmp_path):
     assert a["splits"] == b["splits"]
     for sh in a["splits"]["train"]["shards"]:
         assert (tmp_path / "a" / sh["name"]).read_bytes() == (tmp_path / "b" / sh["name"]).read_bytes()
-    assert (tmp_path / "a/train/shard-000000.tar").read_bytes() != (tmp_path / "c/train/shard-000000.tar").read_bytes()
+    assert (tmp_path / "a/train/shard-000000-000000.tar").read_bytes() != (tmp_path / "c/train/shard-000000-000000.tar").read_bytes()
 
 
 def test_validation_split_by_document():
@@ -94,7 +94,7 @@ def test_load_manifest_errors(shard_dir, tmp_path):
     (broken / "train").mkdir(parents=True)
     m = json.loads((shard_dir / "index.json").read_text())
     (broken / "index.json").write_text(json.dumps(m))
-    with pytest.raises(FileNotFoundError, match="shard-000000.tar"):
+    with pytest.raises(FileNotFoundError, match="shard-000000-000000.tar"):
         load_manifest(broken)
     with pytest.raises(ValueError, match="no split 'test'"):
         shard_paths(m, shard_dir, "test")

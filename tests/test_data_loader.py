@@ -1,0 +1,208 @@
+"""The streaming loader on hand-made shards of uneven sizes: exactly once, equal batches, resume, damage."""
+
+import itertools
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from bertscale.loader import PretrainingLoader, eval_batches, plan_rank
+from bertscale.masking import IGNORE_INDEX
+from bertscale.tokenizer import TokenizerInfo
+
+SIZES = [1, 37, 5, 60, 13, 22, 9, 3, 41, 17]  # deliberately uneven
+SEQ = 32
+INFO = TokenizerInfo(vocab_size=300, pad_id=0, unk_id=1, cls_id=2, sep_id=3, mask_id=4, lowercase=True,
+                     fingerprint="f" * 16, continuation_ids=tuple(range(200, 300)))
+
+
+def write_shards(root, sizes, seed=0):
+    """A shard directory in build_shards' format, sample ids 0..N-1 spread over shards of `sizes`."""
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    entries, sid = [], 0
+    for k, n in enumerate(sizes):
+        name = f"train/shard-{k:06d}.tar"
+        with open(root / name, "wb") as f:
+            w = wds.TarWriter(f, encoder=False, mtime=0)
+            for _ in range(n):
+                length = int(rng.integers(8, SEQ + 1))
+                ids = rng.integers(5, 300, size=length).astype("<u2")
+                a_len = int(rng.integers(3, length - 1))
+                ids[0], ids[a_len - 1], ids[-1] = 2, 3, 3
+                w.write({"__key__": f"{sid:09d}", "ids": ids.tobytes(), "alen": str(a_len).encode(),
+                         "nsp": str(sid % 2).encode()})
+                sid += 1
+            w.close()
+        entries.append({"name": name, "samples": n, "bytes": (root / name).stat().st_size})
+    manifest = {"format": "bertscale-shards-v1", "seq_len": SEQ, "dtype": "uint16", "tokenizer_fingerprint": "f" * 16,
+                "vocab_size": 300, "splits": {"train": {"shards": entries, "samples": sid, "tokens": 0},
+                                               "valid": {"shards": entries[:2], "samples": sum(sizes[:2]),
+                                                         "tokens": 0}}}
+    (root / "index.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("uneven"), SIZES)
+
+
+def loader(d, **kw):
+    args = dict(micro_batch=4, rank=0, world_size=1, seed=5, tokenizer=INFO, shuffle_buffer=16,
+                with_sample_ids=True)
+    args.update(kw)
+    return PretrainingLoader(d, **args)
+
+
+def one_epoch(ld):
+    """(sample ids, number of batches) of the loader's epoch 0."""
+    ids, n = [], 0
+    for batch in ld.epoch_batches(0):
+        ids.extend(batch["sample_ids"].tolist())
+        n += 1
+    return ids, n
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (3, 0), (2, 2), (4, 0)])
+def test_exactly_once_with_equal_batches_per_rank(uneven, world, workers):
+    total = sum(SIZES)
+    for drop_last in (False, True):
+        seen, counts = [], set()
+        for rank in range(world):
+            ids, n = one_epoch(loader(uneven, rank=rank, world_size=world, num_workers=workers, drop_last=drop_last))
+            seen.extend(ids)
+            counts.add(n)
+        assert len(counts) == 1, f"ranks got different batch counts {counts}"
+        assert len(seen) == len(set(seen)), "a sample was delivered twice"
+        if drop_last:
+            assert total - world * 4 < len(seen) <= total and len(seen) % (world * 4) == 0
+        else:
+            assert sorted(seen) == list(range(total))
+
+
+def test_plan_is_independent_of_workers_and_epochs_reshuffle(uneven):
+    # `with_epoch`-style per-worker counting would change the batch count with the worker count
+    assert one_epoch(loader(uneven, num_workers=2))[1] == one_epoch(loader(uneven))[1] == sum(SIZES) // 4
+    sizes = plan_rank(10, rank=1, world_size=3, workers=2, micro_batch=2, drop_last=False)
+    assert sum(sum(p.batch_sizes) for p in sizes) == 10 // 3
+    ld = loader(uneven, drop_last=False)
+    first = [b["sample_ids"].tolist() for b in ld.epoch_batches(0)]
+    second = [b["sample_ids"].tolist() for b in ld.epoch_batches(1)]
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) and first != second
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (1, 2), (2, 2)])
+def test_resume_matches_uninterrupted(uneven, world, workers):
+    for rank in range(world):
+        per_epoch = loader(uneven, rank=rank, world_size=world, num_workers=workers).batches_per_epoch()
+        for stop in (3, per_epoch - 1, per_epoch + 2):  # mid-shard, end of epoch, into the next epoch
+            ref = loader(uneven, rank=rank, world_size=world, num_workers=workers)
+            it = iter(ref)
+            for _ in range(stop):
+                next(it)
+            state = json.loads(json.dumps(ref.state_dict()))  # it must survive a JSON checkpoint
+            expected = [next(it) for _ in range(5)]
+            resumed = loader(uneven, rank=rank, world_size=world, num_workers=workers)
+            resumed.load_state_dict(state)
+            got = list(itertools.islice(resumed, 5))
+            assert all(same(x, y) for x, y in zip(expected, got)), (rank, stop)
+            assert resumed.epoch == ref.epoch and resumed.batches_in_epoch == ref.batches_in_epoch
+
+
+def test_resume_seeks_instead_of_replaying(uneven, monkeypatch):
+    import bertscale.loader as mod
+
+    ref = loader(uneven, shuffle_buffer=1)
+    it = iter(ref)
+    for _ in range(ref.batches_per_epoch() - 2):
+        next(it)
+    state = ref.state_dict()
+    pos = state["positions"][0]
+    assert pos["shard"].startswith("shard-") and pos["samples"] == 4 * state["batches_in_epoch"]
+    reads = []
+    real = mod.read_shard
+    monkeypatch.setattr(mod, "read_shard", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    resumed = loader(uneven, shuffle_buffer=1)
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    assert 1 <= len(reads) <= 2, f"resume read {len(reads)} shards of {len(SIZES)}"
+    with pytest.raises(ValueError, match="same ranks, dataloader workers"):
+        loader(uneven, rank=0, world_size=2).load_state_dict(state)
+
+
+def test_corrupt_shard_is_skipped_with_warning_and_counted(tmp_path, caplog):
+    d = write_shards(tmp_path / "d", SIZES)
+    victim = d / "train/shard-000003.tar"
+    victim.write_bytes(victim.read_bytes()[:3000])  # truncated mid-member
+    healthy = one_epoch(loader(write_shards(tmp_path / "ok", SIZES)))[1]
+    for workers in (0, 2):
+        ld = loader(d, num_workers=workers)
+        with caplog.at_level(logging.WARNING):
+            ids, n = one_epoch(ld)
+        assert n == healthy, "a damaged shard must not shorten the epoch"
+        assert ld.corrupt_shards == 1
+        assert not set(range(43, 103)) & set(ids)  # none of the victim's samples; stand-ins instead
+    assert any("shard-000003.tar" in r.getMessage() for r in caplog.records)
+    with pytest.raises(Exception, match="shard-000003.tar"):
+        one_epoch(loader(d, strict_shards=True))
+
+
+def test_sample_with_missing_field_counts_as_damage(tmp_path):
+    # webdataset's warn_and_continue would hand such a sample on; we refuse the shard
+    d = write_shards(tmp_path / "d", [6, 6, 6])
+    with open(d / "train/shard-000001.tar", "wb") as f:
+        w = wds.TarWriter(f, encoder=False, mtime=0)
+        for sid in range(6, 12):
+            sample = {"__key__": f"{sid:09d}", "ids": np.array([2, 9, 3, 9, 3], "<u2").tobytes(), "alen": b"3"}
+            if sid != 8:
+                sample["nsp"] = b"0"
+            w.write(sample)
+        w.close()
+    ld = loader(d, micro_batch=3)
+    ids, n = one_epoch(ld)
+    assert n == 6 and ld.corrupt_shards == 1 and not set(range(6, 12)) & set(ids)
+
+
+def test_webdataset_node_splitter_trap_does_not_apply(uneven, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    urls = [str(uneven / "train" / f"shard-{k:06d}.tar") for k in range(len(SIZES))]
+    with pytest.raises(ValueError):  # the default node splitter refuses world size > 1
+        next(iter(wds.WebDataset(urls, shardshuffle=False)))
+    assert one_epoch(loader(uneven, rank=1, world_size=2))[1] > 0
+
+
+def test_deterministic_across_runs_and_workers_and_masked(uneven):
+    a = list(itertools.islice(loader(uneven, num_workers=2), 8))
+    b = list(itertools.islice(loader(uneven, num_workers=2), 8))
+    assert all(same(x, y) for x, y in zip(a, b))
+    for batch in a:
+        assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= SEQ
+        t = batch["labels"] != IGNORE_INDEX
+        assert t.sum(1).ge(1).all() and not (batch["attention_mask"].eq(0) & t).any()
+
+
+def test_whole_word_masking_through_the_loader(uneven):
+    for batch in itertools.islice(loader(uneven, whole_word_masking=True), 10):
+        ids = batch["labels"].where(batch["labels"] != IGNORE_INDEX, batch["input_ids"])
+        target = batch["labels"] != IGNORE_INDEX
+        cont = (ids >= 200) & batch["attention_mask"].bool()
+        # a continuation piece is a target exactly when the piece before it is
+        prev = torch.zeros_like(target)
+        prev[:, 1:] = target[:, :-1]
+        prev_cand = torch.zeros_like(target)
+        prev_cand[:, 1:] = (ids[:, :-1] > 4)
+        assert (target[cont & prev_cand] == prev[cont & prev_cand]).all()
+
+
+def test_eval_batches_on_uneven_shards(uneven):
+    batches = list(eval_batches(uneven, batch_size=5, seed=1, tokenizer=INFO))
+    assert sum(len(b["input_ids"]) for b in batches) == SIZES[0] + SIZES[1]
