@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bertscale.model import BertConfig, BertForPreTraining
+from bertscale.model import BertConfig, BertForPreTraining, PerfOptions
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,6 +30,27 @@ TIED_KEYS: dict[str, str] = {
     "cls.predictions.decoder.bias": "cls.predictions.bias",
 }
 """Tied key -> the key that owns the tensor. Tied keys are optional in a checkpoint and never written."""
+
+VOCAB_KEYS = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias",
+              "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+"""Keys whose first dimension is the vocabulary; a model built with ``pad_vocab_multiple`` has extra rows."""
+
+MAX_VOCAB_PADDING = 1024
+"""Most extra vocabulary rows a checkpoint may carry (``PerfOptions.pad_vocab_multiple`` padding)."""
+
+
+def resize_vocab_rows(state_dict: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every vocabulary tensor cut or zero-padded to ``rows`` rows (others shared)."""
+    out = dict(state_dict)
+    for key in VOCAB_KEYS:
+        t = out.get(key)
+        if t is None or t.shape[0] == rows:
+            continue
+        if t.shape[0] > rows:
+            out[key] = t[:rows]
+        else:
+            out[key] = torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+    return out
 
 
 def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
@@ -70,6 +91,9 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: BertConfig) ->
             hint = " (this looks like a headless BertModel checkpoint: keys lack the 'bert.' prefix and the heads)"
         problems.append(f"unexpected keys: {', '.join(unexpected)}{hint}")
     for key, shape in expected.items():
+        got_shape = tuple(state_dict[key].shape) if key in state_dict else shape
+        if key in VOCAB_KEYS and got_shape[1:] == shape[1:] and 0 <= got_shape[0] - shape[0] <= MAX_VOCAB_PADDING:
+            continue  # vocabulary padding (pad_vocab_multiple): stripped on export
         if key in state_dict and tuple(state_dict[key].shape) != shape:
             got = ",".join(map(str, state_dict[key].shape))
             problems.append(
@@ -103,9 +127,12 @@ def save_hf(
     out_dir: str | os.PathLike,
     tokenizer_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Write a ``transformers``-loadable BertForPreTraining directory; returns its path."""
+    """Write a ``transformers``-loadable BertForPreTraining directory; returns its path.
+
+    Vocabulary padding rows (a model built with ``pad_vocab_multiple``) are stripped."""
     check_state_dict(state_dict, config)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _untie(state_dict).items()}
+    hf_state = resize_vocab_rows(_untie(state_dict), config.vocab_size)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hf_state.items()}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,16 +177,22 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_into(model: BertForPreTraining, state_dict: dict[str, torch.Tensor]) -> None:
-    """Strict load into ``model``: every non-tied key must be present with the right shape; ties are kept."""
+    """Strict load into ``model``: every non-tied key must be present with the right shape; ties are kept.
+
+    Vocabulary rows are adapted to the model's: padding rows are dropped or added (as zeros), so
+    padded and unpadded checkpoints load into padded and unpadded models alike."""
     check_state_dict(state_dict, model.config)
-    result = model.load_state_dict(_untie(state_dict), strict=False)
+    rows = model.bert.embeddings.word_embeddings.num_embeddings
+    result = model.load_state_dict(resize_vocab_rows(_untie(state_dict), rows), strict=False)
     leftover = [k for k in result.missing_keys if k not in TIED_KEYS]
     assert not leftover and not result.unexpected_keys, (leftover, result.unexpected_keys)
     model.tie_weights()
 
 
-def load_hf(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> BertForPreTraining:
-    """Read a Hugging Face BERT directory (ours or ``transformers``') into our ``BertForPreTraining``."""
+def load_hf(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+            perf: PerfOptions | None = None) -> BertForPreTraining:
+    """Read a Hugging Face BERT directory (ours or ``transformers``') into our ``BertForPreTraining``
+    (built with ``perf``, e.g. a padded vocabulary)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"model directory {d} does not exist")
@@ -172,7 +205,7 @@ def load_hf(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     config = BertConfig.from_hf_dict(hf)
     state = _read_safetensors(d)
     # BertModel / BertForMaskedLM checkpoints lack heads; name what is missing rather than guess.
-    model = BertForPreTraining(config)
+    model = BertForPreTraining(config, perf)
     try:
         load_state_dict_into(model, state)
     except ValueError as e:

@@ -7,7 +7,8 @@ nothing of data, tokenizers or distribution.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -121,6 +122,104 @@ class BertConfig:
         return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class PerfOptions:
+    """How the model runs, never what it computes: none of these changes the parameter names, and each
+    is checked against the plain path in tests/test_perf_levers.py. Not part of ``config.json``."""
+
+    fused_qkv: bool = True
+    """One [d, 3d] projection for query, key and value (weights concatenated per call; the three
+    Hugging Face parameters stay)."""
+    fast_dropout: bool = True
+    """On CPU, draw dropout masks from 16-bit integers (p is rounded to 1/65536) instead of torch's
+    Bernoulli sampler, and run attention as matmul-softmax-dropout-matmul while training, since SDPA's
+    CPU path with dropout is its slow reference kernel. GPU always uses torch's dropout and SDPA."""
+    skip_full_mask: bool = True
+    """Drop an attention_mask with no padding so SDPA takes its mask-free kernel (one host sync)."""
+    pad_vocab_multiple: int = 1
+    """Pad the word embedding / MLM decoder rows to a multiple of this (64 for tensor cores). The extra
+    rows start at zero, get no gradient, are sliced off the logits and are stripped on export."""
+    sparse_last_layer: bool = True
+    """With labels, run the last layer past attention only on masked positions and [CLS] (the only
+    rows the heads read); keys and values still come from every position."""
+    compile: bool = False
+    """torch.compile each encoder layer (fuses bias-GELU, dropout-residual-LayerNorm)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward: less memory, about a third more compute."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pad_vocab_multiple, int) or self.pad_vocab_multiple < 1:
+            raise ValueError(f"pad_vocab_multiple must be a positive integer (1: no padding, 64 for tensor "
+                             f"cores), got {self.pad_vocab_multiple!r}")
+
+    @classmethod
+    def plain(cls) -> PerfOptions:
+        """Every lever off: the reference path the levers are tested against."""
+        return cls(fused_qkv=False, fast_dropout=False, skip_full_mask=False, sparse_last_layer=False)
+
+    @classmethod
+    def for_device(cls, device_type: str) -> PerfOptions:
+        """What pays where it was measured (tools/README.md): tensor-core vocab padding on GPU."""
+        return cls(pad_vocab_multiple=64) if device_type == "cuda" else cls()
+
+    def with_overrides(self, items: list[str]) -> PerfOptions:
+        """Apply ``field=value`` strings (bench command line)."""
+        kinds = {f.name: f.type for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, _, value = item.partition("=")
+            if key not in kinds:
+                raise ValueError(f"unknown PerfOptions field {key!r}; choose from {', '.join(kinds)}")
+            changes[key] = int(value) if kinds[key] == "int" else value.lower() in ("1", "true", "yes", "on")
+        return replace(self, **changes)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple``."""
+    return int(math.ceil(vocab_size / multiple) * multiple) if multiple > 1 else vocab_size
+
+
+class _FastDropout(torch.autograd.Function):
+    """Inverted dropout with the keep mask drawn from 16-bit random integers.
+
+    torch's CPU dropout samples a Bernoulli per element; filling int64 words from the generator and
+    reading them as four int16 lanes is several times cheaper. Uses (and advances) torch's default
+    generator, so seeding and RNG-state checkpoints work as for nn.Dropout.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+        lanes = words.view(torch.int16)[:n].view(x.shape)
+        keep = lanes >= round(p * 65536) - 32768  # P(drop) = round(p * 65536) / 65536
+        scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x * scale, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0.0), None
+
+
+def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of ``x`` with drop probability ``p`` (see ``_FastDropout``)."""
+    return _FastDropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that uses ``fast_dropout`` on CPU while training when ``fast`` is set."""
+
+    fast = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and self.training and self.p > 0 and x.device.type == "cpu":
+            return fast_dropout(x, self.p)
+        return super().forward(x)
+
+
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
     "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
@@ -164,13 +263,13 @@ class PretrainingOutput:
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, vocab_rows: int):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.word_embeddings = nn.Embedding(vocab_rows, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids.shape[1]
@@ -189,20 +288,33 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.fused_qkv = False
+        self.fast_dropout = False
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
+        if self.fused_qkv:
+            # One GEMM of width 3d instead of three of width d; the parameters stay Hugging Face's.
+            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            bias3 = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+            q, k, v = F.linear(x, w, bias3).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+                       for proj in (self.query, self.key, self.value))
         bias = None
         if keep is not None:
             # Additive mask in the query dtype (not boolean): a row with no real key then
             # attends uniformly instead of producing NaN, like Hugging Face.
             bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~keep, torch.finfo(q.dtype).min)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
-        )
+        p = self.dropout_p if self.training else 0.0
+        if p > 0 and self.fast_dropout and x.device.type == "cpu":
+            scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), k.transpose(-1, -2))
+            if bias is not None:
+                scores = scores + bias
+            out = torch.matmul(fast_dropout(torch.softmax(scores, dim=-1), p), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         return out.transpose(1, 2).reshape(b, s, d)
 
 
@@ -211,7 +323,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
@@ -223,8 +335,11 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, keep), x)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.self(x, keep)
+        if rows is not None:  # keep only these flat positions from here on (keys and values saw all)
+            h, x = h.flatten(0, 1).index_select(0, rows), x.flatten(0, 1).index_select(0, rows)
+        return self.output(h, x)
 
 
 class BertIntermediate(nn.Module):
@@ -242,7 +357,7 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
@@ -255,8 +370,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        a = self.attention(x, keep)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attention(x, keep, rows)
         return self.output(self.intermediate(a), a)
 
 
@@ -266,12 +381,15 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layer:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows``: flat positions the last layer computes past attention (all when None)."""
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            args = (x, keep) if rows is None or i < last else (x, keep, rows)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, keep, use_reentrant=False)
+                x = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, keep)
+                x = layer(*args)
         return x
 
 
@@ -280,17 +398,19 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(x[:, 0]))
+    def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """[B, d] hidden states of the first ([CLS]) position -> [B, d]."""
+        return torch.tanh(self.dense(cls_hidden))
 
 
 class BertModel(nn.Module):
     """The encoder: embeddings, transformer layers and the [CLS] pooler."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, vocab_rows: int | None = None):
         super().__init__()
         self.config = config
-        self.embeddings = BertEmbeddings(config)
+        self.skip_full_mask = False
+        self.embeddings = BertEmbeddings(config, vocab_rows or config.vocab_size)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
 
@@ -299,8 +419,14 @@ class BertModel(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (sequence_output [B,S,d], pooled_output [B,d])."""
+        """Return (sequence_output [B,S,d], pooled_output [B,d]).
+
+        With ``output_rows`` (bool [B,S]) the last layer's output projection and feed-forward run only
+        on those positions and on each first position (the pooler's), and sequence_output is
+        [n, d]: the rows of ``output_rows | first position``, in row-major order.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}")
         seq_len = input_ids.shape[1]
@@ -312,10 +438,19 @@ class BertModel(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is not None and self.skip_full_mask and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: let SDPA run without a mask
         # [B,1,1,S]: broadcast over heads and query positions, never materialised per head.
         keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        h = self.encoder(self.embeddings(input_ids, token_type_ids), keep)
-        return h, self.pooler(h)
+        x = self.embeddings(input_ids, token_type_ids)
+        if output_rows is None:
+            h = self.encoder(x, keep)
+            return h, self.pooler(h[:, 0])
+        selected = output_rows.clone()
+        selected[:, 0] = True
+        h = self.encoder(x, keep, selected.flatten().nonzero().squeeze(1))
+        counts = selected.sum(dim=1)
+        return h, self.pooler(h.index_select(0, counts.cumsum(0) - counts))
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -330,34 +465,70 @@ class BertPredictionHeadTransform(nn.Module):
 
 
 class BertLMPredictionHead(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, vocab_rows: int):
         super().__init__()
+        self.vocab_size = config.vocab_size
         self.transform = BertPredictionHeadTransform(config)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(vocab_rows))
+        self.decoder = nn.Linear(config.hidden_size, vocab_rows)
         self.decoder.bias = self.bias  # one parameter under two names, as in Hugging Face
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(x))
+        logits = self.decoder(self.transform(x))
+        # Padded vocabulary rows are not tokens: drop their logits so the softmax is the plain one.
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
 
 
 class BertPreTrainingHeads(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, vocab_rows: int):
         super().__init__()
-        self.predictions = BertLMPredictionHead(config)
+        self.predictions = BertLMPredictionHead(config, vocab_rows)
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
 class BertForPreTraining(nn.Module):
-    """BERT with the masked-LM and next-sentence heads; the MLM decoder is tied to the word embeddings."""
+    """BERT with the masked-LM and next-sentence heads; the MLM decoder is tied to the word embeddings.
 
-    def __init__(self, config: BertConfig):
+    ``perf`` chooses how it runs (see ``PerfOptions``); the default is the fast CPU path with
+    Hugging Face shapes. Only ``pad_vocab_multiple`` changes a shape (vocabulary rows), and
+    ``bertscale.hf_format`` strips or adds those rows on the way out and in.
+    """
+
+    def __init__(self, config: BertConfig, perf: PerfOptions | None = None):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config)
-        self.cls = BertPreTrainingHeads(config)
+        perf = perf or PerfOptions()
+        vocab_rows = padded_vocab_size(config.vocab_size, perf.pad_vocab_multiple)
+        self.bert = BertModel(config, vocab_rows)
+        self.cls = BertPreTrainingHeads(config, vocab_rows)
         self.apply(self._init_weights)
         self.tie_weights()
+        if vocab_rows > config.vocab_size:
+            with torch.no_grad():  # padded rows stay zero: no input uses them and their logits are dropped
+                self.bert.embeddings.word_embeddings.weight[config.vocab_size:].zero_()
+        self.perf = PerfOptions()
+        self.set_perf_options(perf)
+
+    def set_perf_options(self, perf: PerfOptions) -> None:
+        """Switch the runtime levers (all but the vocabulary padding, fixed at construction)."""
+        rows = self.bert.embeddings.word_embeddings.num_embeddings
+        if padded_vocab_size(self.config.vocab_size, perf.pad_vocab_multiple) != rows:
+            raise ValueError(f"this model has {rows} vocabulary rows; pad_vocab_multiple "
+                             f"{perf.pad_vocab_multiple} is fixed when the model is built")
+        for module in self.modules():
+            if isinstance(module, Dropout):
+                module.fast = perf.fast_dropout
+            elif isinstance(module, BertSelfAttention):
+                module.fused_qkv, module.fast_dropout = perf.fused_qkv, perf.fast_dropout
+        self.bert.skip_full_mask = perf.skip_full_mask
+        self.set_gradient_checkpointing(perf.gradient_checkpointing)
+        if perf.compile != self.perf.compile:
+            for layer in self.bert.encoder.layer:
+                if perf.compile:
+                    layer.compile(dynamic=False)
+                else:
+                    layer._compiled_call_impl = None  # what nn.Module.compile set
+        self.perf = perf
 
     def tie_weights(self) -> None:
         """Make the MLM decoder use the word embedding matrix (the same Parameter object)."""
@@ -400,23 +571,31 @@ class BertForPreTraining(nn.Module):
         ``attention_mask`` is 1 for real tokens and 0 for padding; pass None for unpadded
         batches so SDPA may pick its mask-free (flash) kernel on GPU.
         """
-        seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
-        nsp_logits = self.cls.seq_relationship(pooled)
-
         prediction_logits = mlm_loss = mlm_correct = mlm_count = None
         if labels is None:
+            seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
             prediction_logits = self.cls.predictions(seq)
         else:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {list(labels.shape)} must equal input_ids shape {list(input_ids.shape)}")
             masked = labels != IGNORE_INDEX
+            if self.perf.sparse_last_layer:
+                # Only masked positions and [CLS] feed the heads, so the last layer stops there too.
+                seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, output_rows=masked)
+                selected = masked.clone()
+                selected[:, 0] = True
+                head_in = seq[masked[selected]]
+            else:
+                seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+                head_in = seq[masked]
             # Gather before the transform: the head's cost scales with ~15% of positions, not all.
             targets = labels[masked]
-            logits = self.cls.predictions(seq[masked]).float()
+            logits = self.cls.predictions(head_in).float()
             mlm_count = masked.sum()
             mlm_loss = F.cross_entropy(logits, targets, reduction="sum") / mlm_count.clamp(min=1)
             mlm_correct = (logits.argmax(dim=-1) == targets).sum()
 
+        nsp_logits = self.cls.seq_relationship(pooled)
         nsp_loss = nsp_correct = nsp_count = None
         if next_sentence_label is not None:
             nsp_targets = next_sentence_label.view(-1)

@@ -1,0 +1,313 @@
+"""Time one full training step of our BERT against Hugging Face's, on the same batch, in the same run.
+
+    python tools/bench_step.py --preset mini                       # CPU, fp32, 2 threads
+    python tools/bench_step.py --preset base --precision bf16
+    python tools/bench_step.py --preset large --seq-len 512 --precision bf16 --json   # on a GPU
+
+A step is forward, backward and ``torch.optim.AdamW(foreach=True)`` for both sides, so the
+comparison is between models; our LAMB's own step time is reported on its own line. Steps
+alternate ours / peer after warm-up and every iteration also times a large matrix product in the
+same precision, so a noisy machine slows all three alike; figures are medians.
+
+Precision: ``fp32`` runs both in float32. ``bf16`` runs the peer under ``torch.autocast`` (fp32
+weights) and ours the way DeepSpeed trains in bf16: the module cast to bfloat16 (DeepSpeed's fp32
+master weights and their optimizer live outside the timed module; here AdamW updates the bf16
+parameters directly).
+
+Model FLOPs per sequence are ``bertscale.metrics.pretraining_flops`` with m = masked positions for
+ours (the head runs on those only) and m = s for the peer (its head runs on every position).
+Measured figures and the commands that produced them are in tools/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bertscale.hf_format import resize_vocab_rows  # noqa: E402
+from bertscale.lamb import Lamb  # noqa: E402
+from bertscale.masking import mask_tokens  # noqa: E402
+from bertscale.metrics import device_peak_tflops, pretraining_flops  # noqa: E402
+from bertscale.model import BertForPreTraining, PerfOptions, preset_config  # noqa: E402
+
+VOCAB = 30522
+PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103  # bert-base-uncased's special ids
+
+DEFAULT_BATCH = {  # (device type, preset, seq_len) -> micro batch
+    ("cpu", "mini", 128): 32, ("cpu", "base", 128): 8, ("cpu", "base", 512): 2, ("cpu", "large", 128): 4,
+    ("cuda", "base", 128): 128, ("cuda", "base", 512): 32, ("cuda", "large", 128): 128, ("cuda", "large", 512): 32,
+    ("cuda", "mini", 128): 256,
+}
+
+
+def make_batch(batch: int, seq_len: int, vocab: int = VOCAB, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Full-length ``[CLS] A [SEP] B [SEP]`` samples of random tokens, masked by ``mask_tokens`` (15%)."""
+    rng = np.random.default_rng(seed)
+    rows = {k: [] for k in ("input_ids", "token_type_ids", "labels")}
+    for i in range(batch):
+        n_a = int(rng.integers(8, seq_len - 11))
+        n_b = seq_len - 3 - n_a
+        ids = np.concatenate([[CLS], rng.integers(999, vocab, n_a), [SEP], rng.integers(999, vocab, n_b), [SEP]])
+        inputs, labels = mask_tokens(ids, seed=seed, epoch=0, sample_id=i, vocab_size=vocab, mask_id=MASK,
+                                     special_ids=[PAD, UNK, CLS, SEP, MASK], mask_prob=0.15)
+        rows["input_ids"].append(inputs)
+        rows["labels"].append(labels)
+        rows["token_type_ids"].append(np.r_[np.zeros(n_a + 2, np.int64), np.ones(n_b + 1, np.int64)])
+    out = {k: torch.from_numpy(np.stack(v)) for k, v in rows.items()}
+    out["attention_mask"] = torch.ones_like(out["input_ids"])  # as the loader delivers full-length rows
+    out["next_sentence_label"] = torch.from_numpy(rng.integers(0, 2, batch))
+    return out
+
+
+def build_peer(ours: BertForPreTraining, attn: str = "sdpa"):
+    """``transformers.BertForPreTraining`` with the same config and the same starting weights."""
+    import transformers
+
+    hf_cfg = {k: v for k, v in ours.config.to_hf_dict().items() if k not in ("architectures", "model_type",
+                                                                             "torch_dtype", "dtype")}
+    peer = transformers.BertForPreTraining(transformers.BertConfig(**hf_cfg, attn_implementation=attn))
+    state = resize_vocab_rows(ours.state_dict(), ours.config.vocab_size)  # drop any vocabulary padding
+    peer.load_state_dict(state, strict=True)
+    peer.tie_weights()
+    return peer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(model, opt, batch, autocast: torch.dtype | None, hf: bool):
+    args = dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                attention_mask=batch["attention_mask"], labels=batch["labels"],
+                next_sentence_label=batch["next_sentence_label"])
+    device_type = batch["input_ids"].device.type
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+            loss = model(**args).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def matmul_tflops(n: int, dtype: torch.dtype, device: torch.device):
+    """A closure timing one n x n x n product; returns its TFLOP/s."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def run() -> float:
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        _sync(device)
+        return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+    reps = 20 if device.type == "cuda" else 1
+    run()
+    return run
+
+
+def timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def saved_activation_bytes(step_fn) -> int:
+    """Bytes autograd keeps for backward during one step (distinct storages): the activation memory."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step_fn()
+    return sum(seen.values())
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    params = {id(p): p for p in model.parameters()}.values()
+    n = sum(p.numel() * p.element_size() * 2 for p in params)  # weights + grads
+    n += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return n
+
+
+def bench(preset: str = "mini", seq_len: int = 128, batch: int | None = None, precision: str = "fp32",
+          threads: int | None = 2, iters: int = 10, warmup: int = 3, device: str | None = None,
+          perf: PerfOptions | None = None, peer: bool = True, lamb: bool = True, matmul_n: int | None = None,
+          seed: int = 0) -> dict:
+    """Run the benchmark and return the figures (what ``--json`` prints)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    batch = batch or DEFAULT_BATCH.get((dev.type, preset, seq_len), 8)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    perf = perf or PerfOptions.for_device(dev.type)
+    torch.manual_seed(seed)
+    config = preset_config(preset, VOCAB, max_position_embeddings=max(512, seq_len))
+    ours = BertForPreTraining(config, perf).to(dev).train()
+    peer_model = build_peer(ours).to(dev).train() if peer else None
+    if dtype != torch.float32:
+        ours = ours.to(dtype)  # DeepSpeed bf16: the module itself runs in bf16
+    data = {k: v.to(dev) for k, v in make_batch(batch, seq_len, VOCAB, seed).items()}
+    masked_per_seq = float((data["labels"] != -100).sum()) / batch
+    tokens = batch * seq_len
+
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, foreach=True)
+    step_ours = make_step(ours, opt_ours, data, None, hf=False)
+    steps = {"ours": step_ours}
+    if peer_model is not None:
+        opt_peer = torch.optim.AdamW(peer_model.parameters(), lr=1e-5, foreach=True)
+        steps["peer"] = make_step(peer_model, opt_peer, data, dtype if dtype != torch.float32 else None, hf=True)
+    mm = matmul_tflops(matmul_n or (8192 if dev.type == "cuda" else 2048), dtype, dev)
+
+    losses, t_compile = {}, {}
+    for name, fn in steps.items():
+        t0 = time.perf_counter()
+        losses[name] = float(fn())  # first step: same weights, same batch on both sides
+        t_compile[name] = time.perf_counter() - t0  # includes torch.compile's work when enabled
+        for _ in range(warmup - 1):
+            fn()
+    times = {name: [] for name in steps}
+    rates = []
+    for _ in range(iters):
+        for name, fn in steps.items():
+            times[name].append(timed(fn, dev))
+        rates.append(mm())
+
+    out: dict = {"device": _device_name(dev), "precision": precision, "threads": torch.get_num_threads(),
+                 "config": {"preset": preset, "seq_len": seq_len, "batch": batch, "layers": config.num_hidden_layers,
+                            "hidden": config.hidden_size, "vocab": config.vocab_size,
+                            "masked_per_seq": masked_per_seq, "iters": iters, "perf": asdict(perf)}}
+    flops = {"ours": batch * pretraining_flops(config.num_hidden_layers, config.hidden_size, config.vocab_size,
+                                               seq_len, masked_per_seq),
+             "peer": batch * pretraining_flops(config.num_hidden_layers, config.hidden_size, config.vocab_size,
+                                               seq_len, seq_len)}
+    mm_rate = statistics.median(rates)
+    out["matmul_tflops"] = mm_rate
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[f"{name}_step_ms"] = med * 1e3
+        out[f"{name}_tokens_per_s"] = tokens / med
+        out[f"{name}_tflops"] = flops[name] / med / 1e12
+        out[f"{name}_first_step_s"] = t_compile[name]
+        out[f"{name}_first_loss"] = losses[name]
+    out["ours_model_flops_per_step"] = flops["ours"]
+    out["ours_vs_matmul"] = out["ours_tflops"] / mm_rate
+    if "peer" in times:
+        out["ratio"] = out["ours_tokens_per_s"] / out["peer_tokens_per_s"]
+        # per-iteration ratios are robust to load that drifts over the run
+        out["ratio_median_paired"] = statistics.median(p / o for o, p in zip(times["ours"], times["peer"]))
+    peak = device_peak_tflops() if dev.type == "cuda" else None
+    if peak:
+        out["ours_mfu"] = out["ours_tflops"] / peak
+        out["peak_tflops"] = peak
+
+    if lamb:
+        params = [p for p in ours.parameters() if p.grad is not None]
+        lamb_opt = Lamb(params, lr=1e-5)
+        lamb_opt.step()
+        out["lamb_step_ms"] = 1e3 * statistics.median(timed(lamb_opt.step, dev) for _ in range(5))
+        out["adamw_step_ms"] = 1e3 * statistics.median(timed(opt_ours.step, dev) for _ in range(5))
+
+    out.update(_memory(dev, ours, opt_ours, step_ours, "ours"))
+    if peer_model is not None:
+        out.update(_memory(dev, peer_model, opt_peer, steps["peer"], "peer"))
+    out["host_max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return out
+
+
+def _memory(dev: torch.device, model, opt, step_fn, name: str) -> dict:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step_fn()
+        torch.cuda.synchronize()
+        return {f"{name}_peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+    # CPU has no allocator statistics: weights + grads + optimizer state + what autograd saves.
+    act = saved_activation_bytes(step_fn)
+    return {f"{name}_activations_gib": act / 2 ** 30,
+            f"{name}_peak_mem_gib": (act + state_bytes(model, opt)) / 2 ** 30}
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def format_report(r: dict) -> str:
+    c = r["config"]
+    lines = [f"{c['preset']} L={c['layers']} d={c['hidden']} s={c['seq_len']} batch={c['batch']} "
+             f"{r['precision']} on {r['device']}; {c['masked_per_seq']:.1f} masked/seq; perf {c['perf']}",
+             f"  ours: {r['ours_step_ms']:8.1f} ms/step {r['ours_tokens_per_s']:9.0f} tok/s "
+             f"{r['ours_tflops']:.3f} TFLOP/s ({100 * r['ours_vs_matmul']:.0f}% of matmul), "
+             f"first step {r['ours_first_step_s']:.1f} s, peak mem {r['ours_peak_mem_gib']:.2f} GiB"]
+    if "peer_step_ms" in r:
+        lines.append(f"  peer: {r['peer_step_ms']:8.1f} ms/step {r['peer_tokens_per_s']:9.0f} tok/s "
+                     f"{r['peer_tflops']:.3f} TFLOP/s (its full head), peak mem {r['peer_peak_mem_gib']:.2f} GiB")
+        lines.append(f"  ratio ours/peer: {r['ratio']:.2f}x (paired median {r['ratio_median_paired']:.2f}x); "
+                     f"first-step losses {r['ours_first_loss']:.4f} / {r['peer_first_loss']:.4f}")
+    lines.append(f"  matmul reference: {r['matmul_tflops']:.3f} TFLOP/s")
+    if "ours_mfu" in r:
+        lines.append(f"  MFU: {100 * r['ours_mfu']:.1f}% of {r['peak_tflops']:.0f} TFLOP/s dense bf16")
+    if "lamb_step_ms" in r:
+        lines.append(f"  optimizer alone: LAMB {r['lamb_step_ms']:.1f} ms, AdamW {r['adamw_step_ms']:.1f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="mini", choices=["mini", "base", "large"])
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=None, help="default: per device and preset")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (0: leave torch's default)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-peer", action="store_true", help="time ours only (e.g. to compare levers)")
+    p.add_argument("--no-lamb", action="store_true")
+    p.add_argument("--matmul-n", type=int, default=None, help="size of the reference matrix product")
+    p.add_argument("--perf", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a PerfOptions field for ours, e.g. --perf compile=true --perf fast_dropout=false")
+    p.add_argument("--plain", action="store_true", help="ours with every lever off except the masked-only head")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    a = p.parse_args(argv)
+    dev_type = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    perf = PerfOptions.plain() if a.plain else PerfOptions.for_device(dev_type)
+    perf = perf.with_overrides(a.perf)
+    r = bench(a.preset, a.seq_len, a.batch, a.precision, a.threads or None, a.iters, a.warmup, a.device,
+              perf, peer=not a.no_peer, lamb=not a.no_lamb, matmul_n=a.matmul_n)
+    print(format_report(r))
+    if a.json:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
