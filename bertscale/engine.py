@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bertscale.config import ConfigError, OptimizerSection, PhaseSection, accumulation_steps
-from bertscale.lamb import Lamb
+from bertscale.lamb import FlatLayout, Lamb
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +91,36 @@ def build_ds_config(base_path: str | os.PathLike, phase: PhaseSection, world_siz
         raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage})")
     if base.get("fp16", {}).get("enabled") and base.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{path}: enable fp16 or bf16, not both")
-    cfg = dict(base)
+    unsafe = [f"{table}.{key}" for table, key in (("bf16", "check_grad_overflow"), ("zero_optimization",
+              "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")) if base.get(table, {}).get(key) is False]
+    if unsafe:
+        raise ConfigError(f"{path} sets {unsafe} to false; ZeRO's overflow check is how a non-finite gradient on "
+                          f"any rank skips the step on every rank: remove them from the JSON")
+    scaling = [k for k in _LOSS_SCALE_KEYS.values() if k in base.get("fp16", {})]
+    if scaling:
+        raise ConfigError(f"{path} sets fp16 {scaling}; dynamic loss scaling comes from the run config's "
+                          f"[optimizer] loss_scale_* keys: remove them from the JSON")
+    cfg = json.loads(json.dumps(base))  # deep copy: the fp16 table is filled in below
     cfg["train_micro_batch_size_per_gpu"] = phase.micro_batch
     cfg["gradient_accumulation_steps"] = accumulation_steps(phase, world_size)
     cfg["train_batch_size"] = phase.global_batch
     cfg["gradient_clipping"] = optimizer.grad_clip
     cfg.setdefault("steps_per_print", 10 ** 9)  # our metrics module does the logging
     cfg.setdefault("wall_clock_breakdown", False)
-    if accelerator == "cuda" and optimizer.name == "lamb":
-        # DeepSpeed's fused CUDA LAMB; the learning rate is set by us every step.
-        cfg["optimizer"] = {"type": "Lamb", "params": {
-            "lr": phase.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
-            "weight_decay": optimizer.weight_decay, "bias_correction": optimizer.bias_correction}}
-    else:
-        cfg["zero_allow_untested_optimizer"] = True
+    if cfg.get("fp16", {}).get("enabled"):
+        cfg["fp16"]["loss_scale"] = 0  # dynamic
+        for ours, theirs in _LOSS_SCALE_KEYS.items():
+            cfg["fp16"][theirs] = getattr(optimizer, ours)
+    # Our optimizers are passed to DeepSpeed as client optimizers on every accelerator. DeepSpeed's
+    # fused CUDA LAMB is not used: under ZeRO it would see flat partitions and compute its trust
+    # ratios per partition (the result would depend on the number of ranks); ours is told the layout.
+    cfg["zero_allow_untested_optimizer"] = True
     return cfg
+
+
+# fp16 dynamic loss scaling: OptimizerSection field -> DeepSpeed "fp16" key
+_LOSS_SCALE_KEYS = {"loss_scale_initial_power": "initial_scale_power", "loss_scale_window": "loss_scale_window",
+                    "loss_scale_hysteresis": "hysteresis", "loss_scale_min": "min_loss_scale"}
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -122,6 +137,71 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _segments(offsets: list[int], numels: list[int], tensor_ids: list[int], lo: int, hi: int,
+              ) -> tuple[tuple[int, int, int], ...]:
+    """Where tensors laid out at ``offsets`` in a flat buffer meet the window [lo, hi), relative to lo."""
+    found = []
+    for offset, numel, tensor in zip(offsets, numels, tensor_ids):
+        start, end = max(offset, lo), min(offset + numel, hi)
+        if start < end:
+            found.append((start - lo, end - lo, tensor))
+    return tuple(found)
+
+
+def zero_layouts(zero_optimizer) -> tuple[dict[torch.Tensor, FlatLayout], object]:
+    """For each flat fp32 partition DeepSpeed hands the base optimizer: which slices of which original
+    parameters (numbered by their place in the parameter group) it holds; and the data-parallel group.
+
+    Read from DeepSpeed's own bookkeeping, so LAMB can compute trust ratios per original tensor.
+    Raises for a ZeRO optimizer whose layout we do not know rather than run a wrong LAMB.
+    """
+    import deepspeed.comm as ds_dist
+
+    layouts: dict[torch.Tensor, FlatLayout] = {}
+    name = type(zero_optimizer).__name__
+    if hasattr(zero_optimizer, "round_robin_bit16_offsets"):  # ZeRO stages 1 and 2
+        for i, group in enumerate(zero_optimizer.bit16_groups):
+            number = {id(p): k for k, p in enumerate(group)}
+            ordered = zero_optimizer.round_robin_bit16_groups[i]
+            size = int(zero_optimizer.partition_size[i])
+            lo = ds_dist.get_rank(group=zero_optimizer.real_dp_process_group[i]) * size
+            segments = _segments(zero_optimizer.round_robin_bit16_offsets[i],
+                                 [m.numel() for m in zero_optimizer.round_robin_bit16_meta[i]],
+                                 [number[id(p)] for p in ordered], lo, lo + size)
+            # DeepSpeed's own view of the same partition (its first tensor may start mid-way)
+            assert [t for _, _, t in segments] == [number[id(p)] for p in zero_optimizer.params_in_partition[i]]
+            layouts[zero_optimizer.single_partition_of_fp32_groups[i]] = FlatLayout(segments, len(group))
+        return layouts, zero_optimizer.real_dp_process_group[0]
+    if hasattr(zero_optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer (bf16 ZeRO-1, fp32 accumulation)
+        for i, group in enumerate(zero_optimizer.bf16_groups):
+            numels = [p.numel() for p in group]
+            offsets = [sum(numels[:k]) for k in range(len(numels))]
+            flat = zero_optimizer.fp32_groups_flat_partition[i]
+            size = flat.numel()
+            lo = ds_dist.get_rank(group=zero_optimizer.real_dp_process_group[i]) * size
+            layouts[flat] = FlatLayout(_segments(offsets, numels, list(range(len(group))), lo, lo + size), len(group))
+        return layouts, zero_optimizer.real_dp_process_group[0]
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO stage 3: every tensor split over ranks
+        for i, sub_group in enumerate(zero_optimizer.fp16_groups):
+            rank = ds_dist.get_rank(group=zero_optimizer.sub_group_process_groups[i])
+            offsets, numels, offset = [], [], 0
+            for p in sub_group:
+                part = p.partition_numel()
+                offsets.append(offset)
+                numels.append(max(0, min(part, p.ds_numel - rank * part)))  # the last rank holds padding
+                offset += part
+            flat = zero_optimizer.fp32_partitioned_groups_flat[i]
+            if flat.numel() != offset:
+                raise RuntimeError(f"ZeRO-3 sub-group {i}: flat partition has {flat.numel()} elements, "
+                                   f"its parameters' partitions {offset}; cannot map LAMB's trust ratios")
+            layouts[flat] = FlatLayout(_segments(offsets, numels, list(range(len(sub_group))), 0, offset),
+                                       len(sub_group))
+        return layouts, zero_optimizer.dp_process_group
+    raise RuntimeError(f"LAMB under ZeRO needs the parameter layout of DeepSpeed's {name}, which bertscale "
+                       f"does not know; use optimizer.name = 'adamw' or a ds_configs/zero*.json that DeepSpeed "
+                       f"serves with its ZeRO optimizer")
+
+
 class Engine:
     """A DeepSpeed ZeRO engine around one model, with the optimizer the config names."""
 
@@ -135,7 +215,8 @@ class Engine:
             if optimizer.name == "lamb":
                 client_optimizer = Lamb(groups, lr=lr, betas=tuple(optimizer.betas), eps=optimizer.eps,
                                         weight_decay=optimizer.weight_decay,
-                                        bias_correction=optimizer.bias_correction)
+                                        bias_correction=optimizer.bias_correction,
+                                        max_trust_ratio=optimizer.max_trust_ratio)
             else:
                 client_optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(optimizer.betas),
                                                      eps=optimizer.eps, weight_decay=optimizer.weight_decay,
@@ -146,6 +227,16 @@ class Engine:
             model_parameters=None if client_optimizer is not None else groups,
             config=ds_config)
         self.device = self.engine.device
+        if isinstance(client_optimizer, Lamb):
+            # ZeRO hands LAMB flat partitions: give it the original tensors' layout and the sum over ranks
+            layouts, dp_group = zero_layouts(self.engine.optimizer)
+            client_optimizer.shard(layouts, reduce=lambda t: _all_reduce_in(t, dp_group))
+        self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.device)  # this step, this rank
+        # fp16: DeepSpeed's dynamic scaler raises a bare Exception on an overflow at the minimum scale; we
+        # keep skipping at the floor instead, and train.max_bad_steps stops the run with a clear message.
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if hasattr(scaler, "raise_error_at_min_scale"):
+            scaler.raise_error_at_min_scale = False
 
     @property
     def module(self) -> torch.nn.Module:
@@ -162,15 +253,44 @@ class Engine:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_micro_batch(self, batch: dict[str, torch.Tensor]):
-        """Forward and backward of one micro batch; the optimizer steps at the accumulation boundary."""
+    def train_micro_batch(self, batch: dict[str, torch.Tensor], poison: bool = False):
+        """Forward and backward of one micro batch; the optimizer steps at the accumulation boundary.
+
+        A non-finite loss (or ``poison``, the fault-injection hook) makes this rank's gradients NaN
+        on purpose: ZeRO's overflow check (``check_grad_overflow``, on in stages 1-3 for fp16, bf16
+        and fp32 alike) all-reduces a non-finite flag over the ranks before the optimizer runs, so
+        every rank skips the same step and no NaN reaches the weights. ``step_was_bad`` reports it.
+        """
         self.engine.train()
         out = self.engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                           attention_mask=batch["attention_mask"], labels=batch["labels"],
                           next_sentence_label=batch["next_sentence_label"])
-        self.engine.backward(out.loss)
+        loss = out.loss
+        if poison:
+            loss = loss * float("nan")
+        # no host sync here; a rank must run backward even with a bad loss (collectives). An inf loss
+        # can give finite gradients; NaN ones never are.
+        finite = torch.isfinite(loss.detach())
+        self._nonfinite_loss |= ~finite
+        loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+        self.engine.backward(loss)
         self.engine.step()
         return out
+
+    def step_was_bad(self) -> bool:
+        """After an optimizer step: did this rank see a non-finite loss, or was the step skipped for
+        non-finite gradients? Under fp16 an overflow skip is ordinary loss-scale search (counted by
+        ``skipped_steps``) and counts as bad only once the scale sits at its minimum. Resets the loss flag."""
+        skipped = not self.engine.was_step_applied()
+        bad = bool(self._nonfinite_loss) or (skipped and self._loss_scale_at_minimum())  # one sync per step
+        self._nonfinite_loss.zero_()
+        return bad
+
+    def _loss_scale_at_minimum(self) -> bool:
+        if not self.engine.fp16_enabled():
+            return True
+        floor = float(self.ds_config.get("fp16", {}).get("min_loss_scale", 1.0))
+        return self.loss_scale() <= floor
 
     @torch.no_grad()
     def eval_batch(self, batch: dict[str, torch.Tensor]):
@@ -209,6 +329,11 @@ def consolidated_state_dict(root: str | os.PathLike, tag: str) -> dict[str, torc
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+
+
+def _all_reduce_in(tensor: torch.Tensor, group) -> torch.Tensor:
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=group)
+    return tensor
 
 
 def barrier() -> None:
