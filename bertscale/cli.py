@@ -20,14 +20,19 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from bertscale.shards import build_shards
+    from bertscale.shards import build_shards, shard_dirs
 
-    manifest = build_shards(args.input, args.tokenizer, seq_len=args.seq_len, out_dir=args.out,
-                            samples_per_shard=args.samples_per_shard, seed=args.seed,
-                            valid_fraction=args.valid_fraction)
-    splits = manifest["splits"]
-    print(f"wrote {splits['train']['samples']} training and {splits['valid']['samples']} validation samples "
-          f"({len(splits['train']['shards'])} + {len(splits['valid']['shards'])} shards) to {args.out}")
+    result = build_shards(args.input, args.tokenizer, seq_len=args.seq_len, out_dir=args.out,
+                          samples_per_shard=args.samples_per_shard, seed=args.seed,
+                          valid_fraction=args.valid_fraction, short_seq_prob=args.short_seq_prob,
+                          workers=args.workers, sentence_order=args.sentence_order,
+                          show_progress=not args.no_progress)
+    manifests = {args.seq_len[0]: result} if len(args.seq_len) == 1 else result
+    for seq_len, out in shard_dirs(args.out, args.seq_len).items():
+        splits = manifests[seq_len]["splits"]
+        print(f"wrote {splits['train']['samples']} training and {splits['valid']['samples']} validation samples "
+              f"({len(splits['train']['shards'])} + {len(splits['valid']['shards'])} shards) at seq_len {seq_len} "
+              f"to {out}")
     return 0
 
 
@@ -95,15 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shards", formatter_class=fmt, help="build WebDataset shards of pretraining samples",
                        description="Turn documents into BERT sentence-pair samples with next-sentence labels and "
                                    "write them as WebDataset tar shards (OUT/train/, OUT/valid/) with a manifest "
-                                   "OUT/index.json. Text files hold documents separated by blank lines; jsonl "
-                                   "files hold one document per line in a 'text' field.")
+                                   "OUT/index.json. Several --seq-len values tokenize once and write OUT/seq{L}/ "
+                                   "each. Input files are built in parallel; rerunning an interrupted build keeps "
+                                   "the files already done. Text files hold documents separated by blank lines; "
+                                   "jsonl files hold one document per line in a 'text' field.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
     p.add_argument("--tokenizer", required=True, help="directory written by `bertscale tokenizer`")
-    p.add_argument("--seq-len", type=int, required=True, help="sequence length, e.g. 128 or 512")
+    p.add_argument("--seq-len", type=int, nargs="+", required=True,
+                   help="sequence length(s), e.g. 128 or 128 512 (one pass for all)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--samples-per-shard", type=int, default=10000, help="samples per tar file")
     p.add_argument("--seed", type=int, default=12345, help="seed for pairing, NSP negatives and the split")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="fraction of documents held out")
+    p.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter random target length")
+    p.add_argument("--sentence-order", action="store_true",
+                   help="sentence-order prediction (swapped segments) instead of next-sentence prediction")
+    p.add_argument("--workers", type=int, default=None, help="build processes (default: one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_shards)
 
     p = sub.add_parser("pretrain", formatter_class=fmt, help="run all phases through the deepspeed launcher",

@@ -49,6 +49,18 @@ class ModelSection:
     """Override the preset's feed-forward size."""
     dropout: float | None = None
     """Override hidden and attention dropout (0.1 in every preset)."""
+    fused_qkv: bool = True
+    """Run query, key and value as one GEMM (weights keep Hugging Face's three names)."""
+    fast_dropout: bool = True
+    """CPU only: cheaper dropout masks and a matmul attention path while training (see PerfOptions)."""
+    pad_vocab_multiple: int | None = None
+    """Pad vocabulary rows to a multiple of this (stripped on conversion); None: 64 on CUDA, 1 on CPU."""
+    sparse_last_layer: bool = True
+    """Run the last layer past attention only on masked positions and [CLS] (exact; what the heads read)."""
+    compile: bool = False
+    """torch.compile each encoder layer; costs compile time up front, pays on long runs."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward: fits larger micro batches for ~1/3 more compute."""
 
 
 @dataclass
@@ -93,6 +105,16 @@ class OptimizerSection:
     """Adam bias correction of the moments."""
     grad_clip: float = 1.0
     """Clip gradients to this global norm (0 disables)."""
+    max_trust_ratio: float | None = None
+    """LAMB: clamp each tensor's trust ratio ||w||/||update|| from above (none by default, as in You et al.)."""
+    loss_scale_initial_power: int = 16
+    """fp16 only: dynamic loss scaling starts at 2**this."""
+    loss_scale_window: int = 1000
+    """fp16 only: steps without overflow before the loss scale is doubled."""
+    loss_scale_hysteresis: int = 2
+    """fp16 only: overflows tolerated before the loss scale is halved."""
+    loss_scale_min: float = 1.0
+    """fp16 only: the loss scale never drops below this (>= 1: never 0, never a division by zero)."""
 
 
 @dataclass
@@ -111,6 +133,10 @@ class TrainSection:
     """Held-out batches evaluated at the end of each phase (0 disables)."""
     eval_interval: int = 0
     """Also evaluate every this many optimizer steps (0: only at the end of each phase)."""
+    max_bad_steps: int = 20
+    """Stop after this many consecutive skipped steps with a non-finite loss or gradient (fp16: overflow at the minimum loss scale)."""
+    replicate_data: bool = False
+    """Every rank reads the whole global batch and trains on its own block of it: a step's data no longer depends on the number of ranks (for equivalence checks; not for real runs)."""
 
 
 @dataclass
@@ -137,6 +163,8 @@ class PhaseSection:
     """Cap on masked positions per sample (default: 15% of seq_len, rounded up)."""
     mask_prob: float = 0.15
     """Fraction of tokens chosen for prediction."""
+    carry_optimizer_state: bool = False
+    """Start with the previous phase's optimizer moments (same world size and ZeRO stage); the reference recipes reset them (false)."""
 
 
 @dataclass
@@ -335,6 +363,8 @@ def validate(cfg: RunConfig) -> list[str]:
         e.append(f"model.preset: {cfg.model.preset!r} is not a preset{_suggest(cfg.model.preset, list(PRESETS))}")
     if not cfg.model.tokenizer:
         e.append("model.tokenizer: set it to the directory written by `bertscale tokenizer`")
+    if cfg.model.pad_vocab_multiple is not None and cfg.model.pad_vocab_multiple < 1:
+        e.append("model.pad_vocab_multiple: 1 (no padding), 64 (tensor cores), or leave unset for the default")
     if cfg.distributed.accelerator not in ("auto", "cpu", "cuda"):
         e.append(f"distributed.accelerator: {cfg.distributed.accelerator!r} must be auto, cpu or cuda")
     if cfg.distributed.launcher not in ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"):
@@ -363,6 +393,19 @@ def validate(cfg: RunConfig) -> list[str]:
         e.append("train.eval_interval: 0 (end of phase only) or a number of steps")
     if cfg.train.num_workers < 0:
         e.append("train.num_workers: must be 0 or more")
+    if cfg.train.max_bad_steps < 1:
+        e.append("train.max_bad_steps: must be at least 1 (consecutive skipped steps before the run stops)")
+    o = cfg.optimizer
+    if o.max_trust_ratio is not None and not o.max_trust_ratio > 0:
+        e.append("optimizer.max_trust_ratio: a positive number, or leave it unset for no clamp")
+    if not o.loss_scale_min >= 1:
+        e.append(f"optimizer.loss_scale_min: {o.loss_scale_min} must be >= 1 (a loss scale near 0 divides by zero)")
+    if not 0 <= o.loss_scale_initial_power <= 32:
+        e.append(f"optimizer.loss_scale_initial_power: {o.loss_scale_initial_power} must be in [0, 32]")
+    elif 2.0 ** o.loss_scale_initial_power < o.loss_scale_min:
+        e.append("optimizer.loss_scale_initial_power: 2**power is below loss_scale_min")
+    if o.loss_scale_window < 1 or o.loss_scale_hysteresis < 1:
+        e.append("optimizer.loss_scale_window and loss_scale_hysteresis: must be at least 1")
     if not cfg.phases:
         e.append("phases: add at least one [[phases]] table (seq_len, data, global_batch, micro_batch, steps, lr)")
     names = [p.name for p in cfg.phases]
@@ -404,14 +447,12 @@ def accumulation_steps(phase: PhaseSection, world_size: int) -> int:
 
 
 def max_predictions(phase: PhaseSection) -> int:
-    """The phase's cap on predictions per sample.
+    """The phase's cap on predictions per sample (default: ``masking.default_max_predictions``)."""
+    from bertscale.masking import default_max_predictions
 
-    Default: BERT's 20 at seq_len 128 and 80 at 512, i.e. seq_len x 5/32 at mask_prob 0.15,
-    scaled with mask_prob (round(seq_len * mask_prob * 25 / 24)).
-    """
     if phase.max_predictions is not None:
         return phase.max_predictions
-    return max(1, round(phase.seq_len * phase.mask_prob * 25 / 24))
+    return default_max_predictions(phase.seq_len, phase.mask_prob)
 
 
 def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
@@ -463,5 +504,5 @@ def _field_docs(cls, ast, inspect) -> dict[str, str]:
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # one line per key
     return docs

@@ -24,7 +24,7 @@ import torch
 
 from bertscale import checkpoint as ckpt
 from bertscale.engine import consolidated_state_dict
-from bertscale.hf_format import check_state_dict, save_hf
+from bertscale.hf_format import check_state_dict, resize_vocab_rows, save_hf
 from bertscale.model import BertConfig
 from bertscale.tokenizer import TOKENIZER_FILES
 
@@ -54,6 +54,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
 def _save_torch(weights: dict[str, torch.Tensor], config: BertConfig, out: Path, tokenizer: Path) -> Path:
     check_state_dict(weights, config)
+    weights = resize_vocab_rows(weights, config.vocab_size)  # strip tensor-core padding rows
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.pt.tmp"
     torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}, tmp)

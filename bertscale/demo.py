@@ -99,10 +99,10 @@ def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out
         log.info("[1/6] corpus: %s", ", ".join(corpus))
     log.info("[2/6] training a WordPiece tokenizer (vocab %d)", vocab_size)
     train_tokenizer(corpus, vocab_size=vocab_size, out_dir=out / "tokenizer")
-    for step, seq_len in (("3/6", 128), ("3/6", 512)):
-        log.info("[%s] building shards at seq_len %d", step, seq_len)
-        build_shards(corpus, out / "tokenizer", seq_len=seq_len, out_dir=out / f"data{seq_len}",
-                     samples_per_shard=1000 if seq_len == 128 else 500, seed=1234, valid_fraction=0.03)
+    log.info("[3/6] building shards at seq_len 128 and 512 in one pass over the text")
+    build_shards(corpus, out / "tokenizer", seq_len=[128, 512],
+                 out_dirs={128: out / "data128", 512: out / "data512"},
+                 samples_per_shard={128: 1000, 512: 500}, seed=1234, valid_fraction=0.03)
     config = out / "demo.toml"
     config.write_text(DEMO_CONFIG.format(out=out.as_posix(), ds_config=default_ds_config().as_posix(),
                                          ranks=ranks, steps1=steps1, steps2=steps2), encoding="utf-8")

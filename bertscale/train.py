@@ -29,7 +29,7 @@ from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_d
 from bertscale.hf_format import load_state_dict_into
 from bertscale.loader import PretrainingLoader, eval_batches
 from bertscale.metrics import Metrics, device_peak_tflops
-from bertscale.model import BertConfig, BertForPreTraining, preset_config
+from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
 from bertscale.schedule import lr_at, phase_spans
 from bertscale.state import RunState
 from bertscale.tokenizer import TokenizerInfo, tokenizer_info
@@ -44,6 +44,15 @@ def model_config(cfg: RunConfig, vocab_size: int) -> BertConfig:
     if m.dropout is not None:
         overrides.update(hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
     return preset_config(m.preset, vocab_size=vocab_size, **overrides)
+
+
+def perf_options(cfg: RunConfig, accelerator: str) -> PerfOptions:
+    """The model's runtime levers from ``[model]``; vocabulary padding defaults per accelerator."""
+    m = cfg.model
+    pad = m.pad_vocab_multiple or PerfOptions.for_device(accelerator).pad_vocab_multiple
+    return PerfOptions(fused_qkv=m.fused_qkv, fast_dropout=m.fast_dropout, pad_vocab_multiple=pad,
+                       sparse_last_layer=m.sparse_last_layer, compile=m.compile,
+                       gradient_checkpointing=m.gradient_checkpointing)
 
 
 def checkpoint_root(cfg: RunConfig) -> Path:
@@ -66,18 +75,28 @@ class Trainer:
         self.state = RunState(global_step=self.span.start, phase_index=self.phase_index)
 
         torch.manual_seed(cfg.run.seed)
-        model = BertForPreTraining(self.model_config)
+        perf = perf_options(cfg, accelerator)
+        multiple = perf.pad_vocab_multiple
+        self.vocab_rows = -(-self.model_config.vocab_size // multiple) * multiple  # with tensor-core padding
+        model = BertForPreTraining(self.model_config, perf)
         resume = self._find_resume_point(model, resume_from)
         self.accumulation = accumulation_steps(self.phase, dist.world_size)
         ds_config = build_ds_config(cfg.distributed.deepspeed_config, self.phase, dist.world_size,
                                     cfg.optimizer, accelerator)
         self.engine = Engine(model, ds_config, cfg.optimizer, accelerator, lr=self.phase.lr)
+        if resume is None and self.phase_index > 0:
+            self._start_phase_from_previous()
+        self.bad_steps = self.bad_in_a_row = 0
+        # replicate_data: every rank reads the same stream of whole global batches (see TrainSection)
+        data_micro, data_rank, data_world = ((self.phase.global_batch, 0, 1) if cfg.train.replicate_data
+                                             else (self.phase.micro_batch, dist.rank, dist.world_size))
         self.loader = PretrainingLoader(
-            self.phase.data, split="train", micro_batch=self.phase.micro_batch, rank=dist.rank,
-            world_size=dist.world_size, seed=cfg.run.seed, tokenizer=self.tokenizer,
+            self.phase.data, split="train", micro_batch=data_micro, rank=data_rank,
+            world_size=data_world, seed=cfg.run.seed, tokenizer=self.tokenizer,
             mask_prob=self.phase.mask_prob, max_predictions=max_predictions(self.phase),
             num_workers=cfg.train.num_workers, shuffle_buffer=cfg.train.shuffle_buffer,
-            expect_seq_len=self.phase.seq_len)
+            expect_seq_len=self.phase.seq_len, whole_word_masking=cfg.data.whole_word_masking,
+            strict_shards=cfg.data.strict_shards)
         if resume is not None:
             self.engine.load_shards(resume.path.parent, resume.tag)
             self.state.load_state_dict(resume.meta["state"])
@@ -93,6 +112,26 @@ class Trainer:
                                world_size=dist.world_size, peak_tflops=device_peak_tflops())
         if self.phase_index == 0 and resume is None:
             self.metrics.log_config(cfg.to_dict())
+
+    def _start_phase_from_previous(self) -> None:
+        """A new phase: say how accumulation follows from the world size; optionally carry the moments."""
+        previous = ckpt.final_of_phase(self.root, self.phase_index - 1)
+        saved_world = previous.meta.get("world_size") if previous is not None else None
+        if saved_world is not None and saved_world != self.dist.world_size:
+            self._log0(f"phase {self.phase.name}: world size changed from {saved_world} to {self.dist.world_size}; "
+                       f"gradient accumulation recomputed: {self.phase.global_batch} = micro {self.phase.micro_batch}"
+                       f" x accumulation {self.accumulation} x world {self.dist.world_size}")
+        if not self.phase.carry_optimizer_state or previous is None:
+            return
+        stage = self.engine.ds_config["zero_optimization"]["stage"]
+        if saved_world != self.dist.world_size or previous.meta.get("zero_stage") != stage:
+            raise RuntimeError(
+                f"phase {self.phase.name!r} has carry_optimizer_state = true, but {previous.path} was written by "
+                f"{saved_world} ranks at ZeRO stage {previous.meta.get('zero_stage')} and this run has "
+                f"{self.dist.world_size} ranks at stage {stage}; the optimizer shards are per rank. Use the same "
+                f"ranks and stage, or set phases.{self.phase.name}.carry_optimizer_state=false (fresh moments)")
+        self.engine.load_shards(previous.path.parent, previous.tag)
+        self._log0(f"phase {self.phase.name}: optimizer moments carried over from {previous.path}")
 
     def _log0(self, message: str) -> None:
         if self.dist.rank == 0:
@@ -116,6 +155,12 @@ class Trainer:
                     f"resuming in the middle of a phase needs the same number of ranks (optimizer shards and data "
                     f"positions are per rank). Resume with {saved_world} ranks, or let the phase finish: the next "
                     f"phase starts from consolidated weights on any number of ranks.")
+            saved_rows = source.meta.get("vocab_rows", self.model_config.vocab_size)
+            if saved_rows != self.vocab_rows:
+                raise RuntimeError(
+                    f"{source.path} holds {saved_rows} vocabulary rows (model.pad_vocab_multiple padding) but this "
+                    f"run builds {self.vocab_rows}: its default differs between CUDA (64) and CPU (1). Set "
+                    f"model.pad_vocab_multiple to the value of the run that wrote the checkpoint to resume it.")
             if not self.span.start <= source.global_step < self.span.end:
                 raise RuntimeError(f"{source.path} is at global step {source.global_step}, outside phase "
                                    f"{self.phase.name!r} (steps {self.span.start}..{self.span.end}) of this config")
@@ -176,18 +221,21 @@ class Trainer:
                        [x.decay_power for x in p])
             self.engine.set_lr(lr)
             tokens = 0
-            for _ in range(self.accumulation):
-                batch = self.engine.to_device(next(batches))
-                out = self.engine.train_micro_batch(batch)
+            step = self.state.global_step + 1
+            poison = _fault_active("nan-loss", step, self.dist.rank)
+            for batch in self._micro_batches(batches):
+                batch = self.engine.to_device(batch)
+                out = self.engine.train_micro_batch(batch, poison=poison)
                 self.metrics.add(out, batch)
                 tokens += int(batch["attention_mask"].sum())
             self.state.global_step += 1
             self.state.samples_seen += phase.global_batch
             # one small all-reduce per step: every rank takes the same stop decision at the same step,
-            # and the run counts its real (non-padding) tokens
-            stop, all_tokens = self.stop.agreed(tokens)
+            # agrees whether the step was skipped as non-finite, and the run counts its real tokens
+            stop, all_tokens, bad = self.stop.agreed(tokens, self.engine.step_was_bad())
             self.state.tokens_seen += all_tokens
             self.metrics.step_done()
+            self._count_bad_step(bad)
             bar.update()
             last = self.state.global_step == self.span.end
             if self.state.global_step % cfg.train.log_interval == 0 or last or stop:
@@ -208,12 +256,47 @@ class Trainer:
             self.metrics.log_eval(self.state.global_step, self.evaluate(cfg.train.eval_batches))
         self.metrics.close()
 
+    def _micro_batches(self, batches):
+        """This rank's micro batches of one optimizer step. With replicate_data the loader yields whole
+        global batches; rank r trains on contiguous blocks (j * world + r) of micro_batch rows, so the
+        micro batches of a step are the same set at any world size."""
+        if not self.cfg.train.replicate_data:
+            for _ in range(self.accumulation):
+                yield next(batches)
+            return
+        whole, m, world = next(batches), self.phase.micro_batch, self.dist.world_size
+        for j in range(self.accumulation):
+            start = (j * world + self.dist.rank) * m
+            yield {k: v[start:start + m] for k, v in whole.items()}
+
+    def _count_bad_step(self, bad: bool) -> None:
+        """Skipped non-finite steps (agreed over ranks); stop after train.max_bad_steps in a row."""
+        if not bad:
+            self.bad_in_a_row = 0
+            return
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        step = self.state.global_step
+        self._log0(f"step {step}: non-finite loss or gradient on some rank; step skipped, weights unchanged "
+                   f"({self.bad_in_a_row} in a row, {self.bad_steps} in this phase)")
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            last = ckpt.latest(self.root)
+            where = (f"the last complete checkpoint is {last.path} (global step {last.global_step})"
+                     if last is not None else "there is no complete checkpoint yet")
+            self.metrics.close()
+            raise NonFiniteError(
+                f"stopping at global step {step}: {self.bad_in_a_row} consecutive optimizer steps "
+                f"({step - self.bad_in_a_row + 1}..{step}) had a non-finite loss or gradient and were skipped "
+                f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); {where}. Lower the learning rate, "
+                f"check the data, or use bf16, then resume from that checkpoint")
+
     def _scalars(self, lr: float) -> dict[str, float]:
         """What the trainer knows at a log point (Metrics adds losses, throughput and resources)."""
         scalars = {
             "optim/lr": lr,
             "optim/loss_scale": self.engine.loss_scale(),
             "optim/skipped_steps": self.engine.skipped_steps(),
+            "optim/nonfinite_steps": self.bad_steps,
             "optim/global_batch": self.phase.global_batch,
             "train/phase": self.phase_index,
             "train/seq_len": self.phase.seq_len,
@@ -244,6 +327,7 @@ class Trainer:
                 "tokenizer_fingerprint": self.tokenizer.fingerprint,
                 "world_size": self.dist.world_size,
                 "zero_stage": self.engine.ds_config["zero_optimization"]["stage"],
+                "vocab_rows": self.vocab_rows,
             }, self.cfg.model.tokenizer)
         barrier()  # every rank has written its shards and state
         if self.dist.rank == 0:
@@ -292,16 +376,32 @@ class StopRequest:
     def _handler(self, signum: int, frame) -> None:
         self.requested = True
 
-    def agreed(self, count: int = 0) -> tuple[bool, int]:
-        """(did any rank receive a stop signal, sum of ``count`` over ranks) in one all-reduce."""
-        values = all_reduce_sum(torch.tensor([1.0 if self.requested else 0.0, float(count)], dtype=torch.float64))
-        return bool(values[0].item() > 0), int(values[1].item())
+    def agreed(self, count: int = 0, bad: bool = False) -> tuple[bool, int, bool]:
+        """(did any rank receive a stop signal, sum of ``count`` over ranks, was the step bad on any
+        rank) in one all-reduce."""
+        values = all_reduce_sum(torch.tensor([1.0 if self.requested else 0.0, float(count), 1.0 if bad else 0.0],
+                                             dtype=torch.float64))
+        return bool(values[0].item() > 0), int(values[1].item()), bool(values[2].item() > 0)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient; the message names the checkpoint."""
+
+
+def _fault_active(name: str, step: int, rank: int) -> bool:
+    """BERTSCALE_FAULT=name:step:rank (tests only). ``nan-loss:S:R`` makes rank R's loss NaN at global step S;
+    ``nan-loss:S-E:R`` at steps S..E."""
+    spec = os.environ.get("BERTSCALE_FAULT", "")
+    if not spec.startswith(name + ":"):
+        return False
+    _, steps, ranks = spec.split(":")
+    first, _, last = steps.partition("-")
+    return int(ranks) == rank and int(first) <= step <= int(last or first)
 
 
 def _fault_point(name: str, step: int, rank: int) -> None:
     """Fault injection for the fault-tolerance tests: BERTSCALE_FAULT=name:step:rank kills this rank here."""
-    spec = os.environ.get("BERTSCALE_FAULT", "")
-    if spec and spec == f"{name}:{step}:{rank}":
+    if _fault_active(name, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

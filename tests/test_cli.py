@@ -119,7 +119,7 @@ def test_tokenizer_and_shards_end_to_end(tmp_path, capsys):
         for shard in split["shards"]:
             assert (data / shard["name"]).is_file()
     assert out.strip() == (f"wrote {train['samples']} training and {valid['samples']} validation samples "
-                           f"({len(train['shards'])} + {len(valid['shards'])} shards) to {data}")
+                           f"({len(train['shards'])} + {len(valid['shards'])} shards) at seq_len 32 to {data}")
 
 
 def test_cased_tokenizer(tmp_path, capsys):
@@ -150,7 +150,7 @@ def test_pretrain_help_config_prints_every_section(capsys):
     out = capsys.readouterr().out
     assert out == describe() + "\n"
     headers = [line for line in out.splitlines() if line.startswith("[")]
-    assert headers == ["[run]", "[model]", "[distributed]", "[optimizer]", "[train]", "[[phases]]"]
+    assert headers == ["[run]", "[model]", "[distributed]", "[optimizer]", "[train]", "[data]", "[[phases]]"]
     assert "  master_port = 29500    # TCP port of the rendezvous on node 0." in out
 
 

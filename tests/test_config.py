@@ -256,9 +256,9 @@ def test_no_ssh_needs_node_rank_and_master_addr(tmp_path):
 
 
 def test_max_predictions_default_and_explicit():
-    assert max_predictions(PhaseSection(seq_len=128)) == 20  # ceil(128 * 0.15) = ceil(19.2)
-    assert max_predictions(PhaseSection(seq_len=512)) == 77  # ceil(76.8)
-    assert max_predictions(PhaseSection(seq_len=100, mask_prob=0.2)) == 20
+    assert max_predictions(PhaseSection(seq_len=128)) == 20  # BERT's caps: 20 at 128, 80 at 512
+    assert max_predictions(PhaseSection(seq_len=512)) == 80
+    assert max_predictions(PhaseSection(seq_len=100, mask_prob=0.2)) == 21  # round(100 * 0.2 * 25/24)
     assert max_predictions(PhaseSection(seq_len=8, mask_prob=0.01)) == 1
     assert max_predictions(PhaseSection(seq_len=128, max_predictions=5)) == 5
 
@@ -290,7 +290,7 @@ def test_describe_lists_every_field_with_its_doc():
     assert "  steps = 1000    # Optimizer steps in this phase." in text
     assert "  seed = 1234    # Seeds weights, shard order, shuffling and masking." in text
     sections = {"[run]": "run", "[model]": "model", "[distributed]": "distributed", "[optimizer]": "optimizer",
-                "[train]": "train", "[[phases]]": "phases"}
+                "[train]": "train", "[data]": "data", "[[phases]]": "phases"}
     current = None
     seen: dict[str, set[str]] = {}
     for line in text.splitlines():

@@ -83,7 +83,8 @@ def test_lost_node_fails_within_timeout_and_rerun_resumes(tmp_path):
     data = build_data(tmp_path)
     config_path = write_config(tmp_path, data, ranks=1, steps=(40, 2))
     port = free_port()
-    timeout = ["--set", "distributed.timeout_minutes=0.5", "--set", "train.save_interval=5"]
+    # the timeout also bounds the rendezvous wait: a minute lets a node start late on a loaded machine
+    timeout = ["--set", "distributed.timeout_minutes=1", "--set", "train.save_interval=5"]
     procs = start_nodes(config_path, port, tmp_path, timeout)
     root = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 240
@@ -160,7 +161,7 @@ def start_hosts(config: Path, hosts: dict, logs: Path, extra: list[str] = ()) ->
 def test_two_hosts_in_network_namespaces_and_one_cut_off(two_hosts, tmp_path):
     data = build_data(tmp_path)
     config = write_config(tmp_path, data, ranks=1, steps=(40, 2))
-    settings = ["--set", "distributed.timeout_minutes=0.5", "--set", "train.save_interval=5"]
+    settings = ["--set", "distributed.timeout_minutes=1", "--set", "train.save_interval=5"]
     procs = start_hosts(config, two_hosts, tmp_path, settings)
     root = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 240

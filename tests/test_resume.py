@@ -130,6 +130,9 @@ def test_mid_phase_resume_on_another_world_size_is_refused(data, tmp_path):
         pretrain(str(config), SETTINGS + ["distributed.num_gpus=1", "phases.phase1.global_batch=8",
                                           "phases.phase1.micro_batch=4", "phases.phase2.global_batch=4"])
     assert "written by 2 ranks but this run has 1" in str(failure.value)
+    with pytest.raises(RuntimeError, match="failed") as failure:
+        pretrain(str(config), SETTINGS + ["model.pad_vocab_multiple=64"])  # as a CUDA run would pad
+    assert "vocabulary rows" in str(failure.value) and "model.pad_vocab_multiple" in str(failure.value)
 
 
 def test_resume_never_refuses_an_existing_run(data, tmp_path):
