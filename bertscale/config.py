@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,8 +475,10 @@ def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
 
 
 def save_resolved(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved configuration atomically; the temporary name is unique to this process, so
+    launchers on several nodes sharing one run.out_dir never rename each other's half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 

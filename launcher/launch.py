@@ -17,6 +17,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,16 +106,36 @@ def world_size(cfg: RunConfig, accelerator: str) -> int:
     return ranks_per_node(cfg, accelerator) * d.num_nodes
 
 
+def node_file(cfg: RunConfig, name: str) -> Path:
+    """Where this launcher keeps a file of run.out_dir that its own workers read.
+
+    In --no_ssh mode every node runs its own launcher against the same (shared) out_dir, and what
+    they write differs (node_rank, threads per rank): each node gets its own copy, ``NAME.nodeR``.
+    """
+    out = Path(cfg.run.out_dir)
+    if not cfg.distributed.no_ssh:
+        return out / name
+    tag = f".node{cfg.distributed.node_rank}"
+    return out / (name[: -len(".json")] + tag + ".json" if name.endswith(".json") else name + tag)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename under a name unique to this process: readers (and other nodes' launchers
+    writing beside us) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def no_ssh_hostfile(cfg: RunConfig, accelerator: str) -> Path:
     """DeepSpeed's --no_ssh mode still sizes the job from a hostfile; write one when none is given.
 
     The names are labels only (no ssh, no lookup): ranks find each other through master_addr.
     """
-    path = Path(cfg.run.out_dir) / f"hostfile.no_ssh.node{cfg.distributed.node_rank}"
+    path = node_file(cfg, "hostfile.no_ssh")
     slots = ranks_per_node(cfg, accelerator)
-    text = "".join(f"node{i} slots={slots}\n" for i in range(cfg.distributed.num_nodes))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, "".join(f"node{i} slots={slots}\n" for i in range(cfg.distributed.num_nodes)))
     return path
 
 
@@ -132,7 +153,7 @@ def deepspeed_command(cfg: RunConfig, phase: PhaseSection, config_path: Path, ac
     d = cfg.distributed
     cmd = [deepspeed_executable(), "--log_level", "warning", "--master_port", str(d.master_port)]
     if d.no_ssh:
-        hostfile = d.hostfile or str(Path(cfg.run.out_dir) / f"hostfile.no_ssh.node{d.node_rank}")
+        hostfile = d.hostfile or str(node_file(cfg, "hostfile.no_ssh"))
         cmd += ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(d.node_rank),
                 "--master_addr", str(d.master_addr), "--num_nodes", str(d.num_nodes),
                 "--num_gpus", str(ranks_per_node(cfg, accelerator))]
@@ -164,8 +185,6 @@ def worker_environment(cfg: RunConfig, accelerator: str) -> dict[str, str]:
 
 def check_port(cfg: RunConfig) -> None:
     """On the node that hosts the rendezvous, refuse a master port another process holds."""
-    import socket
-
     d = cfg.distributed
     hosts_rendezvous = (d.node_rank in (None, 0)) and (not d.hostfile or d.no_ssh)
     if not hosts_rendezvous:
@@ -241,7 +260,7 @@ def plan(cfg: RunConfig, source: ckpt.CheckpointInfo | None = None) -> list[Phas
     """One entry per phase; a phase is complete if the run (or the resume source) finished it."""
     accelerator = detect_accelerator(cfg.distributed.accelerator)
     world = world_size(cfg, accelerator)
-    config_path = Path(cfg.run.out_dir) / "run_config.json"
+    config_path = node_file(cfg, "run_config.json")
     root = Path(cfg.run.out_dir) / "checkpoints"
     plans = []
     for index, phase in enumerate(cfg.phases):
@@ -334,8 +353,11 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     if cfg.distributed.no_ssh and not cfg.distributed.hostfile:
         no_ssh_hostfile(cfg, accelerator)
-    save_resolved(cfg, out / "run_config.json")
-    (out / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in env.items()), encoding="utf-8")
+    save_resolved(cfg, node_file(cfg, "run_config.json"))
+    if cfg.distributed.node_rank in (None, 0):
+        save_resolved(cfg, out / "run_config.json")  # the run's own record (tools/run_summary.py reads it)
+    env_file = node_file(cfg, ".deepspeed_env")
+    write_atomic(env_file, "".join(f"{k}={v}\n" for k, v in env.items()))
     if source is not None:
         log.info("resuming from %s (global step %d, phase %s)", source.path, source.global_step,
                  source.meta.get("phase"))
@@ -353,7 +375,7 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
             log.info("$ %s", shlex.join(p.command))
             started = time.time()
             forwarder.child = subprocess.Popen(
-                p.command, env={**os.environ, **env, "DS_ENV_FILE": str(out / ".deepspeed_env")}, cwd=out,
+                p.command, env={**os.environ, **env, "DS_ENV_FILE": str(env_file)}, cwd=out,
                 start_new_session=True)
             returncode = forwarder.child.wait()
             forwarder.child = None

@@ -18,7 +18,7 @@ from bertscale import checkpoint as ckpt
 from bertscale.config import ConfigError, DistributedSection, PhaseSection, RunConfig
 from bertscale.tokenizer import train_tokenizer, tokenizer_info
 from launcher.launch import (check_port, deepspeed_command, deepspeed_executable, failed_ranks, no_ssh_hostfile,
-                             parse_hostfile, plan, preflight, pretrain, resume_source, world_size)
+                             node_file, parse_hostfile, plan, preflight, pretrain, resume_source, world_size)
 from runs import build_data, write_config
 
 
@@ -148,6 +148,17 @@ def test_command_no_ssh_uses_the_generated_hostfile(tmp_path):
     assert no_ssh_hostfile(cfg, "cpu") == generated
     assert generated.read_text() == "node0 slots=2\nnode1 slots=2\n"
     assert sum(parse_hostfile(str(generated)).values()) == world_size(cfg, "cpu") == 4
+
+
+def test_no_ssh_nodes_sharing_out_dir_each_read_their_own_files(tmp_path):
+    """Two --no_ssh launchers on one shared run.out_dir: neither reads (or renames) the other's files.
+    (Once both wrote run_config.json through one temporary name and node 1 died on the rename.)"""
+    nodes = [make_cfg(tmp_path, no_ssh=True, node_rank=r, master_addr="h", num_nodes=2, num_gpus=1) for r in (0, 1)]
+    configs = [plan(cfg)[0].command for cfg in nodes]
+    paths = [Path(cmd[cmd.index("--config") + 1]) for cmd in configs]
+    assert paths == [tmp_path / "run" / "run_config.node0.json", tmp_path / "run" / "run_config.node1.json"]
+    assert node_file(nodes[1], ".deepspeed_env") == tmp_path / "run" / ".deepspeed_env.node1"
+    assert node_file(make_cfg(tmp_path), "run_config.json") == tmp_path / "run" / "run_config.json"
 
 
 def test_command_no_ssh_with_a_given_hostfile(tmp_path):

@@ -33,6 +33,7 @@ def start_nodes(config: Path, port: int, logs: Path, extra: list[str] = ()) -> l
         log = open(logs / f"node{rank}.log", "w")
         procs.append(subprocess.Popen(node_command(config, rank, port, extra), stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
+        procs[-1].log_path = log.name
     return procs
 
 
@@ -50,6 +51,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
+def _log_tail(proc: subprocess.Popen) -> str:
+    """The last lines a launcher wrote (start_nodes/start_hosts send its output to NODE.log)."""
+    return "\n".join(Path(proc.log_path).read_text(errors="replace").splitlines()[-15:])
+
+
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     codes = []
@@ -59,7 +65,8 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
         except subprocess.TimeoutExpired:
             for q in procs:
                 kill_tree(q)
-            pytest.fail(f"a node launcher did not finish within {timeout}s (hang)")
+            tails = "\n".join(f"--- node {i}:\n{_log_tail(q)}" for i, q in enumerate(procs))
+            pytest.fail(f"a node launcher did not finish within {timeout}s (hang)\n{tails}")
     return codes
 
 
@@ -155,6 +162,7 @@ def start_hosts(config: Path, hosts: dict, logs: Path, extra: list[str] = ()) ->
         cmd[cmd.index("distributed.master_addr=127.0.0.1")] = f"distributed.master_addr={master}"
         log = open(logs / f"node{rank}.log", "w")
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        procs[-1].log_path = log.name
     return procs
 
 
