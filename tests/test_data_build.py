@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from bertscale.cli import main as cli_main
-from bertscale.shards import (CorruptShardError, build_shards, load_manifest, read_shard, shard_paths,
-                              shard_problems)
+from bertscale.shards import (CorruptShardError, UstarWriter, build_shards, load_manifest, read_shard,
+                              shard_paths, shard_problems)
 from conftest import write_generated_corpus
 
 KW = dict(samples_per_shard=50, seed=5, valid_fraction=0.05, show_progress=False)
@@ -97,6 +97,35 @@ def test_read_shard_rejects_damage_naming_the_file(shard_dir, tmp_path):
             read_shard(bad, m["dtype"])
     with pytest.raises(CorruptShardError, match="manifest lists 41"):
         read_shard(path, m["dtype"], 41)
+
+
+def test_our_tar_writer_writes_webdatasets_bytes(tmp_path):
+    """UstarWriter is a fast path, not a new format: the same bytes as webdataset's own writer in ustar
+    form, for empty, odd-sized and block-sized fields and for enough members to span several records."""
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    rng = np.random.default_rng(3)
+    samples = [{"__key__": f"{i:016d}", "ids": rng.integers(0, 2**16, size=n, dtype="<u2").tobytes(),
+                "alen": str(n // 2).encode(), "nsp": b"" if i == 3 else b"1"}
+               for i, n in enumerate([1, 2, 255, 256, 257, 3, 700, 4096])]
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    writer = UstarWriter(ours)
+    reference = wds.TarWriter(theirs, encoder=False, mtime=0)
+    reference.tarstream.format = tarfile.USTAR_FORMAT  # webdataset computes this format but never applies it
+    for sample in samples * 3:
+        writer.write(sample)
+        reference.write(sample)
+    writer.close()
+    reference.close()
+    assert ours.getvalue() == theirs.getvalue()
+    path = tmp_path / "ours.tar"
+    path.write_bytes(ours.getvalue())
+    read = list(wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples()))
+    assert [r["__key__"] for r in read] == [s["__key__"] for s in samples * 3]
+    assert all(r["ids"] == s["ids"] and r["nsp"] == s["nsp"] for r, s in zip(read, samples * 3))
 
 
 def test_missing_field_is_corrupt_not_a_half_sample(tmp_path):

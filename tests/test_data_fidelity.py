@@ -64,10 +64,11 @@ def test_negatives_put_unused_sentences_back():
 
 def test_short_seq_prob_and_full_targets():
     rng = np.random.default_rng(0)
-    docs = random_docs(rng, 40, max_sent_len=20)
+    docs = random_docs(rng, 400, max_sent_len=20)  # ~700 samples: the means are stable to about +-0.5
     full = [len(s.ids) for s in build_samples(docs, 64, np.random.default_rng(1), CLS, SEP, 0.0)]
     short = [len(s.ids) for s in build_samples(docs, 64, np.random.default_rng(1), CLS, SEP, 1.0)]
-    assert np.mean(full) > np.mean(short) + 10
+    # shorter targets: shorter samples, and more of them from the same text (about 41 vs 33 tokens)
+    assert np.mean(full) > np.mean(short) + 5 and len(short) > 1.15 * len(full)
 
 
 def test_long_sentence_is_split_not_truncated():

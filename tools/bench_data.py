@@ -4,11 +4,12 @@
     python tools/bench_data.py --json            # stdlib docstrings as the text, all cores
     python tools/bench_data.py --corpus my.txt --workers 8 --json
 
-(a) the ``tokenizers`` library's batch encoding of every sentence alone (all cores, its own
-threads); (b) ``build_shards`` end to end at 128 and 512 in one pass (``--workers`` processes;
-the text is split into that many files so they can run in parallel); (c) the loader (tar read +
-decode + masking + collate) in one process, so its samples/s is per core. With ``--json`` the
-last line is one JSON object with tokenizer_tokens_per_s, build_tokens_per_s,
+(a) the ``tokenizers`` library's batch encoding (``encode_batch_fast``, the call the builder
+makes) of every sentence held in memory (all cores, its own threads); (b) ``build_shards`` end to
+end at 128 and 512 in one pass (``--workers`` processes; the text, dealt ``--repeat`` times over,
+is split into that many files so they can run in parallel); (c) the loader (tar read + decode +
+masking + collate) in one process, so its samples/s is per core. With ``--json`` the last line is
+one JSON object with tokenizer_tokens_per_s, build_tokens_per_s, build_to_tokenizer (their ratio),
 loader_samples_per_s_per_core_128 and loader_samples_per_s_per_core_512.
 """
 
@@ -23,16 +24,16 @@ import time
 from pathlib import Path
 
 from bertscale.corpus import iter_documents, write_stdlib_corpus
-from bertscale.loader import PretrainingLoader
 from bertscale.shards import build_shards
 from bertscale.tokenizer import load_tokenizer, tokenizer_info, train_tokenizer
 
 
-def split_corpus(src: Path, out_dir: Path, parts: int) -> list[Path]:
-    """Deal the documents of src round-robin into `parts` .txt files."""
+def split_corpus(src: Path, out_dir: Path, parts: int, repeat: int = 1) -> list[Path]:
+    """Deal the documents of src, `repeat` times over, round-robin into `parts` .txt files."""
     files = [out_dir / f"part{i}.txt" for i in range(parts)]
     handles = [open(f, "w", encoding="utf-8") for f in files]
-    for i, doc in enumerate(iter_documents([src])):
+    docs = list(iter_documents([src]))
+    for i, doc in enumerate(docs * repeat):
         handles[i % parts].write(" ".join(doc) + "\n\n")
     for h in handles:
         h.close()
@@ -41,15 +42,20 @@ def split_corpus(src: Path, out_dir: Path, parts: int) -> list[Path]:
 
 def tokenizer_rate(files: list[Path], tokenizer_dir: Path) -> tuple[float, int]:
     tok = load_tokenizer(tokenizer_dir)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the call the builder makes
     sentences = [s for doc in iter_documents(files) for s in doc]
     start = time.perf_counter()
     tokens = 0
     for i in range(0, len(sentences), 10000):
-        tokens += sum(len(e.ids) for e in tok.encode_batch(sentences[i : i + 10000], add_special_tokens=False))
+        tokens += sum(len(e.ids) for e in encode(sentences[i : i + 10000], add_special_tokens=False))
     return tokens / (time.perf_counter() - start), tokens
 
 
 def loader_rate(data_dir: Path, tokenizer_dir: Path, micro_batch: int, max_batches: int) -> float:
+    # imported here: the builder's spawned processes re-import this script, and torch (which the
+    # loader needs) would add seconds of start-up to each of them
+    from bertscale.loader import PretrainingLoader
+
     info = tokenizer_info(tokenizer_dir)
     loader = PretrainingLoader(data_dir, micro_batch=micro_batch, rank=0, world_size=1, seed=1, tokenizer=info,
                                num_workers=0)
@@ -68,12 +74,13 @@ def loader_batches(loader) -> int:
     return int(per_epoch) if per_epoch else 10**9
 
 
-def bench(corpus: Path | None, workers: int, work: Path, max_docs: int, vocab_size: int, max_batches: int) -> dict:
+def bench(corpus: Path | None, workers: int, work: Path, max_docs: int, vocab_size: int, max_batches: int,
+          repeat: int = 1) -> dict:
     if corpus is None:
         corpus = work / "stdlib.txt"
         write_stdlib_corpus(corpus, max_documents=max_docs)
     (work / "text").mkdir()
-    files = split_corpus(corpus, work / "text", workers)
+    files = split_corpus(corpus, work / "text", workers, repeat)
     tok_dir = train_tokenizer(files, vocab_size=vocab_size, out_dir=work / "tok", show_progress=False)
     tok_rate, tokens = tokenizer_rate(files, tok_dir)
     start = time.perf_counter()
@@ -83,6 +90,7 @@ def bench(corpus: Path | None, workers: int, work: Path, max_docs: int, vocab_si
     return {
         "tokenizer_tokens_per_s": round(tok_rate),
         "build_tokens_per_s": round(build_rate),
+        "build_to_tokenizer": round(build_rate / tok_rate, 3),
         "loader_samples_per_s_per_core_128": round(loader_rate(work / "shards" / "seq128", tok_dir, 32, max_batches)),
         "loader_samples_per_s_per_core_512": round(loader_rate(work / "shards" / "seq512", tok_dir, 8, max_batches)),
         "corpus_tokens": tokens,
@@ -96,12 +104,16 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, help="a .txt/.jsonl corpus (default: stdlib docstrings)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shard build processes")
     parser.add_argument("--max-docs", type=int, default=20000, help="documents of the default corpus")
+    parser.add_argument("--repeat", type=int, default=8,
+                        help="deal the corpus this many times over, so that the builder's start-up (process spawn, "
+                             "tokenizer load: about half a second) does not dominate its rate")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--max-batches", type=int, default=300, help="loader batches timed per length")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        result = bench(args.corpus, max(1, args.workers), Path(tmp), args.max_docs, args.vocab_size, args.max_batches)
+        result = bench(args.corpus, max(1, args.workers), Path(tmp), args.max_docs, args.vocab_size, args.max_batches,
+                       max(1, args.repeat))
     if args.json:
         print(json.dumps(result))
     else:
