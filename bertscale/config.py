@@ -62,6 +62,8 @@ class ModelSection:
     """Pad vocabulary rows to a multiple of this (stripped on conversion); None: 64 on CUDA, 1 on CPU."""
     sparse_last_layer: bool = True
     """Run the last layer past attention only on masked positions and [CLS] (exact; what the heads read)."""
+    fused_mlm_loss: bool = True
+    """Masked-LM cross-entropy and accuracy in one pass over the logits (exact; see PerfOptions)."""
     compile: bool = False
     """torch.compile each encoder layer; costs compile time up front, pays on long runs."""
     gradient_checkpointing: bool = False

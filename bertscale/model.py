@@ -142,6 +142,9 @@ class PerfOptions:
     sparse_last_layer: bool = True
     """With labels, run the last layer past attention only on masked positions and [CLS] (the only
     rows the heads read); keys and values still come from every position."""
+    fused_mlm_loss: bool = True
+    """The masked-LM cross-entropy and accuracy in one pass over the [masked, V] logits
+    (``masked_lm_loss``) instead of log_softmax + nll + argmax."""
     compile: bool = False
     """torch.compile each encoder layer (fuses bias-GELU, dropout-residual-LayerNorm)."""
     gradient_checkpointing: bool = False
@@ -155,7 +158,8 @@ class PerfOptions:
     @classmethod
     def plain(cls) -> PerfOptions:
         """Every lever off: the reference path the levers are tested against."""
-        return cls(fused_qkv=False, fast_dropout=False, skip_full_mask=False, sparse_last_layer=False)
+        return cls(fused_qkv=False, fast_dropout=False, skip_full_mask=False, sparse_last_layer=False,
+                   fused_mlm_loss=False)
 
     @classmethod
     def for_device(cls, device_type: str) -> PerfOptions:
@@ -218,6 +222,49 @@ class Dropout(nn.Dropout):
         if self.fast and self.training and self.p > 0 and x.device.type == "cpu":
             return fast_dropout(x, self.p)
         return super().forward(x)
+
+
+class _MaskedLMLoss(torch.autograd.Function):
+    """Summed cross-entropy of [m, V] logits and the number of correct argmax predictions, in fp32.
+
+    The same values as ``F.cross_entropy(logits.float(), targets, reduction="sum")`` and
+    ``(logits.argmax(-1) == targets).sum()``, with less traffic over the [m, V] matrix, the largest
+    of the head: one max pass gives the maximum and the prediction, the exponentials are computed
+    once and kept, and backward turns them into the gradient in place (softmax minus one-hot)
+    instead of log_softmax's output plus a zero-filled one-hot gradient and their copies.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
+        x = logits.float()
+        top, predicted = x.max(dim=1, keepdim=True)
+        e = torch.sub(x, top)
+        e.exp_()
+        total = e.sum(dim=1, keepdim=True)
+        loss = (top + total.log() - x.gather(1, targets[:, None])).sum()
+        correct = (predicted.squeeze(1) == targets).sum()
+        ctx.mark_non_differentiable(correct)
+        ctx.save_for_backward(e, total, targets)
+        ctx.dtype, ctx.spent = logits.dtype, False
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct):
+        if ctx.spent:  # backward turns the saved exponentials into the gradient in place
+            raise RuntimeError("masked_lm_loss: backward through the same graph twice is not supported")
+        ctx.spent = True
+        e, total, targets = ctx.saved_tensors
+        grad = e.mul_(grad_loss / total)
+        rows = torch.arange(len(targets), device=targets.device)
+        grad.view(-1)[rows * grad.shape[1] + targets] -= grad_loss
+        return grad.to(ctx.dtype), None
+
+
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed fp32 cross-entropy, number of correct predictions) of [m, V] logits (see ``_MaskedLMLoss``)."""
+    if logits.shape[0] == 0:
+        return logits.float().sum(), torch.zeros((), dtype=torch.long, device=logits.device)
+    return _MaskedLMLoss.apply(logits, targets)
 
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -590,10 +637,15 @@ class BertForPreTraining(nn.Module):
                 head_in = seq[masked]
             # Gather before the transform: the head's cost scales with ~15% of positions, not all.
             targets = labels[masked]
-            logits = self.cls.predictions(head_in).float()
             mlm_count = masked.sum()
-            mlm_loss = F.cross_entropy(logits, targets, reduction="sum") / mlm_count.clamp(min=1)
-            mlm_correct = (logits.argmax(dim=-1) == targets).sum()
+            logits = self.cls.predictions(head_in)
+            if self.perf.fused_mlm_loss:
+                mlm_sum, mlm_correct = masked_lm_loss(logits, targets)
+            else:
+                logits = logits.float()
+                mlm_sum = F.cross_entropy(logits, targets, reduction="sum")
+                mlm_correct = (logits.argmax(dim=-1) == targets).sum()
+            mlm_loss = mlm_sum / mlm_count.clamp(min=1)
 
         nsp_logits = self.cls.seq_relationship(pooled)
         nsp_loss = nsp_correct = nsp_count = None

@@ -51,7 +51,7 @@ def perf_options(cfg: RunConfig, accelerator: str) -> PerfOptions:
     m = cfg.model
     pad = m.pad_vocab_multiple or PerfOptions.for_device(accelerator).pad_vocab_multiple
     return PerfOptions(fused_qkv=m.fused_qkv, fast_dropout=m.fast_dropout, pad_vocab_multiple=pad,
-                       sparse_last_layer=m.sparse_last_layer, compile=m.compile,
+                       sparse_last_layer=m.sparse_last_layer, fused_mlm_loss=m.fused_mlm_loss, compile=m.compile,
                        gradient_checkpointing=m.gradient_checkpointing)
 
 

@@ -17,8 +17,9 @@ import pytest
 from bertscale import checkpoint as ckpt
 from bertscale.config import ConfigError, DistributedSection, PhaseSection, RunConfig
 from bertscale.tokenizer import train_tokenizer, tokenizer_info
-from launcher.launch import (check_port, deepspeed_command, deepspeed_executable, failed_ranks, no_ssh_hostfile,
-                             node_file, parse_hostfile, plan, preflight, pretrain, resume_source, world_size)
+from launcher.launch import (CPU_MALLOC_TUNABLES, check_port, deepspeed_command, deepspeed_executable, failed_ranks, no_ssh_hostfile,
+                             node_file, parse_hostfile, plan, preflight, pretrain, resume_source, worker_environment,
+                             world_size)
 from runs import build_data, write_config
 
 
@@ -382,6 +383,16 @@ def test_preflight_missing_tokenizer(data, tmp_path):
     cfg.model.tokenizer = str(tmp_path / "no_tok")
     with pytest.raises(ConfigError, match="model.tokenizer: no vocab.txt in"):
         preflight(cfg, 2)
+
+
+def test_cpu_ranks_keep_freed_memory_unless_the_user_tunes_malloc(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    cfg = make_cfg(tmp_path, threads_per_rank=3)
+    env = worker_environment(cfg, "cpu")
+    assert env["GLIBC_TUNABLES"] == CPU_MALLOC_TUNABLES and env["OMP_NUM_THREADS"] == "3"
+    assert "GLIBC_TUNABLES" not in worker_environment(cfg, "cuda")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert "GLIBC_TUNABLES" not in worker_environment(cfg, "cpu")  # theirs reaches the ranks unchanged
 
 
 def test_pretrain_dry_run_prints_every_phase_command(data, tmp_path, capsys):

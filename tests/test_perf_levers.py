@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bertscale.hf_format import load_hf, load_state_dict_into, save_hf
-from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, fast_dropout, padded_vocab_size
+from bertscale.model import (BertConfig, BertForPreTraining, PerfOptions, fast_dropout, masked_lm_loss,
+                             padded_vocab_size)
 
 V, S, B = 503, 16, 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ def assert_same(plain, fast, data, rtol=1.3e-6, atol=1e-5):
 
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("lever", [dict(fused_qkv=True), dict(skip_full_mask=True), dict(gradient_checkpointing=True),
-                                   dict(pad_vocab_multiple=64), dict(sparse_last_layer=True),
+                                   dict(pad_vocab_multiple=64), dict(sparse_last_layer=True), dict(fused_mlm_loss=True),
                                    dict(sparse_last_layer=True, gradient_checkpointing=True), PerfOptions().__dict__])
 def test_lever_matches_plain_path(lever, padded):
     plain, fast = reference(config(), **lever)
@@ -76,7 +77,7 @@ def test_lever_matches_plain_path(lever, padded):
 
 def test_defaults_are_the_fast_cpu_path():
     p = PerfOptions()
-    assert p.fused_qkv and p.fast_dropout and p.skip_full_mask and p.sparse_last_layer
+    assert p.fused_qkv and p.fast_dropout and p.skip_full_mask and p.sparse_last_layer and p.fused_mlm_loss
     assert not p.compile and not p.gradient_checkpointing and p.pad_vocab_multiple == 1
     assert PerfOptions.for_device("cuda").pad_vocab_multiple == 64
     assert PerfOptions().with_overrides(["compile=true", "pad_vocab_multiple=8"]) == replace(p, compile=True,
@@ -175,6 +176,18 @@ def test_bench_step_reports_every_figure(capsys):
     assert r["config"]["masked_per_seq"] > 0 and r["ratio"] > 0
 
 
+def test_bench_levers_times_default_against_variant(capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_levers import main
+
+    main(["--preset", "tiny", "--seq-len", "32", "--batch", "2", "--iters", "1", "--lever", "fused_mlm_loss=false",
+          "--json"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["default"]["fused_mlm_loss"] and not r["variant"]["fused_mlm_loss"] and r["speedup"] > 0
+    # an exact lever on the same weights, batch and dropout draws: the same first loss
+    assert r["first_losses"]["default"] == pytest.approx(r["first_losses"]["variant"], rel=1e-5)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -195,3 +208,27 @@ def test_gpu_bench_runs_bf16():
 
     r = bench("base", seq_len=128, batch=8, precision="bf16", iters=2, warmup=1, lamb=False)
     assert 0 < r["ours_mfu"] < 1 and r["ours_peak_mem_gib"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_lm_loss_is_cross_entropy_and_argmax(dtype):
+    """The fused head loss: the value, the correct count and the gradient of cross_entropy + argmax."""
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(37, 211, generator=g) * 4).to(dtype)
+    logits[3, 7] = logits[3, 9] = logits[3].max() + 1  # a tie: argmax takes the first
+    targets = torch.randint(0, 211, (37,), generator=g)
+    targets[3], targets[5] = 7, int(logits[5].float().argmax())
+    a = logits.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(a.float(), targets, reduction="sum")
+    want_correct = (a.float().argmax(-1) == targets).sum()
+    (want * 0.3).backward()
+    b = logits.clone().requires_grad_()
+    got, correct = masked_lm_loss(b, targets)
+    (got * 0.3).backward()
+    assert got.dtype == torch.float32 and int(correct) == int(want_correct) >= 2
+    torch.testing.assert_close(got, want)
+    assert b.grad.dtype == dtype
+    torch.testing.assert_close(b.grad.float(), a.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-3 if dtype == torch.bfloat16 else 1e-7)
+    empty, none = masked_lm_loss(torch.zeros(0, 211, requires_grad=True), torch.zeros(0, dtype=torch.long))
+    assert float(empty) == 0.0 and int(none) == 0
