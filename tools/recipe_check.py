@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global-batch", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--lamb-lr", type=float, default=2e-2)
+    parser.add_argument("--lamb-lr", type=float, default=1e-2)
     parser.add_argument("--adamw-lr", type=float, default=2e-3)
     parser.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args(argv)
