@@ -13,7 +13,6 @@ import difflib
 import json
 import math
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -478,15 +477,6 @@ def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
         hostfile=absolute(cfg.distributed.hostfile))
     cfg.phases = [dataclasses.replace(p, data=absolute(p.data)) for p in cfg.phases]
     return cfg
-
-
-def save_resolved(cfg: RunConfig, path: Path) -> None:
-    """Write the resolved configuration atomically; the temporary name is unique to this process, so
-    launchers on several nodes sharing one run.out_dir never rename each other's half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def describe() -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bertscale import checkpoint as ckpt
 from bertscale.config import (ConfigError, PhaseSection, RunConfig, accumulation_steps, load_config,
-                              resolve_paths, save_resolved)
+                              resolve_paths)
 
 log = logging.getLogger("bertscale.launcher")
 
@@ -361,9 +361,10 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     if cfg.distributed.no_ssh and not cfg.distributed.hostfile:
         no_ssh_hostfile(cfg, accelerator)
-    save_resolved(cfg, node_file(cfg, "run_config.json"))
+    resolved = json.dumps(cfg.to_dict(), indent=2) + "\n"  # what the workers load (bertscale.config)
+    write_atomic(node_file(cfg, "run_config.json"), resolved)
     if cfg.distributed.node_rank in (None, 0):
-        save_resolved(cfg, out / "run_config.json")  # the run's own record (tools/run_summary.py reads it)
+        write_atomic(out / "run_config.json", resolved)  # the run's own record (tools/run_summary.py reads it)
     env_file = node_file(cfg, ".deepspeed_env")
     write_atomic(env_file, "".join(f"{k}={v}\n" for k, v in env.items()))
     if source is not None:
