@@ -24,6 +24,8 @@ import queue
 import tarfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -294,11 +296,17 @@ def _build_file(job: dict, progress=None) -> dict:
     return {"file_index": file_index, "records": records, "tokens": tokens}
 
 
-def _pool_job(args: tuple[dict, object]) -> dict:
-    job, q = args
+_PROGRESS = None  # in a build worker process: the queue its progress goes to
 
+
+def _init_worker(q) -> None:
+    global _PROGRESS
+    _PROGRESS = q
+
+
+def _pool_job(job: dict) -> dict:
     def progress(tokens: int, docs: int) -> None:
-        q.put((tokens, docs))
+        _PROGRESS.put((tokens, docs))
 
     return _build_file(job, progress)
 
@@ -420,23 +428,36 @@ def build_shards(
             done(_build_file(job, progress))
     else:
         ctx = mp.get_context("spawn")  # fork after threads (tqdm, torch, tokenizers) can deadlock
-        with ctx.Manager() as manager, ctx.Pool(n_workers) as pool:
-            q = manager.Queue()
-            pending = pool.imap_unordered(_pool_job, [({**job, "in_pool": True}, q) for job in jobs])
-            finished = 0
-            while finished < len(jobs):
+        q = ctx.Queue()
+
+        def drain() -> None:
+            while True:
                 try:
-                    res = pending.next(timeout=0.2)
-                except mp.TimeoutError:
-                    res = None
-                while True:
-                    try:
-                        progress(*q.get_nowait())
-                    except queue.Empty:
-                        break
-                if res is not None:
-                    done(res)
-                    finished += 1
+                    progress(*q.get_nowait())
+                except queue.Empty:
+                    return
+
+        # an executor, not mp.Pool: a worker that dies (OOM killer, segfault) breaks the pool and
+        # raises here, where mp.Pool would replace the worker and wait for its lost task forever
+        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
+            futures = {pool.submit(_pool_job, {**job, "in_pool": True}): job for job in jobs}
+            pending = set(futures)
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    drain()
+                    for fut in finished:
+                        try:
+                            done(fut.result())
+                        except BrokenProcessPool as e:
+                            raise RuntimeError(f"a shard build worker died while building {futures[fut]['path']} "
+                                               "(killed for memory? see the system log); rerun the same command "
+                                               "to resume: finished files are kept") from e
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()  # do not start files we will not record; running ones finish or die
+                raise
+            drain()
     bar.close()
     elapsed = time.perf_counter() - start
     manifests = {L: _write_manifest(targets[L], L, [results[i][L] for i in range(len(files))], params, info,

@@ -1,8 +1,10 @@
 """Shard building at scale: parallel, several sequence lengths in one pass, restartable; reading checks."""
 
-import json
 import logging
 import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -40,6 +42,37 @@ def test_parallel_equals_serial_and_two_lengths_in_one_pass(corpus_dir, tokenize
         assert len(keys) == len(set(keys)) == m["splits"]["train"]["samples"]
     assert both[32]["splits"]["train"]["samples"] > both[64]["splits"]["train"]["samples"]
     assert both[32]["corpus_tokens"] == both[64]["corpus_tokens"]  # one tokenization
+
+
+def test_a_worker_that_dies_fails_the_build_instead_of_hanging(tokenizer_dir, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    for i in range(2):
+        write_generated_corpus(corpus / f"part{i}.txt", n_docs=6000, seed=i)
+    outcome = {}
+
+    def build():
+        try:
+            build_shards([corpus], tokenizer_dir, 64, tmp_path / "out", workers=2, **KW)
+            outcome["result"] = "finished"
+        except RuntimeError as e:
+            outcome["result"] = e
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    me, victim, deadline = psutil.Process(), None, time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        # a build worker: a spawned child busy at work (the executor also starts a queue feeder thread only)
+        busy = [c for c in me.children(recursive=True) if c.cpu_percent(interval=0.2) > 20]
+        victim = busy[0] if busy else None
+    assert victim is not None, "no busy build worker seen"
+    victim.send_signal(signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the build hung after its worker died"
+    err = outcome["result"]
+    assert isinstance(err, RuntimeError) and "worker died" in str(err) and "part" in str(err)
+    assert not (tmp_path / "out" / "index.json").exists()
 
 
 def test_restart_keeps_finished_files_and_ignores_partial_shards(corpus_dir, tokenizer_dir, tmp_path):
