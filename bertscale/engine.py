@@ -46,6 +46,23 @@ class DistInfo:
     device: torch.device
 
 
+def _without_shm_inference_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from setting up its shared-memory allreduce.
+
+    Only DeepSpeed's tensor-parallel inference calls that allreduce; training never does. Setting it
+    up costs a g++ JIT build on a fresh machine (a minute on 2 cores, behind a lock that a rank killed
+    mid-build leaves for the next run to wait on forever) and a 69 MB buffer per rank in /dev/shm that
+    is never unlinked: every single-node run leaks 69 MB of RAM per rank, and where /dev/shm is small
+    (64 MB in a default container) the rank crashes (SIGSEGV). Marked incompatible, it is skipped and
+    gloo carries every collective, as it does for training anyway.
+    """
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # a dict that DeepSpeed consults
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> DistInfo:
     """Join the process group the deepspeed launcher set up (env:// rendezvous)."""
     import deepspeed
@@ -60,6 +77,8 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> DistInf
     c10d.default_pg_timeout = timeout
     if hasattr(c10d, "default_pg_nccl_timeout"):
         c10d.default_pg_nccl_timeout = timeout
+    if accelerator != "cuda":
+        _without_shm_inference_allreduce()
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -4,6 +4,7 @@ both phases, checkpoints, conversion, and parity of the converted model with `tr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +45,15 @@ def test_both_phases_leave_complete_checkpoints(trained):
     # two ranks wrote their own state beside DeepSpeed's shards
     assert (final2.path / "rank-00000.pt").is_file() and (final2.path / "rank-00001.pt").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_ranks_leave_nothing_in_dev_shm(trained):
+    # DeepSpeed's CPU backend would map (and never unlink) 69 MB per rank there for an allreduce that
+    # only its inference uses; bertscale.engine keeps it from doing so
+    tmp, _ = trained
+    port = json.loads((tmp / "run" / "run_config.json").read_text())["distributed"]["master_port"]
+    shm = Path("/dev/shm")
+    assert not (list(shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if shm.is_dir() else [])
 
 
 def test_phase2_starts_from_phase1_weights_and_trains(trained):
