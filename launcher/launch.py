@@ -386,7 +386,14 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
             forwarder.child = subprocess.Popen(
                 p.command, env={**os.environ, **env, "DS_ENV_FILE": str(env_file)}, cwd=out,
                 start_new_session=True)
-            returncode = forwarder.child.wait()
+            try:
+                returncode = forwarder.child.wait()
+            except BaseException:
+                # interrupted from inside this process (an embedding program's exception, a test's
+                # timeout): the ranks run in their own session and must not be left running behind us
+                os.killpg(forwarder.child.pid, signal.SIGKILL)
+                forwarder.child.wait()
+                raise
             forwarder.child = None
             finished = ckpt.final_of_phase(root, p.index) is not None
             if finished:
