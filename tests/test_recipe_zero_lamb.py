@@ -49,13 +49,11 @@ def _worker(rank: int, world: int, port: int, stage: int, shard_lamb: bool, out:
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    import deepspeed
-
     from bertscale.config import OptimizerSection, PhaseSection
-    from bertscale.engine import Engine, build_ds_config, zero_layouts
+    from bertscale.engine import Engine, build_ds_config, init_distributed, zero_layouts
     from bertscale.model import BertForPreTraining, preset_config
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("cpu")  # as bertscale.train joins the group (gloo)
     base = Path(out).with_suffix(".ds.json")
     if rank == 0:
         base.write_text(json.dumps({"zero_optimization": {"stage": stage, "overlap_comm": False,
