@@ -100,7 +100,7 @@ class DistributedSection:
 @dataclass
 class OptimizerSection:
     name: str = "lamb"
-    """lamb (DeepSpeed's fused kernel on CUDA, ours on CPU) or adamw."""
+    """lamb (bertscale.lamb on every accelerator: per-tensor trust ratios under any ZeRO stage) or adamw."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam moment decay rates."""
     eps: float = 1e-6
