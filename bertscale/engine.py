@@ -50,7 +50,7 @@ def _without_shm_inference_allreduce() -> None:
     """Keep DeepSpeed's CPU backend from setting up its shared-memory allreduce.
 
     Only DeepSpeed's tensor-parallel inference calls that allreduce; training never does. Setting it
-    up costs a g++ JIT build on a fresh machine (a minute on 2 cores, behind a lock that a rank killed
+    up costs a g++ JIT build on a fresh machine (23 s on a 2-core machine, behind a lock that a rank killed
     mid-build leaves for the next run to wait on forever) and a 69 MB buffer per rank in /dev/shm that
     is never unlinked: every single-node run leaks 69 MB of RAM per rank, and where /dev/shm is small
     (64 MB in a default container) the rank crashes (SIGSEGV). Marked incompatible, it is skipped and

@@ -454,8 +454,7 @@ def build_shards(
                                                "(killed for memory? see the system log); rerun the same command "
                                                "to resume: finished files are kept") from e
             except BaseException:
-                for fut in pending:
-                    fut.cancel()  # do not start files we will not record; running ones finish or die
+                pool.shutdown(cancel_futures=True)  # start no file we would not record
                 raise
             drain()
     bar.close()

@@ -299,12 +299,20 @@ class _Forwarder:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def kill(self) -> None:
+        """SIGKILL the deepspeed launcher's whole session (it and every rank it started)."""
+        if self.child is not None:
+            try:
+                os.killpg(self.child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already gone
+
     def _handle(self, signum: int, frame) -> None:
         self.signalled += 1
         if self.child is None:
             return
         if self.signalled > 1:
-            os.killpg(self.child.pid, signal.SIGKILL)
+            self.kill()
             return
         log.warning("received %s: asking every rank to save and stop", signal.Signals(signum).name)
         import psutil
@@ -391,7 +399,7 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
             except BaseException:
                 # interrupted from inside this process (an embedding program's exception, a test's
                 # timeout): the ranks run in their own session and must not be left running behind us
-                os.killpg(forwarder.child.pid, signal.SIGKILL)
+                forwarder.kill()
                 forwarder.child.wait()
                 raise
             forwarder.child = None

@@ -433,3 +433,43 @@ def test_pretrain_dry_run_refuses_bad_preflight(data, tmp_path, capsys):
     with pytest.raises(ConfigError, match="seq_len 128 but the phase trains at 512"):
         pretrain(str(config), [f"phases.phase2.data={data['d128']}"], dry_run=True)
     assert "--module" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_exception_inside_pretrain_kills_its_ranks(data, tmp_path):
+    """The ranks run in their own session: an exception raised in the launcher's process while it waits
+    (an embedding program's, or this suite's per-test timeout) must not leave them training on."""
+    import signal
+    import threading
+
+    psutil = pytest.importorskip("psutil")
+    config = write_config(tmp_path, data, out=tmp_path / "run", steps=(400, 2))
+
+    def ranks() -> list:
+        alive = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if ("-m bertscale.train --local_rank" in cmd and str(tmp_path) in cmd
+                    and proc.info["status"] != psutil.STATUS_ZOMBIE):
+                alive.append(proc)
+        return alive
+
+    def interrupt_once_training() -> None:
+        deadline = time.monotonic() + 120
+        while len(ranks()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # into training
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def raise_interrupted(signum, frame):
+        raise TimeoutError("interrupted by the test")
+
+    previous = signal.signal(signal.SIGUSR1, raise_interrupted)
+    try:
+        threading.Thread(target=interrupt_once_training, daemon=True).start()
+        with pytest.raises(TimeoutError, match="interrupted by the test"):
+            pretrain(str(config))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    gone, alive = psutil.wait_procs(ranks(), timeout=10)
+    assert not alive, f"ranks still running after the launcher was interrupted: {[p.pid for p in alive]}"
