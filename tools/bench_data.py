@@ -51,19 +51,22 @@ def tokenizer_rate(files: list[Path], tokenizer_dir: Path) -> tuple[float, int]:
     return tokens / (time.perf_counter() - start), tokens
 
 
-def loader_rate(data_dir: Path, tokenizer_dir: Path, micro_batch: int, max_batches: int) -> float:
+def loader_rate(data_dir: Path, tokenizer_dir: Path, micro_batch: int, max_samples: int) -> float:
+    """Samples/s of the loader over up to max_samples samples (or an epoch), every shard read inside the
+    timing: a shard is read whole, so timing a few batches past one shard read measures mostly that read."""
     # imported here: the builder's spawned processes re-import this script, and torch (which the
     # loader needs) would add seconds of start-up to each of them
+    import torch
+
     from bertscale.loader import PretrainingLoader
 
+    torch.set_num_threads(1)  # one core: the figure is per core
     info = tokenizer_info(tokenizer_dir)
     loader = PretrainingLoader(data_dir, micro_batch=micro_batch, rank=0, world_size=1, seed=1, tokenizer=info,
                                num_workers=0)
-    n = min(max_batches, loader_batches(loader))
-    it = iter(loader)
-    next(it)  # first shard read and imports outside the timing
+    n = min(max(1, max_samples // micro_batch), loader_batches(loader))
     start = time.perf_counter()
-    samples = sum(int(b["input_ids"].shape[0]) for b in itertools.islice(it, n - 1))
+    samples = sum(int(b["input_ids"].shape[0]) for b in itertools.islice(iter(loader), n))
     return samples / (time.perf_counter() - start)
 
 
@@ -74,7 +77,7 @@ def loader_batches(loader) -> int:
     return int(per_epoch) if per_epoch else 10**9
 
 
-def bench(corpus: Path | None, workers: int, work: Path, max_docs: int, vocab_size: int, max_batches: int,
+def bench(corpus: Path | None, workers: int, work: Path, max_docs: int, vocab_size: int, max_samples: int,
           repeat: int = 1) -> dict:
     if corpus is None:
         corpus = work / "stdlib.txt"
@@ -91,8 +94,8 @@ def bench(corpus: Path | None, workers: int, work: Path, max_docs: int, vocab_si
         "tokenizer_tokens_per_s": round(tok_rate),
         "build_tokens_per_s": round(build_rate),
         "build_to_tokenizer": round(build_rate / tok_rate, 3),
-        "loader_samples_per_s_per_core_128": round(loader_rate(work / "shards" / "seq128", tok_dir, 32, max_batches)),
-        "loader_samples_per_s_per_core_512": round(loader_rate(work / "shards" / "seq512", tok_dir, 8, max_batches)),
+        "loader_samples_per_s_per_core_128": round(loader_rate(work / "shards" / "seq128", tok_dir, 32, max_samples)),
+        "loader_samples_per_s_per_core_512": round(loader_rate(work / "shards" / "seq512", tok_dir, 8, max_samples)),
         "corpus_tokens": tokens,
         "build_workers": workers,
         "cores": os.cpu_count(),
@@ -108,11 +111,12 @@ def main() -> None:
                         help="deal the corpus this many times over, so that the builder's start-up (process spawn, "
                              "tokenizer load: about half a second) does not dominate its rate")
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--max-batches", type=int, default=300, help="loader batches timed per length")
+    parser.add_argument("--max-samples", type=int, default=40000,
+                        help="loader samples timed per length (at most one epoch)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        result = bench(args.corpus, max(1, args.workers), Path(tmp), args.max_docs, args.vocab_size, args.max_batches,
+        result = bench(args.corpus, max(1, args.workers), Path(tmp), args.max_docs, args.vocab_size, args.max_samples,
                        max(1, args.repeat))
     if args.json:
         print(json.dumps(result))
