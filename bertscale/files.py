@@ -1,0 +1,125 @@
+"""Writing files safely: every file bertscale writes goes through here.
+
+- ``write_atomic(path, data)``: text or bytes written to a temporary name unique to this host and
+  process, flushed, then renamed over ``path``. A reader (another rank, another node's launcher, a
+  resumed run) sees the old file or the whole new one, never half of one.
+- ``atomic_output(path)``: the same for writers that want a path of their own (``torch.save``,
+  safetensors, a tar writer): write to the yielded temporary path; it is renamed into place when
+  the block ends without an exception and removed when it does not.
+- ``ExclusiveLock(path, what)``: a POSIX record lock (``fcntl.lockf``, which NFS honours) held for as
+  long as the owning process lives. The lock file records host, pid and start time so the refusal
+  names the owner; a crashed owner's lock is released by the kernel, so nothing is left stuck.
+
+Files get the permissions of the process's umask (readable by the group, like any other output),
+not the 0600 of ``tempfile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _describe_os_error(exc: OSError, path: Path) -> OSError:
+    """The same error class, with a message that names the file and says what happened in words."""
+    if exc.errno == errno.ENOSPC:
+        return OSError(exc.errno, f"no space left on device while writing {path}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OSError(exc.errno, f"cannot write {path}: permission denied or read-only file system")
+    return OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place if the block succeeds."""
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _describe_os_error(exc, path) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` (str as UTF-8) to ``path`` so that no reader ever sees a partial file."""
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock; the message names it."""
+
+
+class ExclusiveLock:
+    """An exclusive lock on ``path`` for the life of this process (or until ``release``).
+
+    ``what`` names the guarded thing in the refusal, e.g. ``"run directory runs/bert"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path, self.what = Path(path), what
+        self._fd: int | None = None
+
+    def acquire(self) -> ExclusiveLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise LockedError(f"{self.what} is in use by {self.owner()}; wait for it to finish or stop it, "
+                              f"or use another directory") from None
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def owner(self) -> str:
+        """Who holds (or last held) the lock, in words."""
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "another process"
+        return f"pid {info.get('pid')} on {info.get('host')} (since {info.get('since')})"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ExclusiveLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
