@@ -246,6 +246,8 @@ MALFORMED = {
     "wrong column count": ({"train.tsv": "sentence\tlabel\ngood\t1\nno tab here\nbad\t0\n",
                             "dev.tsv": "sentence\tlabel\nx\t1\n"},
                            ["{dir}/train.tsv:3", "1 tab-separated columns, expected 2"]),
+    "extra column": ({"train.tsv": "sentence\tlabel\ngood\t1\nbad\t0\ta tab\t1\n", "dev.tsv": "sentence\tlabel\nx\t1\n"},
+                     ["{dir}/train.tsv:3", "4 tab-separated columns, expected 2"]),
     "missing label column": ({"train.tsv": "sentence\tpolarity\ngood\t1\n", "dev.tsv": "sentence\tlabel\nx\t1\n"},
                              ["{dir}/train.tsv:1", "include no label column", "`sentence` + `label`"]),
     "missing text column": ({"train.tsv": "premise\tlabel\ngood\t1\n", "dev.tsv": "sentence\tlabel\nx\t1\n"},
