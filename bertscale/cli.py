@@ -75,7 +75,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
     results = finetune(args.model, args.task, from_scratch=args.from_scratch, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, max_seq_len=args.max_seq_len, warmup=args.warmup,
-                       weight_decay=args.weight_decay, seed=args.seed, device=args.device)
+                       weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+                       skip_malformed=args.skip_malformed)
     print(json.dumps(results))
     return 0
 
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="masking seed")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("finetune", formatter_class=fmt, help="fine-tune a sentence(-pair) classifier: did pretraining help?",
+    p = sub.add_parser("finetune", formatter_class=fmt,
+                       help="fine-tune a sentence(-pair) classifier: did pretraining help?",
                        description="Fine-tune the model's encoder with a classifier on [CLS] (as Hugging Face's "
                                    "BertForSequenceClassification) on a labelled task, then print one JSON line of "
                                    "dev-set metrics: accuracy and Matthews correlation (CoLA's metric; multi-class "
@@ -193,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
     p.add_argument("--seed", type=int, default=42, help="seed of the head, the scratch weights, shuffling, dropout")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    p.add_argument("--skip-malformed", action="store_true",
+                   help="drop TSV rows with the wrong number of columns (as GLUE's reference scripts do for QQP) "
+                        "instead of stopping; their count is skipped_rows in the output")
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on a small corpus",

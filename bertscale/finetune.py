@@ -85,6 +85,8 @@ class TaskData:
     train: Sequence[Example]
     dev: Sequence[Example]
     name: str = "task"
+    skipped: Sequence[str] = ()
+    """Where rows were dropped for a wrong column count (``load_task(..., skip_malformed=True)``)."""
 
     def __post_init__(self) -> None:
         splits = {}
@@ -193,8 +195,10 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     return lines
 
 
-def _read_tsv(path: Path) -> list[Example]:
-    """Examples of a GLUE-style TSV file; the layout is recognised from its header (see ``_LAYOUT_HELP``)."""
+def _read_tsv(path: Path, skipped: list[str] | None = None) -> list[Example]:
+    """Examples of a GLUE-style TSV file; the layout is recognised from its header (see ``_LAYOUT_HELP``).
+
+    A row with the wrong number of columns is an error, or, given a ``skipped`` list, recorded there."""
     lines = _read_lines(path)
     columns = _recognise_columns(path, lines[0][1].split("\t"))
     if columns.header:
@@ -205,12 +209,19 @@ def _read_tsv(path: Path) -> list[Example]:
     for number, line in lines:
         fields = line.split("\t")
         if len(fields) != columns.count:
+            if skipped is not None:
+                skipped.append(f"{path}:{number}")
+                continue
             raise TaskFormatError(
                 f"{path}:{number}: {len(fields)} tab-separated columns, expected {columns.count} "
-                f"(layout {columns.layout}); a tab inside a sentence or a missing field breaks the row")
+                f"(layout {columns.layout}); a tab inside a sentence or a missing field breaks the row. GLUE's "
+                f"original QQP and SNLI files have a few such rows, which the reference scripts drop: pass "
+                f"--skip-malformed (skip_malformed=True) to drop them too, counted in the output")
         examples.append(Example(text=fields[columns.text], label=fields[columns.label],
                                 text_b=None if columns.text_b is None else fields[columns.text_b],
                                 where=f"{path}:{number}"))
+    if not examples:
+        raise TaskFormatError(f"{path} has no well-formed rows ({len(skipped or ())} skipped)")
     return examples
 
 
@@ -231,19 +242,17 @@ def _read_jsonl(path: Path) -> list[Example]:
     return examples
 
 
-_READERS = {".tsv": _read_tsv, ".jsonl": _read_jsonl}
-
-
-def load_task(task_dir: str | os.PathLike) -> TaskData:
+def load_task(task_dir: str | os.PathLike, skip_malformed: bool = False) -> TaskData:
     """Read ``train`` and ``dev`` files of one format (``.tsv`` or ``.jsonl``) from ``task_dir``.
 
-    MNLI's dev set is ``dev_matched.tsv``; it is used when there is no ``dev.tsv``.
+    MNLI's dev set is ``dev_matched.tsv``; it is used when there is no ``dev.tsv``. ``skip_malformed``
+    drops TSV rows with the wrong number of columns (listed in ``TaskData.skipped``) instead of refusing.
     """
     d = Path(task_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"task directory {d} does not exist; give the folder that holds train.tsv and "
                                 f"dev.tsv (or train.jsonl and dev.jsonl)")
-    found = [ext for ext in _READERS if (d / f"train{ext}").is_file()]
+    found = [ext for ext in (".tsv", ".jsonl") if (d / f"train{ext}").is_file()]
     if not found:
         raise FileNotFoundError(f"{d} has no train.tsv or train.jsonl; a task directory holds train.tsv + "
                                 f"dev.tsv (GLUE's layout) or train.jsonl + dev.jsonl")
@@ -255,7 +264,13 @@ def load_task(task_dir: str | os.PathLike) -> TaskData:
     if dev is None:
         raise FileNotFoundError(f"{d} has train{ext} but no dev{ext} (MNLI's dev_matched{ext} is also "
                                 f"accepted); finetune reports its figures on the dev set, so provide one")
-    return TaskData(train=_READERS[ext](d / f"train{ext}"), dev=_READERS[ext](dev), name=d.name)
+    skipped: list[str] | None = [] if skip_malformed else None
+
+    def read(path: Path) -> list[Example]:
+        return _read_tsv(path, skipped) if ext == ".tsv" else _read_jsonl(path)
+
+    train = read(d / f"train{ext}")
+    return TaskData(train=train, dev=read(dev), name=d.name, skipped=tuple(skipped or ()))
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -457,16 +472,20 @@ def _check_settings(epochs: int, lr: float, batch_size: int, max_seq_len: int, w
 
 def finetune(model_dir: str | os.PathLike, task: str | os.PathLike | TaskData, *, from_scratch: bool = False,
              epochs: int = 3, lr: float = 5e-5, batch_size: int = 32, max_seq_len: int = 128,
-             warmup: float = 0.1, weight_decay: float = 0.01, seed: int = 42,
-             device: str = "auto") -> dict[str, Any]:
+             warmup: float = 0.1, weight_decay: float = 0.01, seed: int = 42, device: str = "auto",
+             skip_malformed: bool = False) -> dict[str, Any]:
     """Fine-tune a classifier on ``task`` (a task directory or ``TaskData``) and score it on the dev set.
 
     Returns a flat dict: the metrics (``accuracy``, ``mcc``; ``f1`` and ``positive_label`` for two
     classes), ``init`` (``pretrained`` or ``scratch``), the settings, example counts and ``seconds``.
+    ``skip_malformed`` is passed to ``load_task``; the rows it dropped are counted in ``skipped_rows``.
     """
     _check_settings(epochs, lr, batch_size, max_seq_len, warmup, weight_decay)
     started = time.perf_counter()
-    data = task if isinstance(task, TaskData) else load_task(task)
+    data = task if isinstance(task, TaskData) else load_task(task, skip_malformed=skip_malformed)
+    if data.skipped:
+        log.warning("skipped %d rows with the wrong number of columns: %s%s", len(data.skipped),
+                    ", ".join(data.skipped[:5]), " ..." if len(data.skipped) > 5 else "")
     dev = _resolve_device(device)
     tok = load_pair_tokenizer(model_dir, max_seq_len)
     model = build_classifier(model_dir, len(data.labels), from_scratch=from_scratch, seed=seed)
@@ -525,6 +544,7 @@ def finetune(model_dir: str | os.PathLike, task: str | os.PathLike | TaskData, *
         "train_examples": len(train_rows),
         "dev_examples": len(dev_rows),
         "truncated_examples": train_cut + dev_cut,
+        "skipped_rows": len(data.skipped),
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_seq_len": max_seq_len,
         "warmup": warmup, "weight_decay": weight_decay, "seed": seed,
         "device": dev.type,

@@ -76,7 +76,7 @@ def test_learns_a_single_sentence_task_and_reports_every_metric(model_dir, word_
     assert result["positive_label"] == "1" and result["labels"] == ["0", "1"]
     assert result["init"] == "pretrained" and result["task"] == "sst"
     assert result["train_examples"] == 240 and result["dev_examples"] == 80
-    assert result["device"] == "cpu" and math.isfinite(result["train_loss"])
+    assert result["device"] == "cpu" and math.isfinite(result["train_loss"]) and result["skipped_rows"] == 0
     json.dumps(result)  # the CLI prints it as one JSON line
 
 
@@ -245,8 +245,9 @@ MALFORMED = {
     # name: ({file: contents}, fragments the error must contain; "{dir}" is the task folder)
     "wrong column count": ({"train.tsv": "sentence\tlabel\ngood\t1\nno tab here\nbad\t0\n",
                             "dev.tsv": "sentence\tlabel\nx\t1\n"},
-                           ["{dir}/train.tsv:3", "1 tab-separated columns, expected 2"]),
-    "extra column": ({"train.tsv": "sentence\tlabel\ngood\t1\nbad\t0\ta tab\t1\n", "dev.tsv": "sentence\tlabel\nx\t1\n"},
+                           ["{dir}/train.tsv:3", "1 tab-separated columns, expected 2", "--skip-malformed"]),
+    "extra column": ({"train.tsv": "sentence\tlabel\ngood\t1\nbad\t0\ta tab\t1\n",
+                      "dev.tsv": "sentence\tlabel\nx\t1\n"},
                      ["{dir}/train.tsv:3", "4 tab-separated columns, expected 2"]),
     "missing label column": ({"train.tsv": "sentence\tpolarity\ngood\t1\n", "dev.tsv": "sentence\tlabel\nx\t1\n"},
                              ["{dir}/train.tsv:1", "include no label column", "`sentence` + `label`"]),
@@ -293,6 +294,17 @@ def test_malformed_task_files_are_refused_naming_file_and_line(case, tmp_path):
         assert fragment.format(dir=tmp_path) in str(info.value)
 
 
+def test_skip_malformed_drops_rows_with_the_wrong_column_count_and_lists_them(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nno tab here\nbad\t0\nx\ty\t1\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    data = load_task(tmp_path, skip_malformed=True)
+    assert [ex.text for ex in data.train] == ["good", "bad"]
+    assert data.skipped == (f"{tmp_path / 'train.tsv'}:3", f"{tmp_path / 'train.tsv'}:5")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nbroken\n")
+    with pytest.raises(TaskFormatError, match="dev.tsv has no well-formed rows"):
+        load_task(tmp_path, skip_malformed=True)
+
+
 def test_in_memory_tasks_name_the_example():
     with pytest.raises(TaskFormatError, match=r"dev\[1\]: label 'maybe' never occurs"):
         TaskData(train=[Example("a", "yes"), Example("b", "no")], dev=[Example("c", "no"), Example("d", "maybe")])
@@ -314,15 +326,19 @@ def test_settings_are_checked_before_any_work(model_dir, word_groups, tmp_path):
 
 def test_cli_prints_one_json_line(model_dir, word_groups, tmp_path):
     task = write_sst2(tmp_path / "sst", word_groups, n_train=48, n_dev=16)
+    with open(task / "train.tsv", "a") as f:
+        f.write("a row\twith a tab\t1\n")
     proc = subprocess.run(
         [sys.executable, "-m", "bertscale.cli", "finetune", "--model", str(model_dir), "--task", str(task),
-         "--from-scratch", "--epochs", "1", "--max-seq-len", "32", "--batch-size", "16"],
+         "--from-scratch", "--epochs", "1", "--max-seq-len", "32", "--batch-size", "16", "--skip-malformed"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout
     result = json.loads(lines[0])
     assert result["init"] == "scratch" and result["epochs"] == 1 and result["dev_examples"] == 16
+    assert result["skipped_rows"] == 1 and result["train_examples"] == 48
+    assert "train.tsv:50" in proc.stderr  # the warning names the dropped row
     assert {"accuracy", "mcc", "f1", "positive_label"} <= set(result)
     assert "epoch 1/1" in proc.stderr  # progress goes to stderr, never into the JSON line
 
