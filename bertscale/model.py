@@ -410,7 +410,8 @@ class AttentionRows:
         empty slot's query row attends uniformly instead of producing NaN; its output is dropped)."""
         seg = self.segment
         same = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :]
-        return torch.zeros(same.shape, dtype=dtype, device=seg.device).masked_fill_(~same, torch.finfo(dtype).min)[:, None]
+        bias = torch.zeros(same.shape, dtype=dtype, device=seg.device)
+        return bias.masked_fill_(~same, torch.finfo(dtype).min)[:, None]
 
 
 def unpadded_attention_kernel(choice: str, device_type: str) -> str:

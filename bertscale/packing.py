@@ -77,7 +77,22 @@ from bertscale.masking import IGNORE_INDEX
 
 UNPADDED_KEYS = ("input_ids", "labels", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen",
                  "next_sentence_label")
-"""What ``unpadded_batch`` returns (plus ``sample_ids`` on request); the model's keyword arguments."""
+"""What ``unpadded_batch`` returns (plus ``sample_ids`` on request): the model's keyword arguments."""
+PADDED_KEYS = ("input_ids", "labels", "token_type_ids", "attention_mask", "next_sentence_label")
+"""The model's keyword arguments in a padded batch (``loader.collate``)."""
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor | int]) -> dict[str, torch.Tensor | int]:
+    """``BertForPreTraining``'s keyword arguments from a padded or unpadded batch (``sample_ids`` and
+    other bookkeeping left out): ``model(**model_inputs(batch))`` whatever the layout."""
+    keys = UNPADDED_KEYS if "cu_seqlens" in batch else PADDED_KEYS
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def batch_to(batch: Mapping[str, torch.Tensor | int], device: torch.device | str,
+             non_blocking: bool = False) -> dict[str, torch.Tensor | int]:
+    """The batch's tensors on ``device``; ``max_seqlen`` stays a host int (the kernels read it there)."""
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def unpadded_batch(samples: Sequence[Mapping], with_sample_ids: bool = False) -> dict[str, torch.Tensor | int]:

@@ -16,7 +16,8 @@ from bertscale.loader import collate, eval_batches
 from bertscale.masking import IGNORE_INDEX
 from bertscale.model import (BertConfig, BertForPreTraining, PerfOptions, UnpaddedLayout, attention_rows,
                              unpadded_attention_kernel)
-from bertscale.packing import (computed_tokens, real_tokens, samples_from_padded, unpad, unpadded_batch)
+from bertscale.packing import (batch_to, computed_tokens, model_inputs, real_tokens, samples_from_padded, unpad,
+                               unpadded_batch)
 from bertscale.tokenizer import tokenizer_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,12 @@ def test_unpadded_batch_layout():
     assert all(torch.equal(v, unpadded_batch(s)[k]) for k, v in unpadded_batch(s).items() if torch.is_tensor(v))
     padded = collate(s, pad_id=0, with_sample_ids=True)
     assert real_tokens(padded) == 17 and computed_tokens(padded) == 3 * 8
+    assert set(model_inputs(b)) == {"input_ids", "labels", "token_type_ids", "position_ids", "cu_seqlens",
+                                    "max_seqlen", "next_sentence_label"}
+    assert set(model_inputs(padded)) == {"input_ids", "labels", "token_type_ids", "attention_mask",
+                                         "next_sentence_label"}
+    moved = batch_to(b, "cpu")
+    assert moved["max_seqlen"] == 7 and torch.equal(moved["cu_seqlens"], b["cu_seqlens"])
 
 
 def test_unpadded_batch_refuses_malformed_samples():
@@ -102,10 +109,6 @@ def twin_models(cfg: BertConfig, perf: PerfOptions) -> tuple[BertForPreTraining,
     fast = BertForPreTraining(cfg, perf)
     load_state_dict_into(fast, plain.state_dict())
     return plain.train(), fast.train()
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "sample_ids"}
 
 
 def per_sample_losses(model: BertForPreTraining, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -225,7 +228,8 @@ def test_unpadded_input_errors_teach(real_batch, info):
 def test_attention_kernel_dispatch():
     assert unpadded_attention_kernel("auto", "cuda") == "jagged"
     assert unpadded_attention_kernel("auto", "cpu") == "rows"
-    assert unpadded_attention_kernel("rows", "cuda") == "rows" and unpadded_attention_kernel("jagged", "cpu") == "jagged"
+    assert unpadded_attention_kernel("rows", "cuda") == "rows"
+    assert unpadded_attention_kernel("jagged", "cpu") == "jagged"
     with pytest.raises(ValueError, match="unpadded_attention must be one of auto, jagged, rows"):
         unpadded_attention_kernel("flex", "cuda")
     with pytest.raises(ValueError, match="unpadded_attention must be one of"):
@@ -271,11 +275,12 @@ def test_bench_step_data_reports_padded_and_unpadded(shard_dir, tokenizer_dir, t
     with pytest.raises(FileNotFoundError, match="holds no shard directory"):
         shard_dirs_in(tmp_path / "data64" / "train")
     main(["--preset", "tiny", "--data", str(shard_dir), "--tokenizer", str(tokenizer_dir), "--batch", "6",
-          "--iters", "2", "--warmup", "1", "--json"])
+          "--iters", "2", "--warmup", "1", "--clock", "cpu", "--threads", "1", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     r = json.loads(out[-1])
     x = r["lengths"]["64"]
-    assert x["batch"] == 6 and x["seq_len"] == 64 and r["config"]["vocab"] == tokenizer_info(tokenizer_dir).vocab_size
+    assert r["clock"] == "cpu" and x["batch"] == 6 and x["seq_len"] == 64
+    assert r["config"]["vocab"] == tokenizer_info(tokenizer_dir).vocab_size
     p, u = x["padded"], x["unpadded"]
     assert p["real_tokens_per_step"] == u["real_tokens_per_step"] > 0
     assert 0 < p["fill"] < 1 and u["fill"] == 1.0 and 0 < u["attention_fill"] <= 1
@@ -293,7 +298,7 @@ def test_gpu_jagged_attention_matches_padded(real_batch, info):
     plain, fast = twin_models(small_config(info.vocab_size), PerfOptions.for_device("cuda"))
     plain, fast = plain.cuda(), fast.cuda()
     padded = {k: v.cuda() for k, v in real_batch.items()}
-    unpadded = {k: v.cuda() if torch.is_tensor(v) else v for k, v in unpad(real_batch).items()}
+    unpadded = batch_to(unpad(real_batch), "cuda")
     out_p, grads_p = loss_and_grads(plain, padded)
     out_u, grads_u = loss_and_grads(fast, unpadded)
     torch.testing.assert_close(out_u.loss, out_p.loss, rtol=1e-4, atol=1e-4)

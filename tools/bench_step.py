@@ -53,7 +53,8 @@ from bertscale.masking import IGNORE_INDEX, mask_tokens  # noqa: E402
 from bertscale.metrics import device_peak_tflops, pretraining_flops  # noqa: E402
 from bertscale.model import (BertForPreTraining, PerfOptions, attention_rows, preset_config,  # noqa: E402
                              unpadded_attention_kernel)
-from bertscale.packing import computed_tokens, real_tokens, samples_from_padded, unpadded_batch  # noqa: E402
+from bertscale.packing import (batch_to, computed_tokens, model_inputs, real_tokens,  # noqa: E402
+                               samples_from_padded, unpadded_batch)
 from bertscale.shards import load_manifest  # noqa: E402
 from bertscale.tokenizer import tokenizer_info  # noqa: E402
 
@@ -105,12 +106,8 @@ def _sync(device: torch.device) -> None:
 
 
 def make_step(model, opt, batch, autocast: torch.dtype | None, hf: bool):
-    """A closure running one training step on ``batch`` (padded; or unpadded for ours, ``hf=False``)."""
-    keys = ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label")
-    if "cu_seqlens" in batch and not hf:
-        keys = ("input_ids", "token_type_ids", "position_ids", "labels", "next_sentence_label", "cu_seqlens",
-                "max_seqlen")
-    args = {k: batch[k] for k in keys}
+    """A closure running one training step on ``batch`` (padded; or unpadded for ours)."""
+    args = model_inputs(batch)
     device_type = batch["input_ids"].device.type
 
     def step() -> torch.Tensor:
@@ -142,12 +139,13 @@ def matmul_tflops(n: int, dtype: torch.dtype, device: torch.device):
     return run
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device, clock=time.perf_counter) -> float:
+    """Seconds ``fn`` takes by ``clock`` (wall time by default; ``time.process_time`` for CPU time)."""
     _sync(device)
-    t = time.perf_counter()
+    t = clock()
     fn()
     _sync(device)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def saved_activation_bytes(step_fn) -> int:
@@ -284,11 +282,6 @@ def find_tokenizer(data_dir: Path) -> Path:
                             f"built with)")
 
 
-def unpadded_on(batch: dict, dev: torch.device) -> dict:
-    """The unpadded batch of a padded one's samples, on ``dev`` (``max_seqlen`` stays a host int)."""
-    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in unpadded_batch(samples_from_padded(batch)).items()}
-
-
 def batch_flops(config, batch: dict) -> float:
     """Model FLOPs of a batch: every row at its padded length, or every sample at its own length."""
     layers, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
@@ -304,7 +297,7 @@ def batch_flops(config, batch: dict) -> float:
 
 
 def bench_data_length(model, data_dir: Path, tok, batch: int | None, iters: int, warmup: int,
-                      dev: torch.device, seed: int = 0) -> dict:
+                      dev: torch.device, seed: int = 0, clock=time.perf_counter) -> dict:
     """Padded vs unpadded steps of ``model`` on one shard directory's samples; see the module docstring."""
     seq_len = int(load_manifest(data_dir, expect_fingerprint=tok.fingerprint)["seq_len"])
     batch = batch or DATA_BATCH.get(seq_len, 16)
@@ -314,7 +307,7 @@ def bench_data_length(model, data_dir: Path, tok, batch: int | None, iters: int,
     if not padded:
         raise ValueError(f"{data_dir} has fewer than {batch} training samples; pass a smaller --batch")
     t0 = time.perf_counter()
-    unpadded = [unpadded_on(b, dev) for b in padded]
+    unpadded = [batch_to(unpadded_batch(samples_from_padded(b)), dev) for b in padded]
     pack_ms = 1e3 * (time.perf_counter() - t0) / len(padded)
     padded = [{k: v.to(dev) for k, v in b.items()} for b in padded]
     layouts = {"padded": padded, "unpadded": unpadded}
@@ -329,7 +322,7 @@ def bench_data_length(model, data_dir: Path, tok, batch: int | None, iters: int,
     for it in range(iters):
         i = (warmup + it) % n
         for name in (order if it % 2 == 0 else order[::-1]):  # alternate who goes first: drift hits both
-            times[name].append(timed(steps[name][i], dev))
+            times[name].append(timed(steps[name][i], dev, clock))
     timed_batches = [(warmup + it) % n for it in range(iters)]
     out: dict = {"dir": str(data_dir), "seq_len": seq_len, "batch": batch, "batches": len(set(timed_batches))}
     for name, bl in layouts.items():
@@ -354,9 +347,15 @@ def bench_data_length(model, data_dir: Path, tok, batch: int | None, iters: int,
 
 def bench_data(data: list[str | Path], preset: str = "tiny", batch: int | None = None, precision: str = "fp32",
                threads: int | None = 2, iters: int = 10, warmup: int = 2, device: str | None = None,
-               perf: PerfOptions | None = None, tokenizer: str | Path | None = None, seed: int = 0) -> dict:
-    """``--data`` mode: padded vs unpadded steps on real shards, per sequence length (what ``--json`` prints)."""
+               perf: PerfOptions | None = None, tokenizer: str | Path | None = None, seed: int = 0,
+               clock: str = "wall") -> dict:
+    """``--data`` mode: padded vs unpadded steps on real shards, per sequence length (what ``--json`` prints).
+
+    ``clock="cpu"`` times by this process's CPU time (``time.process_time``): on a CPU shared with
+    other jobs, with one thread, it measures the work rather than the waiting for a core."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if clock not in ("wall", "cpu") or (clock == "cpu" and dev.type != "cpu"):
+        raise ValueError(f"clock must be 'wall', or 'cpu' on a CPU device; got {clock!r} on {dev.type}")
     if dev.type == "cpu" and threads:
         torch.set_num_threads(threads)
     dirs = [d for path in data for d in shard_dirs_in(path)]
@@ -369,11 +368,13 @@ def bench_data(data: list[str | Path], preset: str = "tiny", batch: int | None =
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     out: dict = {"device": _device_name(dev), "precision": precision, "threads": torch.get_num_threads(),
+                 "clock": clock,
                  "config": {"preset": preset, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
                             "vocab": config.vocab_size, "iters": iters, "perf": asdict(perf)},
                  "lengths": {}}
     for d in dirs:
-        r = bench_data_length(model, d, tok, batch, iters, warmup, dev, seed)
+        r = bench_data_length(model, d, tok, batch, iters, warmup, dev, seed,
+                              time.process_time if clock == "cpu" else time.perf_counter)
         out["lengths"][str(r["seq_len"])] = r
     return out
 
@@ -381,7 +382,7 @@ def bench_data(data: list[str | Path], preset: str = "tiny", batch: int | None =
 def format_data_report(r: dict) -> str:
     c = r["config"]
     lines = [f"{c['preset']} L={c['layers']} d={c['hidden']} V={c['vocab']} {r['precision']} on {r['device']}; "
-             f"real shards, padded to each batch's longest sample vs unpadded"]
+             f"real shards, padded to each batch's longest sample vs unpadded; {r['clock']} clock"]
     for s, x in r["lengths"].items():
         p, u = x["padded"], x["unpadded"]
         att = f", attention rows {u['attention_fill']:.2f} full" if "attention_fill" in u else ""
@@ -456,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
                         "time our step padded vs unpadded on their samples instead of ours vs the peer")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="with --data: the shards' tokenizer (default: a 'tokenizer' folder beside them)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="with --data: time steps by wall clock or by this process's CPU time (steadier on a "
+                        "shared CPU with --threads 1)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     a = p.parse_args(argv)
     dev_type = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     perf = perf.with_overrides(a.perf)
     if a.data:
         r = bench_data(a.data, a.preset, a.batch, a.precision, a.threads or None, a.iters, a.warmup, a.device,
-                       perf, a.tokenizer)
+                       perf, a.tokenizer, clock=a.clock)
         print(format_data_report(r))
         if a.json:
             print(json.dumps(r))
