@@ -3,14 +3,27 @@
 Module and parameter names match Hugging Face's ``BertForPreTraining`` so that
 conversion to and from ``transformers`` is a key-for-key copy. This file knows
 nothing of data, tokenizers or distribution.
+
+Two batch layouts, one function. *Padded*: ``[B, S]`` rows with an attention mask (evaluation,
+fine-tuning, ``transformers`` parity). *Unpadded* (training; built by ``bertscale.packing``, which
+explains the choice and its figures): the real tokens of B samples end to end, ``[T]``, with
+``cu_seqlens``. Every token-wise layer then runs on the T real tokens only, position ids restart
+per sample, and attention stays within each sample: on CUDA through SDPA on jagged nested tensors
+(flash / memory-efficient variable-length kernels), on CPU through dense block-diagonal attention
+over rows the samples are laid into (``attention_rows``; fastest there as measured).
+``PerfOptions.unpadded_attention`` picks the kernel; ``unpadded_attention_kernel`` is the dispatch.
+The losses, counts and gradients are those of the padded path on the same samples
+(tests/test_packing.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 """Label value for positions that do not count towards the MLM loss (as in Hugging Face)."""
+
+UNPADDED_ATTENTION = ("auto", "jagged", "rows")
+"""Choices of ``PerfOptions.unpadded_attention``."""
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, what Hugging Face calls "gelu"
@@ -149,11 +165,19 @@ class PerfOptions:
     """torch.compile each encoder layer (fuses bias-GELU, dropout-residual-LayerNorm)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward: less memory, about a third more compute."""
+    unpadded_attention: str = "auto"
+    """Attention kernel for unpadded batches (``bertscale.packing``): "jagged" (SDPA on jagged nested
+    tensors: flash / memory-efficient variable-length kernels on CUDA, a slow reference on CPU),
+    "rows" (samples laid into rows, dense block-diagonal attention per row: fastest on CPU), or
+    "auto": jagged on CUDA, rows elsewhere."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.pad_vocab_multiple, int) or self.pad_vocab_multiple < 1:
             raise ValueError(f"pad_vocab_multiple must be a positive integer (1: no padding, 64 for tensor "
                              f"cores), got {self.pad_vocab_multiple!r}")
+        if self.unpadded_attention not in UNPADDED_ATTENTION:
+            raise ValueError(f"unpadded_attention must be one of {', '.join(UNPADDED_ATTENTION)}, "
+                             f"got {self.unpadded_attention!r}")
 
     @classmethod
     def plain(cls) -> PerfOptions:
@@ -174,7 +198,12 @@ class PerfOptions:
             key, _, value = item.partition("=")
             if key not in kinds:
                 raise ValueError(f"unknown PerfOptions field {key!r}; choose from {', '.join(kinds)}")
-            changes[key] = int(value) if kinds[key] == "int" else value.lower() in ("1", "true", "yes", "on")
+            if kinds[key] == "int":
+                changes[key] = int(value)
+            elif kinds[key] == "str":
+                changes[key] = value
+            else:
+                changes[key] = value.lower() in ("1", "true", "yes", "on")
         return replace(self, **changes)
 
 
@@ -304,7 +333,7 @@ class PretrainingOutput:
     nsp_count: torch.Tensor | None
     """Number of NSP labels (int64 scalar)."""
     prediction_logits: torch.Tensor | None
-    """[B, S, V] MLM logits over all positions; only when labels is None."""
+    """[B, S, V] ([T, V] unpadded) MLM logits over all positions; only when labels is None."""
     seq_relationship_logits: torch.Tensor
     """[B, 2] NSP logits (0 = B follows A, 1 = random B)."""
 
@@ -318,12 +347,105 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
-        position_ids = torch.arange(seq_len, device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S] ids (positions 0..S-1) or, with ``position_ids``, ids of any shape -> [..., d]."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
              + self.position_embeddings(position_ids))
         return self.dropout(self.LayerNorm(x))
+
+
+def attention_rows(lengths: Sequence[int], multiple: int = 8) -> AttentionRows:
+    """Lay samples of these lengths (in the unpadded stream's order) into rows for block-diagonal attention.
+
+    The rows are as wide as the longest sample, rounded up to ``multiple``; samples go longest first
+    into the first row with room (first-fit decreasing). Deterministic: ties keep the stream's order.
+    (Rows of several widths, a power of two per sample, measured no faster on CPU: the extra kernel
+    calls cost what the narrower rows save at these lengths.)
+    """
+    lengths = [int(n) for n in lengths]
+    if not lengths or min(lengths) <= 0:
+        raise ValueError(f"attention_rows needs positive sample lengths, got {lengths}")
+    width = -(-max(lengths) // multiple) * multiple
+    free: list[int] = []  # room left in each row
+    start = [0] * len(lengths)  # first slot of each sample
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(width)
+        start[i] = row * width + width - free[row]
+        free[row] -= lengths[i]
+    slot = np.concatenate([np.arange(n) + s0 for n, s0 in zip(lengths, start)])
+    index = np.zeros(len(free) * width, dtype=np.int64)
+    index[slot] = np.arange(len(slot))
+    segment = np.full(len(free) * width, -1, dtype=np.int64)
+    segment[slot] = np.repeat(np.arange(len(lengths)), lengths)
+    return AttentionRows(index=torch.from_numpy(index), back=torch.from_numpy(slot),
+                         segment=torch.from_numpy(segment.reshape(len(free), width)))
+
+
+@dataclass(frozen=True)
+class AttentionRows:
+    """Where each token of an unpadded stream sits in the rows of the CPU attention kernel."""
+
+    index: torch.Tensor
+    """[R * W] the stream position at each row slot (0 for an empty slot: masked out, output unused)."""
+    back: torch.Tensor
+    """[T] the slot of each stream position."""
+    segment: torch.Tensor
+    """[R, W] the sample at each slot, -1 where empty."""
+
+    @property
+    def fill(self) -> float:
+        """Real tokens / row slots."""
+        return self.back.numel() / self.index.numel()
+
+    def to(self, device: torch.device) -> AttentionRows:
+        return replace(self, index=self.index.to(device), back=self.back.to(device), segment=self.segment.to(device))
+
+    def block_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """[R, 1, W, W] additive mask: 0 within a sample, the dtype's minimum elsewhere (finite, so an
+        empty slot's query row attends uniformly instead of producing NaN; its output is dropped)."""
+        seg = self.segment
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :]
+        bias = torch.zeros(same.shape, dtype=dtype, device=seg.device)
+        return bias.masked_fill_(~same, torch.finfo(dtype).min)[:, None]
+
+
+def unpadded_attention_kernel(choice: str, device_type: str) -> str:
+    """The kernel ``PerfOptions.unpadded_attention`` resolves to on a device: "jagged" or "rows"."""
+    if choice not in UNPADDED_ATTENTION:
+        raise ValueError(f"unpadded_attention must be one of {', '.join(UNPADDED_ATTENTION)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "jagged" if device_type == "cuda" else "rows"
+
+
+@dataclass(frozen=True)
+class UnpaddedLayout:
+    """An unpadded batch's sample boundaries, prepared once per forward for every layer's attention."""
+
+    cu_seqlens: torch.Tensor
+    """[B + 1] start of each sample in the token stream, and the end."""
+    max_seqlen: int
+    """Longest sample (host int: the variable-length kernels need it without a device sync)."""
+    kernel: str
+    """"jagged" or "rows" (``unpadded_attention_kernel``)."""
+    rows: AttentionRows | None = None
+    """The rows kernel's layout."""
+    bias: torch.Tensor | None = None
+    """The rows kernel's block-diagonal mask, in the activations' dtype."""
+
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, kernel: str, dtype: torch.dtype) -> UnpaddedLayout:
+        """The layout every layer's attention uses (the rows kernel's plan is made here, once per forward)."""
+        if kernel == "jagged":
+            # nested tensors take int64 offsets; torch hands the kernels their int32 copy itself
+            return cls(cu_seqlens.long(), max_seqlen, kernel)
+        rows = attention_rows(cu_seqlens.diff().tolist()).to(cu_seqlens.device)  # a sync if forced on a GPU
+        return cls(cu_seqlens, max_seqlen, kernel, rows, rows.block_bias(dtype))
 
 
 class BertSelfAttention(nn.Module):
@@ -338,31 +460,59 @@ class BertSelfAttention(nn.Module):
         self.fused_qkv = False
         self.fast_dropout = False
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        b, s, d = x.shape
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., 3d]: query, key and value side by side."""
         if self.fused_qkv:
             # One GEMM of width 3d instead of three of width d; the parameters stay Hugging Face's.
             w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
             bias3 = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-            q, k, v = F.linear(x, w, bias3).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        else:
-            q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-                       for proj in (self.query, self.key, self.value))
-        bias = None
-        if keep is not None:
-            # Additive mask in the query dtype (not boolean): a row with no real key then
-            # attends uniformly instead of producing NaN, like Hugging Face.
-            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~keep, torch.finfo(q.dtype).min)
+            return F.linear(x, w, bias3)
+        return torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[n, h, L, dh] each, ``bias`` additive over the scores (or None) -> [n, h, L, dh]."""
         p = self.dropout_p if self.training else 0.0
-        if p > 0 and self.fast_dropout and x.device.type == "cpu":
+        if p > 0 and self.fast_dropout and q.device.type == "cpu":
             scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), k.transpose(-1, -2))
             if bias is not None:
                 scores = scores + bias
-            out = torch.matmul(fast_dropout(torch.softmax(scores, dim=-1), p), v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        return out.transpose(1, 2).reshape(b, s, d)
+            return torch.matmul(fast_dropout(torch.softmax(scores, dim=-1), p), v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+
+    def forward(self, x: torch.Tensor, attn: torch.Tensor | UnpaddedLayout | None) -> torch.Tensor:
+        """Padded: x [B, S, d] and ``attn`` the key mask [B, 1, 1, S] (or None). Unpadded: x [T, d]
+        and ``attn`` the batch's layout; each token attends within its own sample."""
+        if isinstance(attn, UnpaddedLayout):
+            return self._unpadded(x, attn)
+        b, s, d = x.shape
+        q, k, v = self._qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = None
+        if attn is not None:
+            # Additive mask in the query dtype (not boolean): a row with no real key then
+            # attends uniformly instead of producing NaN, like Hugging Face.
+            bias = torch.zeros(attn.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~attn, torch.finfo(q.dtype).min)
+        return self._attend(q, k, v, bias).transpose(1, 2).reshape(b, s, d)
+
+    def _unpadded(self, x: torch.Tensor, layout: UnpaddedLayout) -> torch.Tensor:
+        t, d = x.shape
+        qkv = self._qkv(x)
+        if layout.kernel == "jagged":
+            # Jagged nested tensors over the stream: on CUDA, SDPA runs flash / memory-efficient
+            # attention in their variable-length form (cu_seqlens), dropout included. Contiguous
+            # [T, h, dh] buffers are what every backend takes as is (the CPU reference insists);
+            # min_seqlen 1 (every sample has its [CLS]) and the host max_seqlen spare torch a
+            # device sync to find them.
+            q, k, v = (torch.nested.nested_tensor_from_jagged(
+                part.contiguous(), layout.cu_seqlens, min_seqlen=1, max_seqlen=layout.max_seqlen,
+            ).transpose(1, 2) for part in qkv.view(t, 3, self.num_heads, self.head_dim).unbind(1))
+            p = self.dropout_p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            return out.transpose(1, 2).values().reshape(t, d)
+        n, w = layout.rows.segment.shape
+        g = qkv.index_select(0, layout.rows.index).view(n, w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self._attend(g[0], g[1], g[2], layout.bias).transpose(1, 2).reshape(n * w, d)
+        return out.index_select(0, layout.rows.back)
 
 
 class BertSelfOutput(nn.Module):
@@ -382,10 +532,12 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.self(x, keep)
+    def forward(self, x: torch.Tensor, attn: torch.Tensor | UnpaddedLayout | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.self(x, attn)
         if rows is not None:  # keep only these flat positions from here on (keys and values saw all)
-            h, x = h.flatten(0, 1).index_select(0, rows), x.flatten(0, 1).index_select(0, rows)
+            d = x.shape[-1]
+            h, x = h.reshape(-1, d).index_select(0, rows), x.reshape(-1, d).index_select(0, rows)
         return self.output(h, x)
 
 
@@ -417,8 +569,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.attention(x, keep, rows)
+    def forward(self, x: torch.Tensor, attn: torch.Tensor | UnpaddedLayout | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attention(x, attn, rows)
         return self.output(self.intermediate(a), a)
 
 
@@ -428,13 +581,17 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: torch.Tensor | UnpaddedLayout | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """``rows``: flat positions the last layer computes past attention (all when None)."""
         last = len(self.layer) - 1
+        # The recompute check compares the shapes of saved tensors, which nested tensors (the jagged
+        # kernel's) cannot always give; the recomputation itself is the same.
+        check = "none" if isinstance(attn, UnpaddedLayout) and attn.kernel == "jagged" else "default"
         for i, layer in enumerate(self.layer):
-            args = (x, keep) if rows is None or i < last else (x, keep, rows)
+            args = (x, attn) if rows is None or i < last else (x, attn, rows)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, *args, use_reentrant=False)
+                x = checkpoint(layer, *args, use_reentrant=False, determinism_check=check)
             else:
                 x = layer(*args)
         return x
@@ -450,6 +607,16 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(cls_hidden))
 
 
+def _with_first_positions(rows: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """``rows`` (bool, [B, S] padded or [T] unpadded) with every sample's first ([CLS]) position set."""
+    selected = rows.clone()
+    if cu_seqlens is None:
+        selected[:, 0] = True
+    else:
+        selected[cu_seqlens[:-1].long()] = True
+    return selected
+
+
 class BertModel(nn.Module):
     """The encoder: embeddings, transformer layers and the [CLS] pooler."""
 
@@ -457,6 +624,7 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = config
         self.skip_full_mask = False
+        self.unpadded_attention = "auto"
         self.embeddings = BertEmbeddings(config, vocab_rows or config.vocab_size)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
@@ -467,37 +635,82 @@ class BertModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         output_rows: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (sequence_output [B,S,d], pooled_output [B,d]).
+        """Return (sequence_output, pooled_output [B, d]) of a padded or an unpadded batch.
 
-        With ``output_rows`` (bool [B,S]) the last layer's output projection and feed-forward run only
-        on those positions and on each first position (the pooler's), and sequence_output is
-        [n, d]: the rows of ``output_rows | first position``, in row-major order.
+        Padded: ``input_ids`` [B, S] with ``attention_mask`` (1 real, 0 padding; None: no padding);
+        sequence_output is [B, S, d]. Unpadded (``bertscale.packing``): ``input_ids`` [T], the
+        samples' real tokens end to end, ``cu_seqlens`` [B + 1] where each starts, ``max_seqlen``
+        the longest (computed from ``cu_seqlens`` when None: a device sync on GPU) and
+        ``position_ids`` [T] (restarting at 0 per sample; derived when None); sequence_output is
+        [T, d] and attention stays within each sample.
+
+        With ``output_rows`` (bool, the shape of ``input_ids``) the last layer's output projection and
+        feed-forward run only on those positions and on each sample's first position (the pooler's),
+        and sequence_output is [n, d]: the rows of ``output_rows | first position``, in flat order.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}")
-        seq_len = input_ids.shape[1]
+        if cu_seqlens is not None:
+            x, attn = self._unpadded_input(input_ids, token_type_ids, attention_mask, position_ids, cu_seqlens,
+                                           max_seqlen)
+            first = cu_seqlens[:-1].long()
+        else:
+            x, attn = self._padded_input(input_ids, token_type_ids, attention_mask)
+            first = None
+        if output_rows is None:
+            h = self.encoder(x, attn)
+            return h, self.pooler(h[:, 0] if first is None else h.index_select(0, first))
+        selected = _with_first_positions(output_rows, cu_seqlens)
+        h = self.encoder(x, attn, selected.flatten().nonzero().squeeze(1))
+        if first is None:
+            counts = selected.sum(dim=1)
+            return h, self.pooler(h.index_select(0, counts.cumsum(0) - counts))
+        return h, self.pooler(h.index_select(0, (selected.cumsum(0) - 1).index_select(0, first)))
+
+    def _check_length(self, seq_len: int) -> None:
         if seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {seq_len} exceeds max_position_embeddings "
                 f"{self.config.max_position_embeddings}; shorten the sequences or build the model with a "
                 f"larger max_position_embeddings"
             )
+
+    def _padded_input(self, input_ids, token_type_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)} (an unpadded "
+                             f"batch of shape [tokens] needs cu_seqlens)")
+        self._check_length(input_ids.shape[1])
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is not None and self.skip_full_mask and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: let SDPA run without a mask
         # [B,1,1,S]: broadcast over heads and query positions, never materialised per head.
         keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids)
-        if output_rows is None:
-            h = self.encoder(x, keep)
-            return h, self.pooler(h[:, 0])
-        selected = output_rows.clone()
-        selected[:, 0] = True
-        h = self.encoder(x, keep, selected.flatten().nonzero().squeeze(1))
-        counts = selected.sum(dim=1)
-        return h, self.pooler(h.index_select(0, counts.cumsum(0) - counts))
+        return self.embeddings(input_ids, token_type_ids), keep
+
+    def _unpadded_input(self, input_ids, token_type_ids, attention_mask, position_ids, cu_seqlens,
+                        max_seqlen) -> tuple[torch.Tensor, UnpaddedLayout]:
+        if input_ids.dim() != 1 or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+            raise ValueError(f"an unpadded batch has input_ids [tokens] and cu_seqlens [samples + 1], got shapes "
+                             f"{list(input_ids.shape)} and {list(cu_seqlens.shape)}; build it with "
+                             f"bertscale.packing.unpadded_batch")
+        if attention_mask is not None:
+            raise ValueError("an unpadded batch (cu_seqlens) has no padding: pass attention_mask=None")
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max())
+        self._check_length(int(max_seqlen))
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            lengths = cu_seqlens.diff().long()
+            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=input_ids.numel())
+            position_ids = torch.arange(input_ids.numel(), device=input_ids.device) - starts
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        kernel = unpadded_attention_kernel(self.unpadded_attention, x.device.type)
+        return x, UnpaddedLayout.build(cu_seqlens, int(max_seqlen), kernel, x.dtype)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -568,6 +781,7 @@ class BertForPreTraining(nn.Module):
             elif isinstance(module, BertSelfAttention):
                 module.fused_qkv, module.fast_dropout = perf.fused_qkv, perf.fast_dropout
         self.bert.skip_full_mask = perf.skip_full_mask
+        self.bert.unpadded_attention = perf.unpadded_attention
         self.set_gradient_checkpointing(perf.gradient_checkpointing)
         if perf.compile != self.perf.compile:
             for layer in self.bert.encoder.layer:
@@ -612,15 +826,23 @@ class BertForPreTraining(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> PretrainingOutput:
         """Run BERT; with ``labels`` the MLM head runs only on masked positions (labels != -100).
 
-        ``attention_mask`` is 1 for real tokens and 0 for padding; pass None for unpadded
-        batches so SDPA may pick its mask-free (flash) kernel on GPU.
+        A padded batch: ``input_ids`` [B, S] and ``attention_mask`` 1 for real tokens and 0 for
+        padding (None when nothing is padded, so SDPA may pick its mask-free kernel). An unpadded
+        batch (``bertscale.packing.unpadded_batch``, passed as ``**batch``): ``input_ids``, ``labels``,
+        ``token_type_ids``, ``position_ids`` [T], ``cu_seqlens``, ``max_seqlen``; the losses are the
+        same function of the same samples (``BertModel.forward``).
         """
+        unpadded = dict(position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         prediction_logits = mlm_loss = mlm_correct = mlm_count = None
         if labels is None:
-            seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+            seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, **unpadded)
             prediction_logits = self.cls.predictions(seq)
         else:
             if labels.shape != input_ids.shape:
@@ -628,12 +850,10 @@ class BertForPreTraining(nn.Module):
             masked = labels != IGNORE_INDEX
             if self.perf.sparse_last_layer:
                 # Only masked positions and [CLS] feed the heads, so the last layer stops there too.
-                seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, output_rows=masked)
-                selected = masked.clone()
-                selected[:, 0] = True
-                head_in = seq[masked[selected]]
+                seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, output_rows=masked, **unpadded)
+                head_in = seq[masked[_with_first_positions(masked, cu_seqlens)]]
             else:
-                seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+                seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, **unpadded)
                 head_in = seq[masked]
             # Gather before the transform: the head's cost scales with ~15% of positions, not all.
             targets = labels[masked]

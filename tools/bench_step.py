@@ -3,6 +3,7 @@
     python tools/bench_step.py --preset mini                       # CPU, fp32, 2 threads
     python tools/bench_step.py --preset base --precision bf16
     python tools/bench_step.py --preset large --seq-len 512 --precision bf16 --json   # on a GPU
+    python tools/bench_step.py --preset tiny --data demo_out --json   # real shards: padded vs unpadded
 
 A step is forward, backward and ``torch.optim.AdamW(foreach=True)`` for both sides, so the
 comparison is between models; our LAMB's own step time is reported on its own line. Steps
@@ -16,6 +17,14 @@ parameters directly).
 
 Model FLOPs per sequence are ``bertscale.metrics.pretraining_flops`` with m = masked positions for
 ours (the head runs on those only) and m = s for the peer (its head runs on every position).
+
+``--data DIR`` times our step on real shards instead (``DIR`` a shard directory with its
+``index.json``, or a folder of them such as the demo's output; repeatable): the same samples, read
+and masked as training reads them (``bertscale.loader.eval_batches``, train split, epoch-0 masks),
+once padded to each batch's longest sample and once unpadded (``bertscale.packing``), steps
+alternating on the same model. It reports per sequence length ``real_tokens_per_s`` (non-padding
+tokens per second), ``fill`` (real / computed token positions) and their ratio, and the ratio the
+model FLOPs predict (padded FLOPs / unpadded FLOPs, both counted over the samples' own lengths).
 Measured figures and the commands that produced them are in tools/README.md.
 """
 
@@ -39,9 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bertscale.hf_format import resize_vocab_rows  # noqa: E402
 from bertscale.lamb import Lamb  # noqa: E402
-from bertscale.masking import mask_tokens  # noqa: E402
+from bertscale.loader import eval_batches  # noqa: E402
+from bertscale.masking import IGNORE_INDEX, mask_tokens  # noqa: E402
 from bertscale.metrics import device_peak_tflops, pretraining_flops  # noqa: E402
-from bertscale.model import BertForPreTraining, PerfOptions, preset_config  # noqa: E402
+from bertscale.model import (BertForPreTraining, PerfOptions, attention_rows, preset_config,  # noqa: E402
+                             unpadded_attention_kernel)
+from bertscale.packing import (batch_to, computed_tokens, model_inputs, real_tokens,  # noqa: E402
+                               samples_from_padded, unpadded_batch)
+from bertscale.shards import load_manifest  # noqa: E402
+from bertscale.tokenizer import tokenizer_info  # noqa: E402
 
 VOCAB = 30522
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103  # bert-base-uncased's special ids
@@ -91,9 +106,8 @@ def _sync(device: torch.device) -> None:
 
 
 def make_step(model, opt, batch, autocast: torch.dtype | None, hf: bool):
-    args = dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                attention_mask=batch["attention_mask"], labels=batch["labels"],
-                next_sentence_label=batch["next_sentence_label"])
+    """A closure running one training step on ``batch`` (padded; or unpadded for ours)."""
+    args = model_inputs(batch)
     device_type = batch["input_ids"].device.type
 
     def step() -> torch.Tensor:
@@ -125,12 +139,13 @@ def matmul_tflops(n: int, dtype: torch.dtype, device: torch.device):
     return run
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device, clock=time.perf_counter) -> float:
+    """Seconds ``fn`` takes by ``clock`` (wall time by default; ``time.process_time`` for CPU time)."""
     _sync(device)
-    t = time.perf_counter()
+    t = clock()
     fn()
     _sync(device)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def saved_activation_bytes(step_fn) -> int:
@@ -242,6 +257,146 @@ def bench(preset: str = "mini", seq_len: int = 128, batch: int | None = None, pr
     return out
 
 
+DATA_BATCH = {128: 32, 512: 16}
+"""Micro batch per sequence length in ``--data`` mode: the demo's (``bertscale.demo.DEMO_CONFIG``)."""
+
+
+def shard_dirs_in(path: str | Path) -> list[Path]:
+    """``path`` if it is a shard directory (has index.json), else its sub-directories that are, by name."""
+    path = Path(path)
+    if (path / "index.json").is_file():
+        return [path]
+    found = sorted(p.parent for p in path.glob("*/index.json"))
+    if not found:
+        raise FileNotFoundError(f"{path} holds no shard directory (no index.json in it or its sub-directories); "
+                                f"build shards with `bertscale shards` or `bertscale demo`")
+    return found
+
+
+def find_tokenizer(data_dir: Path) -> Path:
+    """The tokenizer beside the shards (the layout `bertscale demo` writes: OUT/tokenizer, OUT/data128)."""
+    for candidate in (data_dir.parent / "tokenizer", data_dir.parent.parent / "tokenizer"):
+        if (candidate / "vocab.txt").is_file():
+            return candidate
+    raise FileNotFoundError(f"no tokenizer found beside {data_dir}; pass --tokenizer DIR (the one the shards were "
+                            f"built with)")
+
+
+def batch_flops(config, batch: dict) -> float:
+    """Model FLOPs of a batch: every row at its padded length, or every sample at its own length."""
+    layers, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    if "cu_seqlens" in batch:
+        lengths = batch["cu_seqlens"].diff().tolist()
+        masked = [int((batch["labels"][a:b] != IGNORE_INDEX).sum())
+                  for a, b in zip(batch["cu_seqlens"][:-1].tolist(), batch["cu_seqlens"][1:].tolist())]
+    else:
+        rows, width = batch["input_ids"].shape
+        lengths = [width] * rows
+        masked = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+    return sum(pretraining_flops(layers, d, vocab, n, m) for n, m in zip(lengths, masked))
+
+
+def bench_data_length(model, data_dir: Path, tok, batch: int | None, iters: int, warmup: int,
+                      dev: torch.device, seed: int = 0, clock=time.perf_counter) -> dict:
+    """Padded vs unpadded steps of ``model`` on one shard directory's samples; see the module docstring."""
+    seq_len = int(load_manifest(data_dir, expect_fingerprint=tok.fingerprint)["seq_len"])
+    batch = batch or DATA_BATCH.get(seq_len, 16)
+    padded = list(eval_batches(data_dir, split="train", batch_size=batch, seed=seed, tokenizer=tok,
+                               max_batches=warmup + iters))
+    padded = [b for b in padded if len(b["input_ids"]) == batch]  # a short last batch would skew the rates
+    if not padded:
+        raise ValueError(f"{data_dir} has fewer than {batch} training samples; pass a smaller --batch")
+    t0 = time.perf_counter()
+    unpadded = [batch_to(unpadded_batch(samples_from_padded(b)), dev) for b in padded]
+    pack_ms = 1e3 * (time.perf_counter() - t0) / len(padded)
+    padded = [{k: v.to(dev) for k, v in b.items()} for b in padded]
+    layouts = {"padded": padded, "unpadded": unpadded}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    steps = {name: [make_step(model, opt, b, None, hf=False) for b in bl] for name, bl in layouts.items()}
+    n = len(padded)
+    for i in range(min(warmup, n)):
+        for name in steps:
+            steps[name][i]()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for it in range(iters):
+        i = (warmup + it) % n
+        for name in (order if it % 2 == 0 else order[::-1]):  # alternate who goes first: drift hits both
+            times[name].append(timed(steps[name][i], dev, clock))
+    timed_batches = [(warmup + it) % n for it in range(iters)]
+    out: dict = {"dir": str(data_dir), "seq_len": seq_len, "batch": batch, "batches": len(set(timed_batches))}
+    for name, bl in layouts.items():
+        real = sum(real_tokens(bl[i]) for i in timed_batches)
+        computed = sum(computed_tokens(bl[i]) for i in timed_batches)
+        total = sum(times[name])
+        out[name] = {"step_ms": 1e3 * total / iters, "real_tokens_per_s": real / total,
+                     "samples_per_s": batch * iters / total, "fill": real / computed,
+                     "real_tokens_per_step": real / iters, "computed_tokens_per_step": computed / iters}
+    kernel = unpadded_attention_kernel(model.perf.unpadded_attention, dev.type)
+    out["unpadded"]["attention_kernel"] = kernel
+    if kernel == "rows":  # the CPU kernel attends over rows of samples; how full are they
+        plans = [attention_rows(unpadded[i]["cu_seqlens"].diff().tolist()) for i in timed_batches]
+        out["unpadded"]["attention_fill"] = sum(p.back.numel() for p in plans) / sum(p.index.numel() for p in plans)
+    out["unpadded"]["pack_ms_per_batch"] = pack_ms
+    out["speedup"] = out["unpadded"]["real_tokens_per_s"] / out["padded"]["real_tokens_per_s"]
+    out["speedup_paired"] = statistics.median(p / u for p, u in zip(times["padded"], times["unpadded"]))
+    out["flop_ratio"] = (sum(batch_flops(model.config, padded[i]) for i in timed_batches)
+                         / sum(batch_flops(model.config, unpadded[i]) for i in timed_batches))
+    return out
+
+
+def bench_data(data: list[str | Path], preset: str = "tiny", batch: int | None = None, precision: str = "fp32",
+               threads: int | None = 2, iters: int = 10, warmup: int = 2, device: str | None = None,
+               perf: PerfOptions | None = None, tokenizer: str | Path | None = None, seed: int = 0,
+               clock: str = "wall") -> dict:
+    """``--data`` mode: padded vs unpadded steps on real shards, per sequence length (what ``--json`` prints).
+
+    ``clock="cpu"`` times by this process's CPU time (``time.process_time``): on a CPU shared with
+    other jobs, with one thread, it measures the work rather than the waiting for a core."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if clock not in ("wall", "cpu") or (clock == "cpu" and dev.type != "cpu"):
+        raise ValueError(f"clock must be 'wall', or 'cpu' on a CPU device; got {clock!r} on {dev.type}")
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    dirs = [d for path in data for d in shard_dirs_in(path)]
+    tok = tokenizer_info(tokenizer or find_tokenizer(dirs[0]))
+    perf = perf or PerfOptions.for_device(dev.type)
+    longest = max(int(load_manifest(d)["seq_len"]) for d in dirs)
+    torch.manual_seed(seed)
+    config = preset_config(preset, tok.vocab_size, max_position_embeddings=max(512, longest))
+    model = BertForPreTraining(config, perf).to(dev).train()  # shipped defaults: dropout on
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    out: dict = {"device": _device_name(dev), "precision": precision, "threads": torch.get_num_threads(),
+                 "clock": clock,
+                 "config": {"preset": preset, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                            "vocab": config.vocab_size, "iters": iters, "perf": asdict(perf)},
+                 "lengths": {}}
+    for d in dirs:
+        r = bench_data_length(model, d, tok, batch, iters, warmup, dev, seed,
+                              time.process_time if clock == "cpu" else time.perf_counter)
+        out["lengths"][str(r["seq_len"])] = r
+    return out
+
+
+def format_data_report(r: dict) -> str:
+    c = r["config"]
+    lines = [f"{c['preset']} L={c['layers']} d={c['hidden']} V={c['vocab']} {r['precision']} on {r['device']}; "
+             f"real shards, padded to each batch's longest sample vs unpadded; {r['clock']} clock"]
+    for s, x in r["lengths"].items():
+        p, u = x["padded"], x["unpadded"]
+        att = f", attention rows {u['attention_fill']:.2f} full" if "attention_fill" in u else ""
+        lines.append(f"  s={s} batch={x['batch']} ({x['batches']} batches of {x['dir']}):")
+        lines.append(f"    padded:   {p['step_ms']:8.1f} ms/step {p['real_tokens_per_s']:9.0f} real tok/s, "
+                     f"fill {p['fill']:.3f}")
+        lines.append(f"    unpadded: {u['step_ms']:8.1f} ms/step {u['real_tokens_per_s']:9.0f} real tok/s, "
+                     f"fill {u['fill']:.3f}{att} ({u['attention_kernel']} attention); packing "
+                     f"{u['pack_ms_per_batch']:.2f} ms/batch")
+        lines.append(f"    unpadded / padded: {x['speedup']:.2f}x (paired median {x['speedup_paired']:.2f}x; "
+                     f"model FLOPs predict {x['flop_ratio']:.2f}x)")
+    return "\n".join(lines)
+
+
 def _memory(dev: torch.device, model, opt, step_fn, name: str) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -283,7 +438,7 @@ def format_report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="mini", choices=["mini", "base", "large"])
+    p.add_argument("--preset", default="mini", choices=["tiny", "mini", "base", "large"])
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=None, help="default: per device and preset")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -297,11 +452,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--perf", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a PerfOptions field for ours, e.g. --perf compile=true --perf fast_dropout=false")
     p.add_argument("--plain", action="store_true", help="ours with every lever off except the masked-only head")
+    p.add_argument("--data", action="append", default=[], metavar="DIR",
+                   help="real shards (a shard directory, or a folder of them like the demo's output; repeatable): "
+                        "time our step padded vs unpadded on their samples instead of ours vs the peer")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="with --data: the shards' tokenizer (default: a 'tokenizer' folder beside them)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="with --data: time steps by wall clock or by this process's CPU time (steadier on a "
+                        "shared CPU with --threads 1)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     a = p.parse_args(argv)
     dev_type = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
     perf = PerfOptions.plain() if a.plain else PerfOptions.for_device(dev_type)
     perf = perf.with_overrides(a.perf)
+    if a.data:
+        r = bench_data(a.data, a.preset, a.batch, a.precision, a.threads or None, a.iters, a.warmup, a.device,
+                       perf, a.tokenizer, clock=a.clock)
+        print(format_data_report(r))
+        if a.json:
+            print(json.dumps(r))
+        return
     r = bench(a.preset, a.seq_len, a.batch, a.precision, a.threads or None, a.iters, a.warmup, a.device,
               perf, peer=not a.no_peer, lamb=not a.no_lamb, matmul_n=a.matmul_n)
     print(format_report(r))

@@ -1,0 +1,170 @@
+"""Unpadded micro batches: the real tokens of a fixed number of samples, end to end, with their boundaries.
+
+Batches padded to their longest sample spend most of their compute on padding: on the demo's
+shards the mean sample fills 44 % of a 128 row and 12 % of a 512 row (49 % and 34 % of a batch of
+32 / 16 padded to its longest). An *unpadded* batch holds only the real tokens of its samples, one
+after another (``[T]`` instead of ``[B, S]``), and ``cu_seqlens``, where each sample starts.
+``bertscale.model`` runs every token-wise layer (embeddings, the Q/K/V and output projections, the
+feed-forward, LayerNorms, dropout, the heads) on those T tokens, and attention within each sample:
+
+* **CUDA:** ``scaled_dot_product_attention`` on jagged nested tensors made from the token stream
+  and ``cu_seqlens``; torch runs its flash / memory-efficient kernels in their variable-length form
+  (attention dropout included), so nothing is computed for padding. (``torch.nn.attention.varlen``
+  has no dropout, FlexAttention needs ``torch.compile``.)
+* **CPU:** the samples are laid into rows as wide as the longest sample by first-fit decreasing
+  (``model.attention_rows``) and each row runs one dense attention with a block-diagonal mask.
+
+Why unpadding, not packing whole rows (MLPerf's BERT: several samples per 512 row,
+block-diagonal attention, positions restarting per sample). With the number of samples per micro
+batch fixed, a packer's row count varies from batch to batch and rounds up, so its rows are 94 %
+full at 128 but 80 – 86 % at 512, and every layer computes the empty slots; the unpadded stream
+computes exactly the real tokens (fill 1.0) whatever the batch. Rows only pay where a kernel needs
+them; on CPU that is attention, so the model packs rows for attention alone, as wide as the
+batch's longest sample rather than the phase's length (92 – 94 % full at both lengths).
+
+Measured on the 2-core development CPU (fp32, one thread, CPU seconds so that other jobs on the
+machine do not skew the ratios; a training step = forward, backward, AdamW; the demo's shards and
+micro batches, epoch-0 masks, dropout on; real tokens per CPU second relative to the padded path,
+same run, steps alternating; wall-clock figures with two threads are in tools/README.md):
+
+======  ====  =====  ===========  =================  ==================  ================
+preset  seq   batch  padded fill  unpadded, rows     unpadded, jagged    packed rows of
+                                  (CPU default)      (NJT, CPU math)     seq: fill
+======  ====  =====  ===========  =================  ==================  ================
+tiny    128   32     0.491        1.63x              1.03x               0.936
+tiny    512   16     0.345        2.18x              1.15x               0.795
+mini    128   32     0.496        1.76x              1.29x               0.941
+mini    512   16     0.335        3.13x              1.66x               0.837
+base    128   32     0.478        2.13x              1.81x               0.941
+base    512   16     0.320        3.79x              2.61x               0.860
+======  ====  =====  ===========  =================  ==================  ================
+
+Attention alone (forward + backward per real token, against attention padded to the longest
+sample) pointed the same way: dense block-diagonal rows were 1.8 – 2.4x at 128, a Python loop of
+one SDPA call per sample 0.8 – 1.2x there (2.1 – 2.7x at 512, where a row of width 512 was only
+1.0 – 1.7x: hence rows as wide as the longest sample), jagged tensors 0.2 – 0.3x (torch's CPU path
+for them converts to a strided nested tensor and runs its reference kernel). Rows of several widths
+(a power of two per sample) measured no faster than one width in a whole step.
+
+What bounds the ratio: the masked-only MLM head and the optimizer step cost the same in both
+layouts, so the speed-up stays below the ratio of computed tokens; ``tools/bench_step.py --data``
+prints the ratio the model FLOPs predict beside the measured one.
+
+The batch (what ``unpadded_batch`` returns, all int64 unless said):
+
+* ``input_ids``, ``labels``, ``token_type_ids``, ``position_ids``: ``[T]``, the samples' tokens in
+  the given order; positions restart at 0 in every sample and the token type is 0 for the first
+  ``a_len`` tokens ([CLS] A [SEP]), then 1.
+* ``cu_seqlens``: ``[B + 1]`` int32, sample i is tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``; its
+  first token is its [CLS], which the pooler and the NSP head read.
+* ``max_seqlen``: a Python int, the longest sample, so that no kernel has to ask the device for it.
+* ``next_sentence_label``: ``[B]``; ``sample_ids``: ``[B]`` when asked for.
+
+``BertForPreTraining(**batch)`` takes it as it is (without ``sample_ids``). B is the number of
+samples given, so a global batch stays a number of samples and the LAMB recipe and the
+learning-rate schedule keep their meaning. Everything here is a pure, deterministic function of
+its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from bertscale.masking import IGNORE_INDEX
+
+UNPADDED_KEYS = ("input_ids", "labels", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen",
+                 "next_sentence_label")
+"""What ``unpadded_batch`` returns (plus ``sample_ids`` on request): the model's keyword arguments."""
+PADDED_KEYS = ("input_ids", "labels", "token_type_ids", "attention_mask", "next_sentence_label")
+"""The model's keyword arguments in a padded batch (``loader.collate``)."""
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor | int]) -> dict[str, torch.Tensor | int]:
+    """``BertForPreTraining``'s keyword arguments from a padded or unpadded batch (``sample_ids`` and
+    other bookkeeping left out): ``model(**model_inputs(batch))`` whatever the layout."""
+    keys = UNPADDED_KEYS if "cu_seqlens" in batch else PADDED_KEYS
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def batch_to(batch: Mapping[str, torch.Tensor | int], device: torch.device | str,
+             non_blocking: bool = False) -> dict[str, torch.Tensor | int]:
+    """The batch's tensors on ``device``; ``max_seqlen`` stays a host int (the kernels read it there)."""
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def unpadded_batch(samples: Sequence[Mapping], with_sample_ids: bool = False) -> dict[str, torch.Tensor | int]:
+    """The unpadded batch of masked samples, in the order given (see the module docstring).
+
+    Each sample has ``input_ids`` and ``labels`` (int64 arrays of one length), ``a_len`` (tokens
+    of segment A: [CLS] A [SEP]), ``nsp_label`` and ``sample_id``, as ``loader.collate`` takes them.
+    """
+    if not samples:
+        raise ValueError("unpadded_batch needs at least one sample")
+    lengths = np.empty(len(samples), dtype=np.int64)
+    for i, s in enumerate(samples):
+        n, n_labels, a_len = len(s["input_ids"]), len(s["labels"]), int(s["a_len"])
+        if n == 0 or n_labels != n:
+            raise ValueError(f"sample {s.get('sample_id', i)!r} (position {i}): {n} input ids and {n_labels} "
+                             f"labels; a sample needs at least its [CLS] and one label per token")
+        if not 0 < a_len <= n:
+            raise ValueError(f"sample {s.get('sample_id', i)!r} (position {i}): a_len {a_len} outside 1..{n}")
+        lengths[i] = n
+    cu = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    starts = np.repeat(cu[:-1], lengths)
+    position = np.arange(cu[-1], dtype=np.int64) - starts
+    a_lens = np.array([int(s["a_len"]) for s in samples], dtype=np.int64)
+    token_type = (position >= np.repeat(a_lens, lengths)).astype(np.int64)
+    batch: dict[str, torch.Tensor | int] = {
+        "input_ids": torch.from_numpy(np.concatenate([np.asarray(s["input_ids"], dtype=np.int64) for s in samples])),
+        "labels": torch.from_numpy(np.concatenate([np.asarray(s["labels"], dtype=np.int64) for s in samples])),
+        "token_type_ids": torch.from_numpy(token_type),
+        "position_ids": torch.from_numpy(position),
+        "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
+        "max_seqlen": int(lengths.max()),
+        "next_sentence_label": torch.tensor([int(s["nsp_label"]) for s in samples], dtype=torch.long),
+    }
+    if with_sample_ids:
+        batch["sample_ids"] = torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.long)
+    return batch
+
+
+def samples_from_padded(batch: Mapping[str, torch.Tensor]) -> list[dict]:
+    """The masked samples of a padded batch (``loader.collate`` / ``loader.eval_batches``), row by row.
+
+    A row's length is its ``attention_mask`` sum and its ``a_len`` the number of its real tokens of
+    token type 0; ``sample_id`` is ``sample_ids`` when the batch has them, else the row number.
+    """
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(dim=1).tolist()
+    a_lens = ((batch["token_type_ids"] == 0) & mask).sum(dim=1).tolist()
+    ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
+    nsp = batch["next_sentence_label"].view(-1).tolist()
+    sample_ids = batch["sample_ids"].tolist() if "sample_ids" in batch else list(range(len(lengths)))
+    return [{"input_ids": ids[r, :n], "labels": labels[r, :n], "a_len": a, "nsp_label": y, "sample_id": sid}
+            for r, (n, a, y, sid) in enumerate(zip(lengths, a_lens, nsp, sample_ids))]
+
+
+def unpad(batch: Mapping[str, torch.Tensor], with_sample_ids: bool = False) -> dict[str, torch.Tensor | int]:
+    """The unpadded batch of the same samples as a padded one."""
+    return unpadded_batch(samples_from_padded(batch), with_sample_ids)
+
+
+def real_tokens(batch: Mapping[str, torch.Tensor | int]) -> int:
+    """Non-padding tokens of a padded or unpadded batch."""
+    if "cu_seqlens" in batch:
+        return int(batch["input_ids"].numel())
+    return int(batch["attention_mask"].sum())
+
+
+def computed_tokens(batch: Mapping[str, torch.Tensor | int]) -> int:
+    """Token positions the encoder's token-wise layers compute for a padded or unpadded batch."""
+    return int(batch["input_ids"].numel())
+
+
+def masked_positions(batch: Mapping[str, torch.Tensor | int]) -> int:
+    """MLM targets in a batch (either layout)."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
