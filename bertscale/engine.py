@@ -361,7 +361,15 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all ranks, in place; a no-op without a process group."""
+    """Sum a tensor over all ranks, in place; a no-op without a process group.
+
+    NCCL reduces only CUDA tensors: a host tensor (counters, flags) makes the round trip through the
+    current device there (gloo takes it as it is)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        if tensor.device.type != "cuda" and torch.distributed.get_backend() == "nccl":
+            on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            torch.distributed.all_reduce(on_device, op=torch.distributed.ReduceOp.SUM)
+            tensor.copy_(on_device)
+        else:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
