@@ -8,9 +8,12 @@ Two batch layouts, one function. *Padded*: ``[B, S]`` rows with an attention mas
 fine-tuning, ``transformers`` parity). *Unpadded* (training; built by ``bertscale.packing``, which
 explains the choice and its figures): the real tokens of B samples end to end, ``[T]``, with
 ``cu_seqlens``. Every token-wise layer then runs on the T real tokens only, position ids restart
-per sample, and attention stays within each sample: on CUDA through SDPA on jagged nested tensors
-(flash / memory-efficient variable-length kernels), on CPU through dense block-diagonal attention
-over rows the samples are laid into (``attention_rows``; fastest there as measured).
+per sample, and attention stays within each sample: on CUDA through flash attention's
+variable-length kernel on the token stream (``flash_varlen_attention``, dropout included), on CPU
+through dense block-diagonal attention over rows the samples are laid into (``attention_rows``;
+fastest there as measured). SDPA on jagged nested tensors is the third choice: the same flash
+kernel on CUDA, but measured on an H200 its nested-tensor bookkeeping (Python subclass dispatch,
+~5 ms of host time per layer) made a BERT-large step 1.8x *slower* than the padded one.
 ``PerfOptions.unpadded_attention`` picks the kernel; ``unpadded_attention_kernel`` is the dispatch.
 The losses, counts and gradients are those of the padded path on the same samples
 (tests/test_packing.py).
@@ -32,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 """Label value for positions that do not count towards the MLM loss (as in Hugging Face)."""
 
-UNPADDED_ATTENTION = ("auto", "jagged", "rows")
+UNPADDED_ATTENTION = ("auto", "varlen", "jagged", "rows")
 """Choices of ``PerfOptions.unpadded_attention``."""
 
 _ACTIVATIONS = {
@@ -166,10 +169,11 @@ class PerfOptions:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward: less memory, about a third more compute."""
     unpadded_attention: str = "auto"
-    """Attention kernel for unpadded batches (``bertscale.packing``): "jagged" (SDPA on jagged nested
-    tensors: flash / memory-efficient variable-length kernels on CUDA, a slow reference on CPU),
-    "rows" (samples laid into rows, dense block-diagonal attention per row: fastest on CPU), or
-    "auto": jagged on CUDA, rows elsewhere."""
+    """Attention kernel for unpadded batches (``bertscale.packing``): "varlen" (flash attention's
+    variable-length kernel, CUDA only; fp32 activations, which flash does not take, go through
+    "jagged"), "jagged" (SDPA on jagged nested tensors: flash / memory-efficient kernels on CUDA with
+    host overhead per layer, a slow reference on CPU), "rows" (samples laid into rows, dense
+    block-diagonal attention per row: fastest on CPU), or "auto": varlen on CUDA, rows elsewhere."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.pad_vocab_multiple, int) or self.pad_vocab_multiple < 1:
@@ -415,12 +419,44 @@ class AttentionRows:
 
 
 def unpadded_attention_kernel(choice: str, device_type: str) -> str:
-    """The kernel ``PerfOptions.unpadded_attention`` resolves to on a device: "jagged" or "rows"."""
+    """The kernel ``PerfOptions.unpadded_attention`` resolves to on a device: "varlen", "jagged" or "rows"."""
     if choice not in UNPADDED_ATTENTION:
         raise ValueError(f"unpadded_attention must be one of {', '.join(UNPADDED_ATTENTION)}, got {choice!r}")
+    if choice == "varlen" and device_type != "cuda":
+        raise ValueError(f"unpadded_attention = 'varlen' runs flash attention, which needs a CUDA device (this "
+                         f"one is {device_type}); use 'auto' or 'rows'")
     if choice != "auto":
         return choice
-    return "jagged" if device_type == "cuda" else "rows"
+    return "varlen" if device_type == "cuda" else "rows"
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """Flash attention over samples laid end to end, ``[T, h, dh]`` with ``cu_seqlens``: no padding,
+    no nested tensors, dropout included (the kernel's own Philox stream from the CUDA generator, which
+    checkpoints save and ``torch.utils.checkpoint`` replays)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, scale):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.max_seqlen, ctx.dropout_p, ctx.scale = max_seqlen, dropout_p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_seqlen, ctx.max_seqlen, ctx.dropout_p, False,
+            seed, offset, scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           max_seqlen: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention within each sample of a token stream: q, k, v ``[T, h, dh]`` (fp16 / bf16 on CUDA),
+    ``cu_seqlens`` int32 ``[B + 1]`` on the device, ``max_seqlen`` a host int -> ``[T, h, dh]``."""
+    return _FlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, dropout_p, 1.0 / math.sqrt(q.shape[-1]))
 
 
 @dataclass(frozen=True)
@@ -432,7 +468,7 @@ class UnpaddedLayout:
     max_seqlen: int
     """Longest sample (host int: the variable-length kernels need it without a device sync)."""
     kernel: str
-    """"jagged" or "rows" (``unpadded_attention_kernel``)."""
+    """"varlen", "jagged" or "rows" (``unpadded_attention_kernel``)."""
     rows: AttentionRows | None = None
     """The rows kernel's layout."""
     bias: torch.Tensor | None = None
@@ -441,6 +477,8 @@ class UnpaddedLayout:
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, kernel: str, dtype: torch.dtype) -> UnpaddedLayout:
         """The layout every layer's attention uses (the rows kernel's plan is made here, once per forward)."""
+        if kernel == "varlen":  # flash takes int32 offsets
+            return cls(cu_seqlens.int(), max_seqlen, kernel)
         if kernel == "jagged":
             # nested tensors take int64 offsets; torch hands the kernels their int32 copy itself
             return cls(cu_seqlens.long(), max_seqlen, kernel)
@@ -497,16 +535,19 @@ class BertSelfAttention(nn.Module):
     def _unpadded(self, x: torch.Tensor, layout: UnpaddedLayout) -> torch.Tensor:
         t, d = x.shape
         qkv = self._qkv(x)
-        if layout.kernel == "jagged":
+        p = self.dropout_p if self.training else 0.0
+        if layout.kernel == "varlen" and qkv.dtype in (torch.float16, torch.bfloat16):
+            q, k, v = (part.contiguous() for part in qkv.view(t, 3, self.num_heads, self.head_dim).unbind(1))
+            return flash_varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, p).reshape(t, d)
+        if layout.kernel in ("varlen", "jagged"):  # fp32 on CUDA: flash takes half precision only
             # Jagged nested tensors over the stream: on CUDA, SDPA runs flash / memory-efficient
             # attention in their variable-length form (cu_seqlens), dropout included. Contiguous
             # [T, h, dh] buffers are what every backend takes as is (the CPU reference insists);
             # min_seqlen 1 (every sample has its [CLS]) and the host max_seqlen spare torch a
             # device sync to find them.
             q, k, v = (torch.nested.nested_tensor_from_jagged(
-                part.contiguous(), layout.cu_seqlens, min_seqlen=1, max_seqlen=layout.max_seqlen,
+                part.contiguous(), layout.cu_seqlens.long(), min_seqlen=1, max_seqlen=layout.max_seqlen,
             ).transpose(1, 2) for part in qkv.view(t, 3, self.num_heads, self.head_dim).unbind(1))
-            p = self.dropout_p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
             return out.transpose(1, 2).values().reshape(t, d)
         n, w = layout.rows.segment.shape
@@ -587,7 +628,7 @@ class BertEncoder(nn.Module):
         last = len(self.layer) - 1
         # The recompute check compares the shapes of saved tensors, which nested tensors (the jagged
         # kernel's) cannot always give; the recomputation itself is the same.
-        check = "none" if isinstance(attn, UnpaddedLayout) and attn.kernel == "jagged" else "default"
+        check = "none" if isinstance(attn, UnpaddedLayout) and attn.kernel in ("jagged", "varlen") else "default"
         for i, layer in enumerate(self.layer):
             args = (x, attn) if rows is None or i < last else (x, attn, rows)
             if self.gradient_checkpointing and self.training:

@@ -226,11 +226,13 @@ def test_unpadded_input_errors_teach(real_batch, info):
 
 
 def test_attention_kernel_dispatch():
-    assert unpadded_attention_kernel("auto", "cuda") == "jagged"
+    assert unpadded_attention_kernel("auto", "cuda") == "varlen"
     assert unpadded_attention_kernel("auto", "cpu") == "rows"
     assert unpadded_attention_kernel("rows", "cuda") == "rows"
     assert unpadded_attention_kernel("jagged", "cpu") == "jagged"
-    with pytest.raises(ValueError, match="unpadded_attention must be one of auto, jagged, rows"):
+    with pytest.raises(ValueError, match="'varlen' runs flash attention, which needs a CUDA device"):
+        unpadded_attention_kernel("varlen", "cpu")
+    with pytest.raises(ValueError, match="unpadded_attention must be one of auto, varlen, jagged, rows"):
         unpadded_attention_kernel("flex", "cuda")
     with pytest.raises(ValueError, match="unpadded_attention must be one of"):
         PerfOptions(unpadded_attention="flash")
@@ -238,6 +240,8 @@ def test_attention_kernel_dispatch():
     cu = torch.tensor([0, 5, 12, 17], dtype=torch.int32)
     jagged = UnpaddedLayout.build(cu, 7, "jagged", torch.bfloat16)
     assert jagged.cu_seqlens.dtype == torch.int64 and jagged.rows is None and jagged.bias is None
+    varlen = UnpaddedLayout.build(cu.long(), 7, "varlen", torch.bfloat16)
+    assert varlen.cu_seqlens.dtype == torch.int32 and varlen.rows is None and varlen.bias is None
     rows = UnpaddedLayout.build(cu, 7, "rows", torch.bfloat16)
     assert rows.bias.dtype == torch.bfloat16 and rows.bias.shape == (3, 1, 8, 8)  # 7 | 5 | 5
 
@@ -285,6 +289,8 @@ def test_bench_step_data_reports_padded_and_unpadded(shard_dir, tokenizer_dir, t
     assert p["real_tokens_per_step"] == u["real_tokens_per_step"] > 0
     assert 0 < p["fill"] < 1 and u["fill"] == 1.0 and 0 < u["attention_fill"] <= 1
     assert p["real_tokens_per_s"] > 0 and u["real_tokens_per_s"] > 0 and x["speedup"] > 0 and x["flop_ratio"] > 1
+    # the same samples' model FLOPs over each layout's time: the ratio is the measured speedup
+    assert u["model_tflops"] / p["model_tflops"] == pytest.approx(x["speedup"]) and "mfu" not in u
     assert any("unpadded / padded" in line for line in out)
 
 
@@ -306,3 +312,32 @@ def test_gpu_jagged_attention_matches_padded(real_batch, info):
         torch.testing.assert_close(grads_u[name][: len(g)], g, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
     bf16 = fast.to(torch.bfloat16)
     bf16.train()(**model_inputs(unpadded)).loss.backward()  # flash kernel, dropout off
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_flash_varlen_matches_jagged_and_padded(real_batch, info):
+    """The default CUDA kernel: flash varlen on the token stream, in bf16. Without dropout it computes
+    what SDPA on jagged tensors computes (the same flash kernel, reached without nested tensors) and
+    the padded loss; with dropout it is reproducible from the CUDA seed (exact resume relies on it)."""
+    plain, fast = twin_models(small_config(info.vocab_size), PerfOptions.for_device("cuda"))
+    jagged = BertForPreTraining(fast.config, replace(fast.perf, unpadded_attention="jagged"))
+    load_state_dict_into(jagged, fast.state_dict())
+    plain, fast, jagged = (m.cuda().to(torch.bfloat16).train() for m in (plain, fast, jagged))
+    unpadded = batch_to(unpad(real_batch), "cuda")
+    out_v, grads_v = loss_and_grads(fast, unpadded)
+    out_j, grads_j = loss_and_grads(jagged, unpadded)
+    out_p, _ = loss_and_grads(plain, {k: v.cuda() for k, v in real_batch.items()})
+    torch.testing.assert_close(out_v.loss, out_j.loss, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out_v.loss.float(), out_p.loss.float(), rtol=2e-2, atol=2e-2)
+    for name, g in grads_j.items():
+        torch.testing.assert_close(grads_v[name], g, rtol=2e-2, atol=2e-3, msg=lambda m: f"{name}: {m}")
+    for layer in fast.bert.encoder.layer:
+        layer.attention.self.dropout_p = 0.5
+    runs = []
+    for _ in range(2):
+        torch.cuda.manual_seed(7)
+        runs.append(loss_and_grads(fast, unpadded))
+    assert torch.isfinite(runs[0][0].loss) and not torch.equal(runs[0][0].loss, out_v.loss)
+    assert torch.equal(runs[0][0].loss, runs[1][0].loss)
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
