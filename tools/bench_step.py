@@ -325,13 +325,19 @@ def bench_data_length(model, data_dir: Path, tok, batch: int | None, iters: int,
             times[name].append(timed(steps[name][i], dev, clock))
     timed_batches = [(warmup + it) % n for it in range(iters)]
     out: dict = {"dir": str(data_dir), "seq_len": seq_len, "batch": batch, "batches": len(set(timed_batches))}
+    # MFU counts the model FLOPs the samples need (each at its own length), whatever a layout computes.
+    useful_flops = sum(batch_flops(model.config, unpadded[i]) for i in timed_batches)
+    peak = device_peak_tflops() if dev.type == "cuda" else None
     for name, bl in layouts.items():
         real = sum(real_tokens(bl[i]) for i in timed_batches)
         computed = sum(computed_tokens(bl[i]) for i in timed_batches)
         total = sum(times[name])
         out[name] = {"step_ms": 1e3 * total / iters, "real_tokens_per_s": real / total,
                      "samples_per_s": batch * iters / total, "fill": real / computed,
-                     "real_tokens_per_step": real / iters, "computed_tokens_per_step": computed / iters}
+                     "real_tokens_per_step": real / iters, "computed_tokens_per_step": computed / iters,
+                     "model_tflops": useful_flops / total / 1e12}
+        if peak:
+            out[name]["mfu"] = out[name]["model_tflops"] / peak
     kernel = unpadded_attention_kernel(model.perf.unpadded_attention, dev.type)
     out["unpadded"]["attention_kernel"] = kernel
     if kernel == "rows":  # the CPU kernel attends over rows of samples; how full are they
@@ -392,6 +398,9 @@ def format_data_report(r: dict) -> str:
         lines.append(f"    unpadded: {u['step_ms']:8.1f} ms/step {u['real_tokens_per_s']:9.0f} real tok/s, "
                      f"fill {u['fill']:.3f}{att} ({u['attention_kernel']} attention); packing "
                      f"{u['pack_ms_per_batch']:.2f} ms/batch")
+        if "mfu" in u:
+            lines.append(f"    MFU (model FLOPs of the samples / bf16 peak): padded {p['mfu']:.1%}, "
+                         f"unpadded {u['mfu']:.1%}")
         lines.append(f"    unpadded / padded: {x['speedup']:.2f}x (paired median {x['speedup_paired']:.2f}x; "
                      f"model FLOPs predict {x['flop_ratio']:.2f}x)")
     return "\n".join(lines)
