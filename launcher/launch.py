@@ -321,7 +321,7 @@ class _Forwarder:
             tree = psutil.Process(self.child.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return
-        workers = [p for p in tree if _is_worker(p)]
+        workers = [p for p in tree if _is_rank(p)]
         for proc in workers or tree:
             try:
                 proc.send_signal(signal.SIGTERM)
@@ -329,11 +329,24 @@ class _Forwarder:
                 pass
 
 
-def _is_worker(proc) -> bool:
+def _runs_train_module(proc) -> bool:
     try:
-        return "bertscale.train" in " ".join(proc.cmdline())
+        cmd = proc.cmdline()
     except Exception:  # noqa: BLE001 - a process that vanished or that we may not inspect
         return False
+    return any(a == "-m" and b == "bertscale.train" for a, b in zip(cmd, cmd[1:]))
+
+
+def _is_rank(proc) -> bool:
+    """A rank: ``python -m bertscale.train``, and not one of a rank's data-loader workers (forked, same
+    command line). Not the deepspeed launcher either (its arguments name the module too): a SIGTERM to
+    it would tear the ranks down instead of letting them save."""
+    if not _runs_train_module(proc):
+        return False
+    try:
+        return not _runs_train_module(proc.parent())
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = False,

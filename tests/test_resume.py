@@ -103,7 +103,7 @@ def test_sigkill_at_a_random_point_then_resume_is_exact(data, reference, tmp_pat
     assert losses(out) == reference  # events logged after the last checkpoint were purged
 
 
-def test_rank_dying_inside_a_save_leaves_no_usable_half_checkpoint(data, reference, tmp_path):
+def test_rank_dying_inside_a_save_leaves_no_usable_half_checkpoint(data, reference, tmp_path, capfd):
     config = write_config(tmp_path, data, steps=STEPS)
     root = tmp_path / "run" / "checkpoints"
     with pytest.raises(RuntimeError, match="failed"):
@@ -115,8 +115,11 @@ def test_rank_dying_inside_a_save_leaves_no_usable_half_checkpoint(data, referen
             del os.environ["BERTSCALE_FAULT"]
     assert (root / ckpt.tag_for(4)).is_dir() and not (root / ckpt.tag_for(4) / ckpt.COMPLETE).exists()
     assert ckpt.latest(root).global_step == 2  # auto-resume never picks the half-written one
+    capfd.readouterr()
     out = pretrain(str(config), SETTINGS)
-    assert (root / ckpt.tag_for(4) / ckpt.COMPLETE).exists() or ckpt.latest(root).global_step > 4
+    # the resumed run wrote step 4 again, whole (later pruned), and left no half-written directory behind
+    assert f"saved checkpoint {root / ckpt.tag_for(4)} " in capfd.readouterr().out
+    assert all((path / ckpt.COMPLETE).is_file() for path in root.iterdir() if path.is_dir())
     assert losses(out) == reference
 
 
