@@ -45,9 +45,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not args.config:
         print("bertscale pretrain: --config FILE is required (see configs/ and README.md)", file=sys.stderr)
         return 2
-    from launcher.launch import pretrain
+    from launcher.launch import RunStopped, pretrain
 
-    out = pretrain(args.config, args.set, dry_run=args.dry_run, resume=args.resume)
+    try:
+        out = pretrain(args.config, args.set, dry_run=args.dry_run, resume=args.resume)
+    except RunStopped as stopped:  # a requested stop, not a failure: the ranks saved first
+        print(f"bertscale pretrain: {stopped}")
+        return 0
     if not args.dry_run:
         print(f"training finished; checkpoints in {out / 'checkpoints'}, TensorBoard events in {out / 'tensorboard'}")
     return 0
@@ -177,9 +181,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, ValueError, RuntimeError) as exc:
         print(f"bertscale {args.verb}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the machine, not the input: a full disk, a missing permission
+        print(f"bertscale {args.verb}: error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    """An operating-system error in words, with the file it concerns."""
+    text = exc.strerror or str(exc)
+    return f"{text} at {exc.filename}" if exc.filename else text
 
 
 if __name__ == "__main__":
