@@ -281,3 +281,42 @@ def test_a_full_disk_during_save_and_convert_reads_like_english(trained, data, t
     assert f"no space left on device at {tmp_path / 'small' / 'run' / 'checkpoints' / ckpt.tag_for(2)}" in output
     assert "there is no complete checkpoint yet" in output
     assert "Traceback" not in output
+
+
+# ---------------------------------------------------------------- 7. corrupt shards of every rank are counted
+
+def _damage_a_shard_only_rank_1_reads(data_dir: Path, tokenizer: Path, micro_batches: int) -> Path:
+    """Truncate the first train shard that rank 1 of 2 meets in its first ``micro_batches`` and rank 0
+    does not (found with the real loader, so it follows however the loader splits an epoch)."""
+    from bertscale.loader import PretrainingLoader
+    from bertscale.shards import load_manifest, shard_paths
+    from bertscale.tokenizer import tokenizer_info
+
+    tok = tokenizer_info(tokenizer)
+
+    def skipped(rank: int) -> int:
+        loader = PretrainingLoader(data_dir, split="train", micro_batch=4, rank=rank, world_size=2, seed=7,
+                                   tokenizer=tok, num_workers=0, expect_seq_len=128)
+        batches = iter(loader)
+        for _ in range(micro_batches):
+            next(batches)
+        return loader.corrupt_shards
+
+    for url in shard_paths(load_manifest(data_dir, 128, tok.fingerprint), data_dir, "train"):
+        shard = Path(url)
+        whole = shard.read_bytes()
+        shard.write_bytes(whole[:3000])  # truncated inside a member
+        if skipped(0) == 0 and skipped(1) == 1:
+            return shard
+        shard.write_bytes(whole)
+    raise AssertionError(f"no shard of {data_dir} is read by rank 1 alone")
+
+
+def test_corrupt_shards_skipped_by_any_rank_are_counted(data, tmp_path):
+    damaged = tmp_path / "d128"
+    shutil.copytree(data["d128"], damaged)
+    shard = _damage_a_shard_only_rank_1_reads(damaged, data["tokenizer"], micro_batches=4 * 2)  # 4 steps x accumulation 2
+    config = write_config(tmp_path, {**data, "d128": damaged}, steps=(4, 1))
+    pretrain(str(config), ["train.log_interval=1", "train.eval_batches=0", "train.save_interval=100"])
+    counted = dict(read_scalars(tmp_path / "run" / "tensorboard")["data/corrupt_shards"])
+    assert counted[4] == 1, f"{shard.name} was skipped by rank 1; the run logged {counted}"
