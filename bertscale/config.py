@@ -421,13 +421,20 @@ _PHASE_RANGES = [
 ]
 
 
+# why a bound is where it is, where the range alone does not say
+_WHY = {
+    "optimizer.loss_scale_min": " (a loss scale near 0 divides by zero)",
+    "train.max_bad_steps": " (consecutive skipped steps before the run stops)",
+}
+
+
 def _check_ranges(e: list[str], where: str, obj: Any, ranges) -> None:
     for key, low, high, low_open, high_open, optional in ranges:
         value = getattr(obj, key)
         if optional and value is None:
             continue
         if not _in_range(value, low, high, low_open=low_open, high_open=high_open):
-            hint = "; or leave it unset" if optional else ""
+            hint = _WHY.get(f"{where}.{key}", "") + ("; or leave it unset" if optional else "")
             e.append(f"{where}.{key}: {value!r} must be {_range_text(low, high, low_open, high_open)}{hint}")
 
 
