@@ -127,11 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Resolve the run configuration (file < --set overrides), check it against the "
                                    "data and the machine, and train every phase through the `deepspeed` "
                                    "launcher. Re-running the same command continues from the latest complete "
-                                   "checkpoint.")
+                                   "checkpoint. Exit status 0: every phase finished, or SIGTERM/SIGINT stopped the "
+                                   "run (the ranks save first); 1: a rank failed (named) or the run was refused; a "
+                                   "second launcher on the same run.out_dir is refused.")
     p.add_argument("--config", help="run configuration (TOML); see configs/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set train.log_interval=5 --set phases.phase1.steps=100")
-    p.add_argument("--dry-run", action="store_true", help="print each phase's deepspeed command and batch plan")
+    p.add_argument("--dry-run", action="store_true", help="check everything (DeepSpeed JSON, data, resume) and print each phase's deepspeed "
+                        "command and batch plan, starting nothing")
     p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto: continue from the latest complete checkpoint of run.out_dir; never: start fresh "
                         "(refused if run.out_dir has checkpoints); PATH: continue from that checkpoint")
