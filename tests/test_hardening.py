@@ -100,30 +100,22 @@ def test_a_planted_pickle_never_runs_on_convert_resume_or_phase_start(trained, d
     assert str(model_states) in str(refused.value) and "posix.system" in str(refused.value)
     assert not marker.exists()
 
-    # resume inside phase 1, from the run's own checkpoint (a rank's own state file poisoned)
-    out, config = copy_run(trained, tmp_path / "r", data, keep=(2,))
-    rank_state = out / "checkpoints" / ckpt.tag_for(2) / "rank-00001.pt"
-    plant(rank_state, marker)
-    with pytest.raises(safe_load.UnsafeFileError, match=str(rank_state)):
-        pretrain(str(config), SETTINGS)
-    assert not marker.exists()
-
-    # --resume PATH: DeepSpeed's optimizer states of another run's checkpoint
-    out, config = copy_run(trained, tmp_path / "p", data, keep=(2,))
-    optim = out / "checkpoints" / ckpt.tag_for(2) / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    plant(optim, marker)
+    # resume inside phase 1 (a rank's own state file); --resume PATH from another run's checkpoint
+    # (DeepSpeed's optimizer states); phase 2 starting from phase 1's final weights (consolidated)
     elsewhere = write_config(tmp_path, data, out=tmp_path / "elsewhere", steps=(4, 1), name="elsewhere.toml")
-    with pytest.raises(safe_load.UnsafeFileError, match=str(optim)):
-        pretrain(str(elsewhere), SETTINGS, resume=str(optim.parent))
-    assert not marker.exists()
-
-    # phase 2 starting from phase 1's final weights (consolidated from its shards)
-    out, config = copy_run(trained, tmp_path / "s", data, keep=(4,))
-    final = out / "checkpoints" / ckpt.tag_for(4) / "mp_rank_00_model_states.pt"
-    plant(final, marker)
-    with pytest.raises(safe_load.UnsafeFileError, match=str(final)):
-        pretrain(str(config), SETTINGS)
-    assert not marker.exists()
+    for case, step, file, resume in [
+        ("r", 2, "rank-00001.pt", "auto"),
+        ("p", 2, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "PATH"),
+        ("s", 4, "mp_rank_00_model_states.pt", "auto"),
+    ]:
+        out, config = copy_run(trained, tmp_path / case, data, keep=(step,))
+        planted = out / "checkpoints" / ckpt.tag_for(step) / file
+        plant(planted, marker)
+        explicit = resume == "PATH"
+        with pytest.raises(safe_load.UnsafeFileError, match=str(planted)):
+            pretrain(str(elsewhere if explicit else config), SETTINGS,
+                     resume=str(planted.parent) if explicit else "auto")
+        assert not marker.exists()
 
 
 def test_the_rank_side_loaders_refuse_too(trained, tmp_path):
