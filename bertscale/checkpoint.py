@@ -1,19 +1,26 @@
-"""Checkpoint layout: which directories exist, which are complete, which to keep.
+"""Checkpoints: which directories exist, which are complete, which to keep, and where a phase resumes.
 
 One checkpoint is one directory ``OUT/checkpoints/<tag>/`` holding
 
 - DeepSpeed's model and optimizer shards (written by ``Engine.save_shards``),
-- ``bertscale.json``: run state, phase, model config and tokenizer fingerprint (rank 0),
+- ``bertscale.json``: run state, phase, model config, tokenizer fingerprint, the data order of the
+  phase (``data_order``) and the resolved configuration (rank 0),
 - ``rank-00000.pt`` ...: per-rank state (RNG states, data loader epoch),
 - ``tokenizer/``: the tokenizer files, so a checkpoint converts on its own,
 - ``COMPLETE``: written by rank 0 last, after every rank has finished writing.
 
 A directory without ``COMPLETE`` is never resumed from or converted. DeepSpeed's own
 ``latest`` file is not used: rank 0 writes it before the other ranks are done.
+
+``plan_resume`` is the resume policy: from the checkpoints and the configuration it decides whether a
+phase continues a checkpoint, starts from the previous phase's weights, or starts fresh, and refuses
+(naming every difference) whatever would silently train something else than the run that was asked for.
+Every ``.pt`` is read weights-only (``bertscale.safe_load``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,6 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bertscale import safe_load
+from bertscale.config import ConfigError, PhaseSection, RunConfig, max_predictions
+from bertscale.files import atomic_output, write_atomic
+from bertscale.rundir import RunDir
+from bertscale.schedule import phase_spans
 
 COMPLETE = "COMPLETE"
 META = "bertscale.json"
@@ -111,17 +124,17 @@ def write_rank_state(path: Path, rank: int, state: dict) -> None:
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = path / f".rank-{rank:05d}.pt.tmp"
-    torch.save({"rng": rng, **state}, tmp)
-    os.replace(tmp, path / f"rank-{rank:05d}.pt")
+    with atomic_output(path / f"rank-{rank:05d}.pt") as tmp:
+        torch.save({"rng": rng, **state}, tmp)
 
 
 def read_rank_state(path: Path, rank: int) -> dict:
+    """This rank's state, loaded weights-only; restores the RNG states it holds."""
     file = path / f"rank-{rank:05d}.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: this checkpoint was written by fewer ranks; "
                                 f"resume with the same number of ranks")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    state = safe_load.load(file)
     rng = state["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -136,9 +149,200 @@ def write_meta(path: Path, meta: dict, tokenizer_dir: str | os.PathLike) -> None
     from bertscale.tokenizer import copy_tokenizer_files
 
     copy_tokenizer_files(tokenizer_dir, path / "tokenizer")
-    tmp = path / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path / META)
+    write_atomic(path / META, json.dumps(meta, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- resume policy
+
+class ResumeError(ConfigError):
+    """This run cannot continue from the checkpoint it found; the message says why and what to do."""
+
+
+def manifest_fingerprint(data_dir: str | os.PathLike) -> str:
+    """A hash of a shard directory's manifest (``index.json``) bytes: the shards, their counts and how
+    they were built. Another build, or other shards, give another fingerprint."""
+    try:
+        return hashlib.sha256((Path(data_dir) / "index.json").read_bytes()).hexdigest()
+    except OSError:
+        return "missing"
+
+
+def data_order(cfg: RunConfig, phase_index: int) -> dict[str, object]:
+    """What decides which samples a phase trains on, in which order, and how they are masked. Every
+    checkpoint records it; resuming inside the phase with any of it changed is refused."""
+    phase = cfg.phases[phase_index]
+    return {
+        "run.seed": cfg.run.seed,
+        "phase.data": manifest_fingerprint(phase.data),
+        "phase.seq_len": phase.seq_len,
+        "phase.global_batch": phase.global_batch,
+        "phase.micro_batch": phase.micro_batch,
+        "phase.mask_prob": phase.mask_prob,
+        "phase.max_predictions": max_predictions(phase),
+        "data.whole_word_masking": cfg.data.whole_word_masking,
+        "train.num_workers": cfg.train.num_workers,
+        "train.shuffle_buffer": cfg.train.shuffle_buffer,
+        "train.replicate_data": cfg.train.replicate_data,
+    }
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What this run is, for matching a checkpoint against it: the model it builds (``model_config``:
+    the Hugging Face config dict), its tokenizer, its vocabulary rows, ranks and ZeRO stage."""
+
+    model_config: dict
+    tokenizer_fingerprint: str
+    vocab_rows: int
+    world_size: int
+    zero_stage: int
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How a rank starts its phase: continue a checkpoint of the phase (``resume``), or start from the
+    previous phase's final weights (``previous``; with its optimizer moments if ``carry_moments``), or
+    fresh (neither). ``changed`` lists settings that differ from the checkpoint's and may (log them)."""
+
+    resume: CheckpointInfo | None = None
+    previous: CheckpointInfo | None = None
+    carry_moments: bool = False
+    changed: tuple[str, ...] = ()
+
+    def world_size_note(self, phase: PhaseSection, shape: RunShape, accumulation: int) -> str | None:
+        """At a phase start on another number of ranks than the previous phase: how accumulation follows."""
+        saved = self.previous.meta.get("world_size") if self.previous is not None else None
+        if saved is None or saved == shape.world_size:
+            return None
+        return (f"phase {phase.name}: world size changed from {saved} to {shape.world_size}; gradient accumulation "
+                f"recomputed: {phase.global_batch} = micro {phase.micro_batch} x accumulation {accumulation} x "
+                f"world {shape.world_size}")
+
+
+def plan_resume(cfg: RunConfig, phase_index: int, shape: RunShape, resume_from: str | os.PathLike | None = None,
+                ) -> ResumePlan:
+    """Decide where phase ``phase_index`` starts, refusing whatever would train something else than asked.
+
+    The source is ``resume_from`` (``--resume PATH``) or the run's latest complete checkpoint. Inside a
+    phase the run continues only with the same model, tokenizer, ranks, vocabulary rows and data order
+    (``data_order``); a new phase starts from the previous phase's consolidated weights on any number of
+    ranks. Raises ``ResumeError`` naming every difference and what to do.
+    """
+    root = RunDir.of(cfg).checkpoints
+    phase = cfg.phases[phase_index]
+    span = phase_spans([p.steps for p in cfg.phases])[phase_index]
+    source = resolve(resume_from) if resume_from else latest(root)
+    if source is not None:
+        _check_same_model(source, shape)
+    if source is not None and source.phase_index == phase_index and not source.phase_complete:
+        _check_same_position(source, phase, span, shape)
+        _check_same_data_order(source, cfg, phase_index)
+        return ResumePlan(resume=source, changed=tuple(_changed_settings(source, cfg, phase_index)))
+    if source is not None and source.phase_index >= phase_index and source.phase_complete:
+        raise ResumeError(f"phase {phase.name!r} is already complete ({source.path}); the launcher skips "
+                          f"finished phases")
+    if phase_index == 0:
+        return ResumePlan()
+    if source is not None and source.phase_index == phase_index - 1 and source.phase_complete:
+        previous = source
+    else:
+        previous = final_of_phase(root, phase_index - 1)
+    if previous is None:
+        raise ResumeError(f"phase {phase.name!r} starts from the final weights of phase "
+                          f"{cfg.phases[phase_index - 1].name!r}, but {root} has no complete final checkpoint "
+                          f"of it; run that phase first")
+    if previous.global_step != span.start:
+        raise ResumeError(f"{previous.path} ended phase {previous.meta.get('phase')!r} at global step "
+                          f"{previous.global_step}, but the config's phase table starts phase {phase.name!r} "
+                          f"at step {span.start}; restore the earlier phases' steps or start a new run.out_dir")
+    if phase.carry_optimizer_state:
+        saved_world, saved_stage = previous.meta.get("world_size"), previous.meta.get("zero_stage")
+        if (saved_world, saved_stage) != (shape.world_size, shape.zero_stage):
+            raise ResumeError(
+                f"phase {phase.name!r} has carry_optimizer_state = true, but {previous.path} was written by "
+                f"{saved_world} ranks at ZeRO stage {saved_stage} and this run has {shape.world_size} ranks at "
+                f"stage {shape.zero_stage}; the optimizer shards are per rank. Use the same ranks and stage, or "
+                f"set phases.{phase.name}.carry_optimizer_state=false (fresh moments)")
+    return ResumePlan(previous=previous, carry_moments=phase.carry_optimizer_state)
+
+
+def _check_same_model(found: CheckpointInfo, shape: RunShape) -> None:
+    saved = found.meta.get("model_config", {})
+    ours = shape.model_config
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {ours.get(k)!r}"
+             for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+             if saved.get(k) != ours.get(k)]
+    if found.meta.get("tokenizer_fingerprint") != shape.tokenizer_fingerprint:
+        diffs.append("tokenizer: checkpoint was trained with a different vocabulary")
+    if diffs:
+        raise ResumeError(f"{found.path} belongs to a different model, so this run cannot continue from it: "
+                          + "; ".join(diffs) + ". Use a new run.out_dir or the matching config.")
+
+
+def _check_same_position(source: CheckpointInfo, phase: PhaseSection, span, shape: RunShape) -> None:
+    saved_world = source.meta.get("world_size")
+    if saved_world != shape.world_size:
+        raise ResumeError(
+            f"{source.path} was written by {saved_world} ranks but this run has {shape.world_size}; resuming in "
+            f"the middle of a phase needs the same number of ranks (optimizer shards and data positions are per "
+            f"rank). Resume with {saved_world} ranks, or let the phase finish: the next phase starts from "
+            f"consolidated weights on any number of ranks.")
+    saved_rows = source.meta.get("vocab_rows", shape.model_config.get("vocab_size"))
+    if saved_rows != shape.vocab_rows:
+        raise ResumeError(
+            f"{source.path} holds {saved_rows} vocabulary rows (model.pad_vocab_multiple padding) but this run "
+            f"builds {shape.vocab_rows}: its default differs between CUDA (64) and CPU (1). Set "
+            f"model.pad_vocab_multiple to the value of the run that wrote the checkpoint to resume it.")
+    if not span.start <= source.global_step < span.end:
+        raise ResumeError(f"{source.path} is at global step {source.global_step}, outside phase {phase.name!r} "
+                          f"(steps {span.start}..{span.end}) of this config")
+
+
+def _check_same_data_order(source: CheckpointInfo, cfg: RunConfig, phase_index: int) -> None:
+    saved = source.meta.get("data_order")
+    if saved is None:  # written before checkpoints recorded it: nothing to compare
+        return
+    name = cfg.phases[phase_index].name
+    ours = data_order(cfg, phase_index)
+    diffs = []
+    for key, value in ours.items():
+        if key in saved and saved[key] != value:
+            shown = key.replace("phase.", f"phases.{name}.", 1)
+            if key == "phase.data":
+                diffs.append(f"{shown}: the shards differ (manifest {str(saved[key])[:12]} in the checkpoint, "
+                             f"{str(value)[:12]} in {cfg.phases[phase_index].data})")
+            else:
+                diffs.append(f"{shown}: {saved[key]!r} in the checkpoint, {value!r} now")
+    if diffs:
+        raise ResumeError(
+            f"{source.path} is in the middle of phase {name!r}, and this run would continue it with other data "
+            f"or another sample order or masking:\n    " + "\n    ".join(diffs) + "\n  A resumed phase must "
+            f"see what the interrupted one would have seen. Restore these settings to continue it; a new phase "
+            f"may change them (the next one starts from this phase's final weights), or start a new run.out_dir.")
+
+
+def _changed_settings(source: CheckpointInfo, cfg: RunConfig, phase_index: int) -> list[str]:
+    """Settings that differ from the checkpoint's and may change mid-phase (learning rate, intervals, ...)."""
+    saved = source.meta.get("config")
+    if saved is None:
+        return []
+    before, now = _flatten(saved), _flatten(cfg.to_dict())
+    order = {k.replace("phase.", f"phases.{cfg.phases[phase_index].name}.", 1) for k in data_order(cfg, phase_index)}
+    return [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key) and key not in order]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if key == "phases" and isinstance(value, list):
+            for item in value:
+                flat.update(_flatten(item, f"phases.{item.get('name')}."))
+        elif isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def remove_incomplete(path: Path) -> None:
@@ -149,7 +353,7 @@ def remove_incomplete(path: Path) -> None:
 
 
 def mark_complete(path: Path) -> None:
-    (path / COMPLETE).write_text("ok\n", encoding="utf-8")
+    write_atomic(path / COMPLETE, "ok\n")
 
 
 def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:

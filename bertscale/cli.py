@@ -45,9 +45,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not args.config:
         print("bertscale pretrain: --config FILE is required (see configs/ and README.md)", file=sys.stderr)
         return 2
-    from launcher.launch import pretrain
+    from launcher.launch import RunStopped, pretrain
 
-    out = pretrain(args.config, args.set, dry_run=args.dry_run, resume=args.resume)
+    try:
+        out = pretrain(args.config, args.set, dry_run=args.dry_run, resume=args.resume)
+    except RunStopped as stopped:  # a requested stop, not a failure: the ranks saved first
+        print(f"bertscale pretrain: {stopped}")
+        return 0
     if not args.dry_run:
         print(f"training finished; checkpoints in {out / 'checkpoints'}, TensorBoard events in {out / 'tensorboard'}")
     return 0
@@ -134,11 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Resolve the run configuration (file < --set overrides), check it against the "
                                    "data and the machine, and train every phase through the `deepspeed` "
                                    "launcher. Re-running the same command continues from the latest complete "
-                                   "checkpoint.")
+                                   "checkpoint. Exit status 0: every phase finished, or SIGTERM/SIGINT stopped the "
+                                   "run (the ranks save first); 1: a rank failed (named) or the run was refused; a "
+                                   "second launcher on the same run.out_dir is refused.")
     p.add_argument("--config", help="run configuration (TOML); see configs/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set train.log_interval=5 --set phases.phase1.steps=100")
-    p.add_argument("--dry-run", action="store_true", help="print each phase's deepspeed command and batch plan")
+    p.add_argument("--dry-run", action="store_true", help="check everything (DeepSpeed JSON, data, resume) and print each phase's deepspeed "
+                        "command and batch plan, starting nothing")
     p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto: continue from the latest complete checkpoint of run.out_dir; never: start fresh "
                         "(refused if run.out_dir has checkpoints); PATH: continue from that checkpoint")
@@ -220,9 +227,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, ValueError, RuntimeError) as exc:
         print(f"bertscale {args.verb}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the machine, not the input: a full disk, a missing permission
+        print(f"bertscale {args.verb}: error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    """An operating-system error in words, with the file it concerns."""
+    text = exc.strerror or str(exc)
+    return f"{text} at {exc.filename}" if exc.filename else text
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class ModelSection:
 @dataclass
 class DistributedSection:
     deepspeed_config: str = "ds_configs/zero2_bf16.json"
-    """Base DeepSpeed JSON (ZeRO stage, precision); batch sizes and clipping are filled in per phase."""
+    """Base DeepSpeed JSON (ZeRO stage, precision); batch sizes and clipping are filled in per phase. Relative: against the current directory, else the bertscale checkout's shipped ds_configs/."""
     accelerator: str = "auto"
     """auto (CUDA when present, else CPU), cuda or cpu. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu and gloo."""
     num_gpus: int | None = None
@@ -360,58 +360,117 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def _in_range(value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+              high_open: bool = False) -> bool:
+    """Whether a number is finite and within [low, high] (an open end excludes its bound)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return high is None or (value < high if high_open else value <= high)
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+# (section, key, low, high, low_open, high_open, optional): every number of the configuration and the
+# values it may take; an optional key may also be left unset (None).
+_RANGES = [
+    ("run", "seed", 0, 2 ** 63 - 1, False, False, False),
+    ("model", "num_hidden_layers", 1, None, False, False, True),
+    ("model", "hidden_size", 1, None, False, False, True),
+    ("model", "num_attention_heads", 1, None, False, False, True),
+    ("model", "intermediate_size", 1, None, False, False, True),
+    ("model", "dropout", 0, 1, False, True, True),
+    ("model", "pad_vocab_multiple", 1, None, False, False, True),
+    ("distributed", "num_gpus", 1, None, False, False, True),
+    ("distributed", "num_nodes", 1, None, False, False, False),
+    ("distributed", "master_port", 1, 65535, False, False, False),
+    ("distributed", "threads_per_rank", 1, None, False, False, True),
+    ("distributed", "timeout_minutes", 0, None, True, False, False),
+    ("optimizer", "eps", 0, None, True, False, False),
+    ("optimizer", "weight_decay", 0, None, False, False, False),
+    ("optimizer", "grad_clip", 0, None, False, False, False),
+    ("optimizer", "max_trust_ratio", 0, None, True, False, True),
+    ("optimizer", "loss_scale_initial_power", 0, 32, False, False, False),
+    ("optimizer", "loss_scale_window", 1, None, False, False, False),
+    ("optimizer", "loss_scale_hysteresis", 1, None, False, False, False),
+    ("optimizer", "loss_scale_min", 1, None, False, False, False),
+    ("train", "log_interval", 1, None, False, False, False),
+    ("train", "save_interval", 1, None, False, False, False),
+    ("train", "keep_last", 1, None, False, False, False),
+    ("train", "num_workers", 0, None, False, False, False),
+    ("train", "shuffle_buffer", 0, None, False, False, False),
+    ("train", "eval_batches", 0, None, False, False, False),
+    ("train", "eval_interval", 0, None, False, False, False),
+    ("train", "max_bad_steps", 1, None, False, False, False),
+]
+_PHASE_RANGES = [
+    ("seq_len", 8, 512, False, False, False),
+    ("global_batch", 1, None, False, False, False),
+    ("micro_batch", 1, None, False, False, False),
+    ("steps", 1, None, False, False, False),
+    ("lr", 0, None, True, False, False),
+    ("warmup", 0, 1, False, False, False),
+    ("decay_power", 0, None, True, False, False),
+    ("max_predictions", 1, None, False, False, True),
+    ("mask_prob", 0, 1, True, True, False),
+]
+
+
+# why a bound is where it is, where the range alone does not say
+_WHY = {
+    "optimizer.loss_scale_min": " (a loss scale near 0 divides by zero)",
+    "train.max_bad_steps": " (consecutive skipped steps before the run stops)",
+}
+
+
+def _check_ranges(e: list[str], where: str, obj: Any, ranges) -> None:
+    for key, low, high, low_open, high_open, optional in ranges:
+        value = getattr(obj, key)
+        if optional and value is None:
+            continue
+        if not _in_range(value, low, high, low_open=low_open, high_open=high_open):
+            hint = _WHY.get(f"{where}.{key}", "") + ("; or leave it unset" if optional else "")
+            e.append(f"{where}.{key}: {value!r} must be {_range_text(low, high, low_open, high_open)}{hint}")
+
+
 def validate(cfg: RunConfig) -> list[str]:
-    """Every problem the configuration has on its own (without looking at the machine)."""
+    """Every problem the configuration has on its own (without looking at the machine): every number
+    finite and in its range (named with the key and the range), every path set."""
     e: list[str] = []
     from bertscale.model import PRESETS  # local: the model owns the preset table
 
+    for section, key, *bounds in _RANGES:
+        _check_ranges(e, section, getattr(cfg, section), [(key, *bounds)])
     if cfg.model.preset not in PRESETS:
         e.append(f"model.preset: {cfg.model.preset!r} is not a preset{_suggest(cfg.model.preset, list(PRESETS))}")
     if not cfg.model.tokenizer:
         e.append("model.tokenizer: set it to the directory written by `bertscale tokenizer`")
-    if cfg.model.pad_vocab_multiple is not None and cfg.model.pad_vocab_multiple < 1:
-        e.append("model.pad_vocab_multiple: 1 (no padding), 64 (tensor cores), or leave unset for the default")
+    if not cfg.run.out_dir:
+        e.append("run.out_dir: set it to the directory for checkpoints and logs, e.g. runs/bert")
+    if not cfg.distributed.deepspeed_config:
+        e.append("distributed.deepspeed_config: set it to a DeepSpeed JSON, e.g. ds_configs/zero2_bf16.json")
     if cfg.distributed.accelerator not in ("auto", "cpu", "cuda"):
         e.append(f"distributed.accelerator: {cfg.distributed.accelerator!r} must be auto, cpu or cuda")
     if cfg.distributed.launcher not in ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"):
         e.append(f"distributed.launcher: {cfg.distributed.launcher!r} is not a DeepSpeed multi-node launcher")
-    if cfg.distributed.num_gpus is not None and cfg.distributed.num_gpus < 1:
-        e.append("distributed.num_gpus: must be at least 1")
-    if cfg.distributed.num_nodes < 1:
-        e.append("distributed.num_nodes: must be at least 1")
     if cfg.distributed.no_ssh and (cfg.distributed.node_rank is None or not cfg.distributed.master_addr):
         e.append("distributed.no_ssh: also set distributed.node_rank and distributed.master_addr")
     if cfg.distributed.node_rank is not None and not 0 <= cfg.distributed.node_rank < cfg.distributed.num_nodes:
         e.append(f"distributed.node_rank: {cfg.distributed.node_rank} must be in [0, num_nodes="
                  f"{cfg.distributed.num_nodes})")
-    if not cfg.distributed.timeout_minutes > 0:
-        e.append("distributed.timeout_minutes: must be positive")
-    if not 1 <= cfg.distributed.master_port <= 65535:
-        e.append(f"distributed.master_port: {cfg.distributed.master_port} is not a TCP port")
     if cfg.optimizer.name not in ("lamb", "adamw"):
         e.append(f"optimizer.name: {cfg.optimizer.name!r} must be lamb or adamw")
-    if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
-        e.append("optimizer.betas: two numbers in [0, 1), e.g. [0.9, 0.999]")
-    for name in ("log_interval", "save_interval", "keep_last"):
-        if getattr(cfg.train, name) < 1:
-            e.append(f"train.{name}: must be at least 1")
-    if cfg.train.eval_interval < 0:
-        e.append("train.eval_interval: 0 (end of phase only) or a number of steps")
-    if cfg.train.num_workers < 0:
-        e.append("train.num_workers: must be 0 or more")
-    if cfg.train.max_bad_steps < 1:
-        e.append("train.max_bad_steps: must be at least 1 (consecutive skipped steps before the run stops)")
+    if len(cfg.optimizer.betas) != 2 or not all(_in_range(b, 0, 1, high_open=True) for b in cfg.optimizer.betas):
+        e.append(f"optimizer.betas: {cfg.optimizer.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     o = cfg.optimizer
-    if o.max_trust_ratio is not None and not o.max_trust_ratio > 0:
-        e.append("optimizer.max_trust_ratio: a positive number, or leave it unset for no clamp")
-    if not o.loss_scale_min >= 1:
-        e.append(f"optimizer.loss_scale_min: {o.loss_scale_min} must be >= 1 (a loss scale near 0 divides by zero)")
-    if not 0 <= o.loss_scale_initial_power <= 32:
-        e.append(f"optimizer.loss_scale_initial_power: {o.loss_scale_initial_power} must be in [0, 32]")
-    elif 2.0 ** o.loss_scale_initial_power < o.loss_scale_min:
+    if _in_range(o.loss_scale_initial_power, 0, 32) and _in_range(o.loss_scale_min, 1) \
+            and 2.0 ** o.loss_scale_initial_power < o.loss_scale_min:
         e.append("optimizer.loss_scale_initial_power: 2**power is below loss_scale_min")
-    if o.loss_scale_window < 1 or o.loss_scale_hysteresis < 1:
-        e.append("optimizer.loss_scale_window and loss_scale_hysteresis: must be at least 1")
     if not cfg.phases:
         e.append("phases: add at least one [[phases]] table (seq_len, data, global_batch, micro_batch, steps, lr)")
     names = [p.name for p in cfg.phases]
@@ -421,21 +480,9 @@ def validate(cfg: RunConfig) -> list[str]:
         w = f"phases[{i}] ({p.name})"
         if not p.data:
             e.append(f"{w}.data: set it to the directory written by `bertscale shards --seq-len {p.seq_len}`")
-        if not 8 <= p.seq_len <= 512:
-            e.append(f"{w}.seq_len: {p.seq_len} must be between 8 and 512")
-        for name in ("global_batch", "micro_batch", "steps"):
-            if getattr(p, name) < 1:
-                e.append(f"{w}.{name}: must be at least 1")
-        if p.micro_batch >= 1 and p.global_batch % p.micro_batch:
+        _check_ranges(e, w, p, _PHASE_RANGES)
+        if _in_range(p.micro_batch, 1) and _in_range(p.global_batch, 1) and p.global_batch % p.micro_batch:
             e.append(f"{w}.global_batch: {p.global_batch} is not a multiple of micro_batch {p.micro_batch}")
-        if not p.lr > 0:
-            e.append(f"{w}.lr: must be positive")
-        if not 0 <= p.warmup <= 1:
-            e.append(f"{w}.warmup: a fraction of the phase's steps in [0, 1]")
-        if not 0 < p.mask_prob < 1:
-            e.append(f"{w}.mask_prob: must be in (0, 1)")
-        if p.max_predictions is not None and p.max_predictions < 1:
-            e.append(f"{w}.max_predictions: must be at least 1")
     return e
 
 
@@ -462,18 +509,27 @@ def max_predictions(phase: PhaseSection) -> int:
 
 
 def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
-    """Make every path absolute (against ``base``, default the current directory)."""
+    """Make every path absolute (against ``base``, default the current directory). A relative
+    ``distributed.deepspeed_config`` that is not there but is one of the checkout's shipped
+    ``ds_configs/`` (the default, run from another directory) resolves to the shipped file."""
     base = base or Path.cwd()
 
     def absolute(p: str | None) -> str | None:
         return str((base / p).resolve()) if p else p
+
+    def deepspeed_json(p: str) -> str:
+        # the shipped ds_configs/*.json, named relatively as the default does, from outside the checkout
+        checkout = Path(__file__).resolve().parent.parent
+        if p and not Path(p).is_absolute() and not (base / p).exists() and (checkout / p).is_file():
+            return str(checkout / p)
+        return absolute(p)
 
     cfg = dataclasses.replace(cfg)
     cfg.run = dataclasses.replace(cfg.run, out_dir=absolute(cfg.run.out_dir))
     cfg.model = dataclasses.replace(cfg.model, tokenizer=absolute(cfg.model.tokenizer))
     cfg.distributed = dataclasses.replace(
         cfg.distributed,
-        deepspeed_config=absolute(cfg.distributed.deepspeed_config),
+        deepspeed_config=deepspeed_json(cfg.distributed.deepspeed_config),
         hostfile=absolute(cfg.distributed.hostfile))
     cfg.phases = [dataclasses.replace(p, data=absolute(p.data)) for p in cfg.phases]
     return cfg

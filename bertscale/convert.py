@@ -14,16 +14,17 @@ stays near the fp32 weights plus the page cache of the shards being read.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from bertscale import checkpoint as ckpt
 from bertscale.engine import consolidated_state_dict
+from bertscale.files import WriteError, atomic_output, write_atomic, write_failure
 from bertscale.hf_format import check_state_dict, resize_vocab_rows, save_hf
 from bertscale.model import BertConfig
 from bertscale.tokenizer import TOKENIZER_FILES
@@ -41,13 +42,26 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     info = ckpt.resolve(checkpoint, tag)
     log.info("converting %s (global step %d, phase %s, ZeRO stage %s)", info.path, info.global_step,
              info.meta.get("phase"), info.meta.get("zero_stage"))
-    weights = consolidated_state_dict(info.path.parent, info.tag)
+    weights = consolidated_state_dict(info.path.parent, info.tag)  # weights-only loads (bertscale.safe_load)
+    nonfinite = sorted(k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if nonfinite:
+        raise ValueError(f"{info.path} holds non-finite weights ({', '.join(nonfinite[:5])}"
+                         f"{' ...' if len(nonfinite) > 5 else ''}); it cannot be exported. Convert an earlier "
+                         f"checkpoint (--tag); complete ones: {[c.tag for c in ckpt.complete_checkpoints(info.path.parent)]}")
     config = BertConfig.from_hf_dict(info.meta["model_config"])
     tokenizer = info.path / "tokenizer"
-    if fmt == "hf":
-        out = save_hf(weights, config, out_dir, tokenizer_dir=tokenizer)
-    else:
-        out = _save_torch(weights, config, Path(out_dir), tokenizer)
+    out = Path(out_dir)
+    try:
+        if fmt == "hf":
+            save_hf(weights, config, out, tokenizer_dir=tokenizer)
+        else:
+            _save_torch(weights, config, out, tokenizer)
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors report a full disk in their own ways
+        problem = write_failure(exc, out)
+        if problem is None:
+            raise
+        raise WriteError(getattr(exc, "errno", None) or errno.EIO,
+                      f"{problem}; {info.path} is unchanged. Free some space or choose another --out") from exc
     log.info("wrote %s", out)
     return out
 
@@ -56,11 +70,10 @@ def _save_torch(weights: dict[str, torch.Tensor], config: BertConfig, out: Path,
     check_state_dict(weights, config)
     weights = resize_vocab_rows(weights, config.vocab_size)  # strip tensor-core padding rows
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.pt.tmp"
-    torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}, tmp)
-    os.replace(tmp, out / "model.pt")
-    (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+    with atomic_output(out / "model.pt") as tmp:
+        torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}, tmp)
+    write_atomic(out / "config.json", json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         if (tokenizer / name).is_file():
-            shutil.copy2(tokenizer / name, out / name)
+            write_atomic(out / name, (tokenizer / name).read_bytes())
     return out

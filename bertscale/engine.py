@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bertscale import safe_load
 from bertscale.config import ConfigError, OptimizerSection, PhaseSection, accumulation_steps
 from bertscale.lamb import FlatLayout, Lamb
 
@@ -91,35 +92,63 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> DistInf
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
-def build_ds_config(base_path: str | os.PathLike, phase: PhaseSection, world_size: int,
-                    optimizer: OptimizerSection, accelerator: str) -> dict:
-    """The DeepSpeed config of one phase: the base file plus batch sizes, clipping and optimizer."""
+def load_ds_config(base_path: str | os.PathLike) -> dict:
+    """Read and check a base DeepSpeed JSON; every problem is a ``ConfigError`` naming the file and key.
+
+    The launcher calls this before any rank starts (so does ``build_ds_config`` in every rank).
+    """
     path = Path(base_path)
     try:
         base = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"distributed.deepspeed_config: {path} does not exist; pick one of ds_configs/*.json") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+        raise ConfigError(f"distributed.deepspeed_config: {path} does not exist; pick one of the shipped "
+                          f"ds_configs/*.json ({', '.join(shipped_ds_configs()) or 'see the bertscale checkout'})"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"distributed.deepspeed_config: cannot read {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"distributed.deepspeed_config: {path} is not valid JSON: {exc}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"distributed.deepspeed_config: {path} must hold a JSON object, not {type(base).__name__}")
     clashes = [k for k in _OWNED_KEYS if k in base]
     if clashes:
-        raise ConfigError(f"{path} sets {clashes}; batch sizes, clipping, optimizer and schedule come from the "
-                          f"run config's phase table and [optimizer] section: remove them from the JSON")
+        raise ConfigError(f"{path} sets {', '.join(clashes)}; batch sizes, clipping, optimizer and schedule come "
+                          f"from the run config's phase table and [optimizer] section: remove them from the JSON")
+    tables = [k for k in ("zero_optimization", "fp16", "bf16", "checkpoint") if k in base and not isinstance(base[k], dict)]
+    if tables:
+        raise ConfigError(f"{path}: {', '.join(tables)} must be JSON objects")
     stage = base.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage})")
+        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage!r})")
     if base.get("fp16", {}).get("enabled") and base.get("bf16", {}).get("enabled"):
-        raise ConfigError(f"{path}: enable fp16 or bf16, not both")
+        raise ConfigError(f"{path}: fp16.enabled and bf16.enabled are both true; enable one of them")
     unsafe = [f"{table}.{key}" for table, key in (("bf16", "check_grad_overflow"), ("zero_optimization",
               "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")) if base.get(table, {}).get(key) is False]
     if unsafe:
         raise ConfigError(f"{path} sets {unsafe} to false; ZeRO's overflow check is how a non-finite gradient on "
                           f"any rank skips the step on every rank: remove them from the JSON")
-    scaling = [k for k in _LOSS_SCALE_KEYS.values() if k in base.get("fp16", {})]
+    scaling = [f"fp16.{k}" for k in _LOSS_SCALE_KEYS.values() if k in base.get("fp16", {})]
     if scaling:
-        raise ConfigError(f"{path} sets fp16 {scaling}; dynamic loss scaling comes from the run config's "
+        raise ConfigError(f"{path} sets {', '.join(scaling)}; dynamic loss scaling comes from the run config's "
                           f"[optimizer] loss_scale_* keys: remove them from the JSON")
-    cfg = json.loads(json.dumps(base))  # deep copy: the fp16 table is filled in below
+    engines = [f"checkpoint.{k}" for k in ("writer",) if base.get("checkpoint", {}).get(k)]
+    engines += [k for k in ("datastates_ckpt",) if k in base]
+    if engines:
+        raise ConfigError(f"{path} sets {', '.join(engines)}; bertscale writes checkpoints with DeepSpeed's torch "
+                          f"engine and loads them weights-only (bertscale.safe_load): remove them from the JSON")
+    return base
+
+
+def shipped_ds_configs() -> list[str]:
+    """The base DeepSpeed configs of the bertscale checkout, if it is there."""
+    folder = Path(__file__).resolve().parent.parent / "ds_configs"
+    return sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def build_ds_config(base_path: str | os.PathLike, phase: PhaseSection, world_size: int,
+                    optimizer: OptimizerSection, accelerator: str) -> dict:
+    """The DeepSpeed config of one phase: the base file plus batch sizes, clipping and optimizer."""
+    cfg = load_ds_config(base_path)
     cfg["train_micro_batch_size_per_gpu"] = phase.micro_batch
     cfg["gradient_accumulation_steps"] = accumulation_steps(phase, world_size)
     cfg["train_batch_size"] = phase.global_batch
@@ -250,6 +279,10 @@ class Engine:
             # ZeRO hands LAMB flat partitions: give it the original tensors' layout and the sum over ranks
             layouts, dp_group = zero_layouts(self.engine.optimizer)
             client_optimizer.shard(layouts, reduce=lambda t: _all_reduce_in(t, dp_group))
+        self._base_optimizer = client_optimizer
+        self._weights_rejected = False
+        self.poison_weights = False  # fault injection (tests): this rank's step makes its weights NaN
+        self._guard_weights(client_optimizer)
         self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.device)  # this step, this rank
         # fp16: DeepSpeed's dynamic scaler raises a bare Exception on an overflow at the minimum scale; we
         # keep skipping at the floor instead, and train.max_bad_steps stops the run with a clear message.
@@ -297,13 +330,43 @@ class Engine:
         return out
 
     def step_was_bad(self) -> bool:
-        """After an optimizer step: did this rank see a non-finite loss, or was the step skipped for
-        non-finite gradients? Under fp16 an overflow skip is ordinary loss-scale search (counted by
-        ``skipped_steps``) and counts as bad only once the scale sits at its minimum. Resets the loss flag."""
+        """After an optimizer step: did this rank see a non-finite loss, was the step skipped for
+        non-finite gradients, or were its weights put back because they came out non-finite? Under fp16
+        an overflow skip is ordinary loss-scale search (counted by ``skipped_steps``) and counts as bad
+        only once the scale sits at its minimum. Resets the flags."""
         skipped = not self.engine.was_step_applied()
-        bad = bool(self._nonfinite_loss) or (skipped and self._loss_scale_at_minimum())  # one sync per step
+        bad = (bool(self._nonfinite_loss) or self._weights_rejected
+               or (skipped and self._loss_scale_at_minimum()))  # one sync per step
         self._nonfinite_loss.zero_()
+        self._weights_rejected = False
         return bad
+
+    def _guard_weights(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap the step of the optimizer ZeRO runs on this rank's fp32 partitions: if the weights of any
+        rank come out non-finite (finite gradients with an overflowing learning rate or trust ratio), every
+        rank puts its weights back as they were, so the step is skipped everywhere, like one with a
+        non-finite gradient (its moments have advanced; the weights, which a checkpoint and the model
+        carry, have not). Costs a copy of the partition per step and one small all-reduce."""
+        step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            before = [p.detach().clone() for p in params]
+            result = step(*args, **kwargs)
+            if self.poison_weights:
+                with torch.no_grad():
+                    params[0].view(-1)[0] = float("nan")
+            if not _all_finite(params):
+                with torch.no_grad():
+                    torch._foreach_copy_(params, before)
+                self._weights_rejected = True
+            return result
+
+        optimizer.step = guarded_step
+
+    def weights_finite(self) -> bool:
+        """Whether the weights of every rank are finite (a collective: every rank must call it)."""
+        return _all_finite([p for group in self._base_optimizer.param_groups for p in group["params"]])
 
     def _loss_scale_at_minimum(self) -> bool:
         if not self.engine.fp16_enabled():
@@ -337,6 +400,9 @@ class Engine:
         self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
 
     def load_shards(self, root: Path, tag: str) -> None:
+        """Load model and optimizer shards; every ``.pt`` is checked first and loaded weights-only (the
+        rank runs under ``safe_load.enforce_in_this_process``; DeepSpeed's own engine asks for pickles)."""
+        safe_load.check_directory(Path(root) / tag)
         path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:  # DeepSpeed returns (None, None) instead of raising
@@ -344,10 +410,25 @@ class Engine:
 
 
 def consolidated_state_dict(root: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 model weights from a ZeRO (stage 1, 2 or 3) checkpoint, on CPU."""
+    """The full fp32 model weights from a ZeRO (stage 1, 2 or 3) checkpoint, on CPU.
+
+    DeepSpeed's consolidation unpickles every shard with ``weights_only=False``; the files are checked
+    first (a refusal names the file and the type it asks for) and loaded weights-only regardless.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    safe_load.check_directory(Path(root) / tag)
+    with safe_load.enforced():
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor on every rank is finite (one all-reduce)."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    bad = torch.zeros(1, dtype=torch.float32, device=device)
+    for t in tensors:
+        bad += (~torch.isfinite(t)).any().float()
+    return all_reduce_sum(bad).item() == 0
 
 
 def _all_reduce_in(tensor: torch.Tensor, group) -> torch.Tensor:

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -68,6 +69,35 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
     return path
+
+
+class WriteError(OSError):
+    """A write that failed for a reason of the machine (a full disk, a permission), said in words: the
+    message is the whole story, no traceback needed."""
+
+
+def write_failure(exc: BaseException, path: Path) -> str | None:
+    """A failed write under ``path`` in words ("no space left on device at PATH"), or None if ``exc`` is
+    not one. torch and safetensors report a full disk without an errno ("file write failed", "iostream
+    error", "StorageFull"); the file system's free space then tells."""
+    path = Path(path)
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC:
+        return f"no space left on device at {path}"
+    if code == errno.EDQUOT:
+        return f"disk quota exceeded at {path}"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied or read-only file system"
+    text = str(exc).lower()
+    if not any(k in text for k in ("write failed", "iostream", "unexpected pos", "no space left", "storagefull",
+                                   "os error 28")):
+        return None
+    probe = next((p for p in (path, *path.parents) if p.exists()), None)
+    if probe is not None:
+        usage = shutil.disk_usage(probe)
+        if usage.free < max(64 * 2 ** 20, usage.total // 100):
+            return f"no space left on device at {path} ({usage.free // 2 ** 20} MiB free)"
+    return f"writing under {path} failed ({str(exc).strip().splitlines()[-1]})"
 
 
 class LockedError(RuntimeError):

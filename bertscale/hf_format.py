@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bertscale.files import atomic_output, write_atomic
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions
 
 CONFIG_FILE = "config.json"
@@ -145,15 +145,12 @@ def save_hf(
                 f"the tokenizer was saved to, or pass tokenizer_dir=None to export weights only"
             )
         for name in present:
-            shutil.copy2(tok / name, out / name)
+            write_atomic(out / name, (tok / name).read_bytes())
 
-    # Write under temporary names and rename, so a crash never leaves a half-written model behind.
-    tmp_weights = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    os.replace(tmp_weights, out / WEIGHTS_FILE)
-    tmp_config = out / (CONFIG_FILE + ".tmp")
-    tmp_config.write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_config, out / CONFIG_FILE)
+    # a crash (or a full disk) never leaves a half-written model behind
+    with atomic_output(out / WEIGHTS_FILE) as tmp_weights:
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    write_atomic(out / CONFIG_FILE, json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     return out
 
 

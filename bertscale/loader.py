@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,6 +301,14 @@ class _WorkerStream:
         assert want is None and not pending, "epoch plan and stream disagree"
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A scheduler's SIGTERM (or a terminal's SIGINT) reaches every process of the job: the rank decides
+    when to stop and save; a worker killed by it would crash the rank instead. Workers end with their
+    rank (torch's worker watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _EpochDataset(IterableDataset):
     """A rank's epoch for torch's DataLoader; physical worker i serves logical worker (i + first) mod W."""
 
@@ -427,7 +436,13 @@ class PretrainingLoader:
         first = skip % w
         if self.num_workers == 0:
             return _WorkerStream(ep, 0).batches(done[0])
-        return iter(DataLoader(_EpochDataset(ep, done, first), batch_size=None, num_workers=self.num_workers))
+        # Its own generator: torch draws the workers' base seed each time an iterator is created, by
+        # default from the global RNG that also drives dropout, and a resumed run creates its iterator
+        # at another step than the run that never stopped. (Workers use no torch randomness: their
+        # shuffles are seeded from seed, epoch, rank, worker and block.)
+        return iter(DataLoader(_EpochDataset(ep, done, first), batch_size=None, num_workers=self.num_workers,
+                               generator=torch.Generator().manual_seed(self.seed),
+                               worker_init_fn=_ignore_stop_signals))
 
     def _account(self, epoch: int, batch: dict) -> dict:
         for shard, reason in batch.pop("_corrupt", ()):

@@ -9,6 +9,7 @@ the command continues), else the final weights of the previous phase, else fresh
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -23,13 +24,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bertscale import checkpoint as ckpt
+from bertscale import safe_load
 from bertscale.config import RunConfig, accumulation_steps, load_config, max_predictions
+from bertscale.files import WriteError, write_failure
 from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_ds_config,
-                              consolidated_state_dict, detect_accelerator, init_distributed)
+                              consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
+                              zero_stage)
 from bertscale.hf_format import load_state_dict_into
 from bertscale.loader import PretrainingLoader, eval_batches
 from bertscale.metrics import Metrics, device_peak_tflops
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
+from bertscale.rundir import RunDir
 from bertscale.schedule import lr_at, phase_spans
 from bertscale.state import RunState
 from bertscale.tokenizer import TokenizerInfo, tokenizer_info
@@ -55,8 +60,17 @@ def perf_options(cfg: RunConfig, accelerator: str) -> PerfOptions:
                        gradient_checkpointing=m.gradient_checkpointing)
 
 
-def checkpoint_root(cfg: RunConfig) -> Path:
-    return Path(cfg.run.out_dir) / "checkpoints"
+def run_shape(cfg: RunConfig, accelerator: str, world_size: int,
+              tokenizer: TokenizerInfo | None = None) -> ckpt.RunShape:
+    """The model, vocabulary rows, ranks and ZeRO stage this configuration trains with (checked against
+    a checkpoint before resuming it; the launcher checks the same before starting any rank)."""
+    tokenizer = tokenizer or tokenizer_info(cfg.model.tokenizer)
+    config = model_config(cfg, tokenizer.vocab_size)
+    multiple = perf_options(cfg, accelerator).pad_vocab_multiple
+    stage = zero_stage(load_ds_config(cfg.distributed.deepspeed_config))
+    return ckpt.RunShape(model_config=config.to_hf_dict(), tokenizer_fingerprint=tokenizer.fingerprint,
+                         vocab_rows=-(-config.vocab_size // multiple) * multiple,  # with tensor-core padding
+                         world_size=world_size, zero_stage=stage)
 
 
 class Trainer:
@@ -66,26 +80,39 @@ class Trainer:
                  resume_from: str | None = None, stop: StopRequest | None = None):
         self.cfg, self.dist = cfg, dist
         self.stop = stop or StopRequest()
+        self.run_dir = RunDir.of(cfg)
         self.phase_index, self.phase = cfg.phase(phase_name)
         self.spans = phase_spans([p.steps for p in cfg.phases])
         self.span = self.spans[self.phase_index]
         self.tokenizer: TokenizerInfo = tokenizer_info(cfg.model.tokenizer)
         self.model_config = model_config(cfg, self.tokenizer.vocab_size)
-        self.root = checkpoint_root(cfg)
+        self.root = self.run_dir.checkpoints
         self.state = RunState(global_step=self.span.start, phase_index=self.phase_index)
+        self.stopped = False
 
         torch.manual_seed(cfg.run.seed)
-        perf = perf_options(cfg, accelerator)
-        multiple = perf.pad_vocab_multiple
-        self.vocab_rows = -(-self.model_config.vocab_size // multiple) * multiple  # with tensor-core padding
-        model = BertForPreTraining(self.model_config, perf)
-        resume = self._find_resume_point(model, resume_from)
+        shape = run_shape(cfg, accelerator, dist.world_size, self.tokenizer)
+        self.vocab_rows = shape.vocab_rows
+        model = BertForPreTraining(self.model_config, perf_options(cfg, accelerator))
+        plan = ckpt.plan_resume(cfg, self.phase_index, shape, resume_from)
+        if plan.previous is not None:
+            previous = plan.previous
+            load_state_dict_into(model, consolidated_state_dict(previous.path.parent, previous.tag))
+            self.state.samples_seen = previous.meta["state"]["samples_seen"]
+            self.state.tokens_seen = previous.meta["state"]["tokens_seen"]
         self.accumulation = accumulation_steps(self.phase, dist.world_size)
         ds_config = build_ds_config(cfg.distributed.deepspeed_config, self.phase, dist.world_size,
                                     cfg.optimizer, accelerator)
         self.engine = Engine(model, ds_config, cfg.optimizer, accelerator, lr=self.phase.lr)
-        if resume is None and self.phase_index > 0:
-            self._start_phase_from_previous()
+        if plan.previous is not None:
+            note = plan.world_size_note(self.phase, shape, self.accumulation)
+            if note:
+                self._log0(note)
+            if plan.carry_moments:
+                self.engine.load_shards(plan.previous.path.parent, plan.previous.tag)
+            self._log0(f"phase {self.phase.name}: starting from the final weights of "
+                       f"{cfg.phases[self.phase_index - 1].name} ({plan.previous.path}); optimizer moments "
+                       + ("carried over" if plan.carry_moments else "reset"))
         self.bad_steps = self.bad_in_a_row = 0
         # replicate_data: every rank reads the same stream of whole global batches (see TrainSection)
         data_micro, data_rank, data_world = ((self.phase.global_batch, 0, 1) if cfg.train.replicate_data
@@ -97,14 +124,17 @@ class Trainer:
             num_workers=cfg.train.num_workers, shuffle_buffer=cfg.train.shuffle_buffer,
             expect_seq_len=self.phase.seq_len, whole_word_masking=cfg.data.whole_word_masking,
             strict_shards=cfg.data.strict_shards)
+        resume = plan.resume
         if resume is not None:
             self.engine.load_shards(resume.path.parent, resume.tag)
             self.state.load_state_dict(resume.meta["state"])
             # last: RNG states (dropout) as they were right after the checkpointed step
             self.loader.load_state_dict(ckpt.read_rank_state(resume.path, dist.rank)["loader"])
             self._log0(f"resumed from {resume.path} at global step {self.state.global_step}")
+            if plan.changed:
+                self._log0("changed since the checkpoint: " + "; ".join(plan.changed))
         # on resume, hide events an interrupted attempt logged after its last checkpoint
-        self.metrics = Metrics(str(Path(cfg.run.out_dir) / "tensorboard"), dist.rank, cfg.run.name,
+        self.metrics = Metrics(str(self.run_dir.tensorboard), dist.rank, cfg.run.name,
                                total_steps=self.spans[-1].end,
                                purge_step=self.state.global_step + 1 if resume is not None else None,
                                model_dims=(self.model_config.num_hidden_layers, self.model_config.hidden_size,
@@ -113,93 +143,9 @@ class Trainer:
         if self.phase_index == 0 and resume is None:
             self.metrics.log_config(cfg.to_dict())
 
-    def _start_phase_from_previous(self) -> None:
-        """A new phase: say how accumulation follows from the world size; optionally carry the moments."""
-        previous = ckpt.final_of_phase(self.root, self.phase_index - 1)
-        saved_world = previous.meta.get("world_size") if previous is not None else None
-        if saved_world is not None and saved_world != self.dist.world_size:
-            self._log0(f"phase {self.phase.name}: world size changed from {saved_world} to {self.dist.world_size}; "
-                       f"gradient accumulation recomputed: {self.phase.global_batch} = micro {self.phase.micro_batch}"
-                       f" x accumulation {self.accumulation} x world {self.dist.world_size}")
-        if not self.phase.carry_optimizer_state or previous is None:
-            return
-        stage = self.engine.ds_config["zero_optimization"]["stage"]
-        if saved_world != self.dist.world_size or previous.meta.get("zero_stage") != stage:
-            raise RuntimeError(
-                f"phase {self.phase.name!r} has carry_optimizer_state = true, but {previous.path} was written by "
-                f"{saved_world} ranks at ZeRO stage {previous.meta.get('zero_stage')} and this run has "
-                f"{self.dist.world_size} ranks at stage {stage}; the optimizer shards are per rank. Use the same "
-                f"ranks and stage, or set phases.{self.phase.name}.carry_optimizer_state=false (fresh moments)")
-        self.engine.load_shards(previous.path.parent, previous.tag)
-        self._log0(f"phase {self.phase.name}: optimizer moments carried over from {previous.path}")
-
     def _log0(self, message: str) -> None:
         if self.dist.rank == 0:
             log.info(message)
-
-    def _find_resume_point(self, model: BertForPreTraining, resume_from: str | None) -> ckpt.CheckpointInfo | None:
-        """Resume this phase, or start it from the previous phase's final weights.
-
-        The source is ``resume_from`` (a checkpoint given with --resume PATH) or the latest complete
-        checkpoint of this run. Mid-phase resume needs the same number of ranks (the optimizer shards and
-        data positions are per rank); a new phase starts from consolidated weights on any number.
-        """
-        source = ckpt.resolve(resume_from) if resume_from else ckpt.latest(self.root)
-        if source is not None:
-            self._check_compatible(source)
-        if source is not None and source.phase_index == self.phase_index and not source.phase_complete:
-            saved_world = source.meta.get("world_size")
-            if saved_world != self.dist.world_size:
-                raise RuntimeError(
-                    f"{source.path} was written by {saved_world} ranks but this run has {self.dist.world_size}; "
-                    f"resuming in the middle of a phase needs the same number of ranks (optimizer shards and data "
-                    f"positions are per rank). Resume with {saved_world} ranks, or let the phase finish: the next "
-                    f"phase starts from consolidated weights on any number of ranks.")
-            saved_rows = source.meta.get("vocab_rows", self.model_config.vocab_size)
-            if saved_rows != self.vocab_rows:
-                raise RuntimeError(
-                    f"{source.path} holds {saved_rows} vocabulary rows (model.pad_vocab_multiple padding) but this "
-                    f"run builds {self.vocab_rows}: its default differs between CUDA (64) and CPU (1). Set "
-                    f"model.pad_vocab_multiple to the value of the run that wrote the checkpoint to resume it.")
-            if not self.span.start <= source.global_step < self.span.end:
-                raise RuntimeError(f"{source.path} is at global step {source.global_step}, outside phase "
-                                   f"{self.phase.name!r} (steps {self.span.start}..{self.span.end}) of this config")
-            return source
-        if source is not None and source.phase_index >= self.phase_index and source.phase_complete:
-            raise RuntimeError(f"phase {self.phase.name!r} is already complete ({source.path}); "
-                               f"the launcher skips finished phases")
-        if self.phase_index > 0:
-            if source is not None and source.phase_index == self.phase_index - 1 and source.phase_complete:
-                previous = source
-            else:
-                previous = ckpt.final_of_phase(self.root, self.phase_index - 1)
-            if previous is None:
-                raise RuntimeError(f"phase {self.phase.name!r} starts from the final weights of phase "
-                                   f"{self.cfg.phases[self.phase_index - 1].name!r}, but {self.root} has no "
-                                   f"complete final checkpoint of it; run that phase first")
-            if previous.global_step != self.span.start:
-                raise RuntimeError(f"{previous.path} ended phase {previous.meta.get('phase')!r} at global step "
-                                   f"{previous.global_step}, but the config's phase table starts phase "
-                                   f"{self.phase.name!r} at step {self.span.start}; restore the earlier phases' "
-                                   f"steps or start a new run.out_dir")
-            load_state_dict_into(model, consolidated_state_dict(previous.path.parent, previous.tag))
-            self.state.samples_seen = previous.meta["state"]["samples_seen"]
-            self.state.tokens_seen = previous.meta["state"]["tokens_seen"]
-            self._log0(f"phase {self.phase.name}: starting from the final weights of "
-                       f"{self.cfg.phases[self.phase_index - 1].name} ({previous.path}); optimizer moments reset")
-        return None
-
-    def _check_compatible(self, found: ckpt.CheckpointInfo) -> None:
-        saved_model = found.meta.get("model_config", {})
-        ours = self.model_config.to_hf_dict()
-        diffs = [f"{k}: checkpoint {saved_model.get(k)!r} vs config {ours.get(k)!r}"
-                 for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "intermediate_size") if saved_model.get(k) != ours.get(k)]
-        if found.meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
-            diffs.append("tokenizer: checkpoint was trained with a different vocabulary")
-        if diffs:
-            raise RuntimeError(f"{found.path} belongs to a different model, so this run cannot continue "
-                               f"from it: " + "; ".join(diffs) + f". Use a new run.out_dir or the matching config.")
 
     def train(self) -> None:
         phase = self.phase
@@ -223,6 +169,7 @@ class Trainer:
             tokens = 0
             step = self.state.global_step + 1
             poison = _fault_active("nan-loss", step, self.dist.rank)
+            self.engine.poison_weights = _fault_active("nan-weights", step, self.dist.rank)
             for batch in self._micro_batches(batches):
                 batch = self.engine.to_device(batch)
                 out = self.engine.train_micro_batch(batch, poison=poison)
@@ -249,10 +196,12 @@ class Trainer:
                 self._log0(f"stop requested (SIGTERM/SIGINT): saved at global step {self.state.global_step}; "
                            f"re-run the same command to continue")
                 self.metrics.close()
+                self.stopped = True
                 return
             if cfg.train.eval_interval and self.state.global_step % cfg.train.eval_interval == 0 and not last:
                 self.metrics.log_eval(self.state.global_step, self.evaluate(cfg.train.eval_batches))
         if cfg.train.eval_batches > 0:
+            _fault_point("die-in-eval", self.state.global_step, self.dist.rank)
             self.metrics.log_eval(self.state.global_step, self.evaluate(cfg.train.eval_batches))
         self.metrics.close()
 
@@ -277,18 +226,15 @@ class Trainer:
         self.bad_steps += 1
         self.bad_in_a_row += 1
         step = self.state.global_step
-        self._log0(f"step {step}: non-finite loss or gradient on some rank; step skipped, weights unchanged "
+        self._log0(f"step {step}: non-finite loss, gradient or weights on some rank; step skipped, weights unchanged "
                    f"({self.bad_in_a_row} in a row, {self.bad_steps} in this phase)")
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-            last = ckpt.latest(self.root)
-            where = (f"the last complete checkpoint is {last.path} (global step {last.global_step})"
-                     if last is not None else "there is no complete checkpoint yet")
             self.metrics.close()
             raise NonFiniteError(
                 f"stopping at global step {step}: {self.bad_in_a_row} consecutive optimizer steps "
-                f"({step - self.bad_in_a_row + 1}..{step}) had a non-finite loss or gradient and were skipped "
-                f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); {where}. Lower the learning rate, "
-                f"check the data, or use bf16, then resume from that checkpoint")
+                f"({step - self.bad_in_a_row + 1}..{step}) had a non-finite loss, gradient or weights and were "
+                f"skipped (train.max_bad_steps = {self.cfg.train.max_bad_steps}); {self._last_complete()}. Lower "
+                f"the learning rate, check the data, or use bf16, then resume from that checkpoint")
 
     def _scalars(self, lr: float) -> dict[str, float]:
         """What the trainer knows at a log point (Metrics adds losses, throughput and resources)."""
@@ -302,39 +248,67 @@ class Trainer:
             "train/seq_len": self.phase.seq_len,
             "train/samples_seen": self.state.samples_seen,
             "data/epoch": self.loader.epoch,
-            "data/corrupt_shards": getattr(self.loader, "corrupt_shards", 0),
+            "data/corrupt_shards": self._corrupt_shards(),
         }
         grad_norm = self.engine.grad_norm()
         if grad_norm is not None:
             scalars["optim/grad_norm"] = grad_norm
         return scalars
 
+    def _corrupt_shards(self) -> float:
+        """Damaged shards skipped so far by all ranks (each rank reads its own; a collective: every rank
+        calls it at the log points). With replicate_data every rank reads, and counts, the same shards."""
+        total = all_reduce_sum(torch.tensor([float(getattr(self.loader, "corrupt_shards", 0))], dtype=torch.float64))
+        return total.item() / (self.dist.world_size if self.cfg.train.replicate_data else 1)
+
     def save(self) -> None:
+        """Write a checkpoint on every rank; rank 0 marks it complete once every rank has written its part
+        and the weights of every rank are finite."""
         tag = ckpt.tag_for(self.state.global_step)
         path = self.root / tag
         t0 = time.perf_counter()
-        if self.dist.rank == 0 and path.exists():  # an interrupted attempt's leftover at this step
-            ckpt.remove_incomplete(path)
-        barrier()
-        self.engine.save_shards(self.root, tag)
-        _fault_point("die-in-save", self.state.global_step, self.dist.rank)
-        ckpt.write_rank_state(path, self.dist.rank, {"loader": self.loader.state_dict()})
-        if self.dist.rank == 0:
-            ckpt.write_meta(path, {
-                "state": self.state.state_dict(),
-                "phase": self.phase.name,
-                "model_config": self.model_config.to_hf_dict(),
-                "tokenizer_fingerprint": self.tokenizer.fingerprint,
-                "world_size": self.dist.world_size,
-                "zero_stage": self.engine.ds_config["zero_optimization"]["stage"],
-                "vocab_rows": self.vocab_rows,
-            }, self.cfg.model.tokenizer)
+        try:
+            if self.dist.rank == 0 and path.exists():  # an interrupted attempt's leftover at this step
+                ckpt.remove_incomplete(path)
+            barrier()
+            self.engine.save_shards(self.root, tag)
+            _fault_point("die-in-save", self.state.global_step, self.dist.rank)
+            ckpt.write_rank_state(path, self.dist.rank, {"loader": self.loader.state_dict()})
+            if self.dist.rank == 0:
+                ckpt.write_meta(path, {
+                    "state": self.state.state_dict(),
+                    "phase": self.phase.name,
+                    "model_config": self.model_config.to_hf_dict(),
+                    "tokenizer_fingerprint": self.tokenizer.fingerprint,
+                    "world_size": self.dist.world_size,
+                    "zero_stage": self.engine.ds_config["zero_optimization"]["stage"],
+                    "vocab_rows": self.vocab_rows,
+                    "data_order": ckpt.data_order(self.cfg, self.phase_index),
+                    "config": self.cfg.to_dict(),
+                }, self.cfg.model.tokenizer)
+        except (OSError, RuntimeError) as exc:
+            problem = write_failure(exc, path)
+            if problem is None:
+                raise
+            raise WriteError(getattr(exc, "errno", None) or errno.EIO,
+                             f"{problem} while saving the checkpoint of global step {self.state.global_step}; "
+                             f"{self._last_complete()}. Free some space (or point run.out_dir elsewhere) and "
+                             f"re-run the same command to continue from it") from exc
         barrier()  # every rank has written its shards and state
+        if not self.engine.weights_finite():  # collective: every rank checks its own partition
+            raise NonFiniteError(f"the weights at global step {self.state.global_step} are not finite on some "
+                                 f"rank, so {path} is not marked complete; {self._last_complete()}. Lower the "
+                                 f"learning rate or check the data, then resume from that checkpoint")
         if self.dist.rank == 0:
             ckpt.mark_complete(path)
             ckpt.prune(self.root, self.cfg.train.keep_last)
             log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
         barrier()
+
+    def _last_complete(self) -> str:
+        last = ckpt.latest(self.root)
+        return (f"the last complete checkpoint is {last.path} (global step {last.global_step})"
+                if last is not None else "there is no complete checkpoint yet")
 
     def evaluate(self, max_batches: int) -> dict[str, float]:
         """Held-out MLM/NSP metrics; batches are split over ranks (every rank runs the same count)."""
@@ -390,7 +364,7 @@ class NonFiniteError(RuntimeError):
 
 def _fault_active(name: str, step: int, rank: int) -> bool:
     """BERTSCALE_FAULT=name:step:rank (tests only). ``nan-loss:S:R`` makes rank R's loss NaN at global step S;
-    ``nan-loss:S-E:R`` at steps S..E."""
+    ``nan-loss:S-E:R`` at steps S..E; ``nan-weights:S:R`` makes rank R's weights NaN as its optimizer steps."""
     spec = os.environ.get("BERTSCALE_FAULT", "")
     if not spec.startswith(name + ":"):
         return False
@@ -412,42 +386,73 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", default=None, help="a checkpoint directory to start this phase from")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
-    logging.getLogger("bertscale").setLevel(logging.INFO if rank == "0" else logging.WARNING)
+    logging.getLogger("bertscale").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # DeepSpeed's own ZeRO code calls this deprecated collective on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    cfg = load_config(args.config)
-    accelerator = detect_accelerator(cfg.distributed.accelerator)
-    dist = init_distributed(accelerator, cfg.distributed.timeout_minutes)
-    if accelerator == "cpu":
-        threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
-        torch.set_num_threads(threads)
-    stop = StopRequest()
-    stop.install()
+    watch_launcher()
+    safe_load.enforce_in_this_process()  # every torch.load of this rank, DeepSpeed's included
     try:
+        cfg = load_config(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"rank {rank}: {exc}", file=sys.stderr)
+        return 1
+    run_dir = RunDir.of(cfg)
+    try:
+        accelerator = detect_accelerator(cfg.distributed.accelerator)
+        dist = init_distributed(accelerator, cfg.distributed.timeout_minutes)
+        if accelerator == "cpu":
+            threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
+            torch.set_num_threads(threads)
+        stop = StopRequest()
+        stop.install()
         trainer = Trainer(cfg, args.phase, dist, accelerator, resume_from=args.resume_from, stop=stop)
         trainer.train()
         barrier()
-    except BaseException as exc:
-        report_failure(cfg, dist.rank, exc)
-        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the rank exits 1
+        run_dir.record_exit(rank, "error", exc)
+        return 1
+    run_dir.record_exit(rank, "stopped" if trainer.stopped else "ok")
     torch.distributed.destroy_process_group()
     return 0
 
 
-def report_failure(cfg: RunConfig, rank: int, exc: BaseException) -> None:
-    """Leave the error where the launcher looks, so it can name the rank that failed."""
-    import traceback
+LAUNCHER_ENV = "BERTSCALE_LAUNCHER"
+"""``host:pid:start_time`` of the `bertscale pretrain` process that started this rank (same host only)."""
 
-    folder = Path(cfg.run.out_dir) / "failures"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        text = "".join(traceback.format_exception(exc)) + f"rank {rank} on {socket.gethostname()}: {exc!r}\n"
-        (folder / f"rank-{rank:05d}.txt").write_text(text, encoding="utf-8")
-    except OSError:
-        pass  # reporting must never hide the original error
+
+def watch_launcher(interval: float = 1.0) -> None:
+    """Stop this rank within seconds once the `bertscale pretrain` process that started it is gone.
+
+    Between them sit the deepspeed runner and launcher, which keep their ranks running when their own
+    parent dies; a rank orphaned that way would train on, hold the master port and the run directory's
+    lock would be free for a second run to write beside it.
+    """
+    import threading
+
+    import psutil
+
+    host, _, rest = os.environ.get(LAUNCHER_ENV, "").partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return
+
+    def alive() -> bool:
+        try:
+            return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1.0
+        except (psutil.Error, ValueError):
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval)
+        print(f"rank {os.environ.get('RANK', '?')}: the bertscale launcher (pid {pid}) is gone; stopping",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from bertscale import checkpoint as ckpt
 from bertscale.config import (ConfigError, PhaseSection, RunConfig, accumulation_steps, load_config,
                               resolve_paths)
+from bertscale.rundir import RunDir
 
 log = logging.getLogger("bertscale.launcher")
 
@@ -113,24 +116,9 @@ def world_size(cfg: RunConfig, accelerator: str) -> int:
 
 
 def node_file(cfg: RunConfig, name: str) -> Path:
-    """Where this launcher keeps a file of run.out_dir that its own workers read.
-
-    In --no_ssh mode every node runs its own launcher against the same (shared) out_dir, and what
-    they write differs (node_rank, threads per rank): each node gets its own copy, ``NAME.nodeR``.
-    """
-    out = Path(cfg.run.out_dir)
-    if not cfg.distributed.no_ssh:
-        return out / name
-    tag = f".node{cfg.distributed.node_rank}"
-    return out / (name[: -len(".json")] + tag + ".json" if name.endswith(".json") else name + tag)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename under a name unique to this process: readers (and other nodes' launchers
-    writing beside us) never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Where this launcher keeps a file of run.out_dir that its own workers read (``RunDir.node_file``):
+    in --no_ssh mode each node keeps its own copy, ``NAME.nodeR``."""
+    return RunDir.of(cfg).node_file(name)
 
 
 def no_ssh_hostfile(cfg: RunConfig, accelerator: str) -> Path:
@@ -140,9 +128,7 @@ def no_ssh_hostfile(cfg: RunConfig, accelerator: str) -> Path:
     """
     path = node_file(cfg, "hostfile.no_ssh")
     slots = ranks_per_node(cfg, accelerator)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "".join(f"node{i} slots={slots}\n" for i in range(cfg.distributed.num_nodes)))
-    return path
+    return RunDir.of(cfg).write(path, "".join(f"node{i} slots={slots}\n" for i in range(cfg.distributed.num_nodes)))
 
 
 def deepspeed_executable() -> str:
@@ -206,29 +192,18 @@ def check_port(cfg: RunConfig) -> None:
                               f"pick a free one, e.g. --set distributed.master_port={d.master_port + 1}") from None
 
 
-def failure_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run.out_dir) / "failures"
-
-
-def failed_ranks(cfg: RunConfig, since: float) -> list[str]:
-    """One line per rank that reported a failure after ``since`` (see bertscale.train.main)."""
-    folder = failure_dir(cfg)
-    if not folder.is_dir():
-        return []
-    lines = []
-    for file in sorted(folder.glob("rank-*.txt")):
-        if file.stat().st_mtime >= since:
-            text = file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-            lines.append(f"{file.stem}: {text[-1] if text else '(no message)'}  [{file}]")
-    return lines
-
-
-def preflight(cfg: RunConfig, world: int) -> None:
-    """Everything that can be checked before any rank starts: batch arithmetic, tokenizer, shards."""
+def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
+    """Everything that can be checked before any rank starts: batch arithmetic, the DeepSpeed JSON,
+    tokenizer, shards."""
+    from bertscale.engine import load_ds_config
     from bertscale.shards import load_manifest
     from bertscale.tokenizer import tokenizer_info
 
     problems = []
+    try:
+        load_ds_config(cfg.distributed.deepspeed_config)
+    except ConfigError as exc:
+        problems.append(str(exc))
     try:
         info = tokenizer_info(cfg.model.tokenizer)
     except (OSError, ValueError) as exc:
@@ -246,10 +221,22 @@ def preflight(cfg: RunConfig, world: int) -> None:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
 
 
+def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from: str | None) -> None:
+    """What the first phase to train would start from, checked as its ranks will (``plan_resume``), and
+    every ``.pt`` of that checkpoint inspected (``safe_load``): refusals come before any rank starts."""
+    from bertscale import safe_load
+    from bertscale.train import run_shape
+
+    start = ckpt.plan_resume(cfg, first.index, run_shape(cfg, accelerator, first.world_size), resume_from)
+    for source in (start.resume, start.previous):
+        if source is not None:
+            safe_load.check_directory(source.path)
+
+
 def resume_source(cfg: RunConfig, resume: str) -> ckpt.CheckpointInfo | None:
     """What the run continues from: ``auto`` (latest complete checkpoint of run.out_dir, if any),
     ``never`` (nothing; refused if run.out_dir already has checkpoints) or a checkpoint path."""
-    root = Path(cfg.run.out_dir) / "checkpoints"
+    root = RunDir.of(cfg).checkpoints
     if resume == "auto":
         return ckpt.latest(root)
     if resume == "never":
@@ -269,7 +256,7 @@ def plan(cfg: RunConfig, source: ckpt.CheckpointInfo | None = None) -> list[Phas
     accelerator = detect_accelerator(cfg.distributed.accelerator)
     world = world_size(cfg, accelerator)
     config_path = node_file(cfg, "run_config.json")
-    root = Path(cfg.run.out_dir) / "checkpoints"
+    root = RunDir.of(cfg).checkpoints
     plans = []
     for index, phase in enumerate(cfg.phases):
         done = ckpt.final_of_phase(root, index) is not None or (
@@ -315,13 +302,11 @@ class _Forwarder:
             self.kill()
             return
         log.warning("received %s: asking every rank to save and stop", signal.Signals(signum).name)
-        import psutil
-
         try:
             tree = psutil.Process(self.child.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return
-        workers = [p for p in tree if _is_worker(p)]
+        workers = [p for p in tree if _is_rank(p)]
         for proc in workers or tree:
             try:
                 proc.send_signal(signal.SIGTERM)
@@ -329,93 +314,220 @@ class _Forwarder:
                 pass
 
 
-def _is_worker(proc) -> bool:
+def _runs_train_module(proc) -> bool:
     try:
-        return "bertscale.train" in " ".join(proc.cmdline())
+        cmd = proc.cmdline()
     except Exception:  # noqa: BLE001 - a process that vanished or that we may not inspect
         return False
+    return any(a == "-m" and b == "bertscale.train" for a, b in zip(cmd, cmd[1:]))
+
+
+def _is_rank(proc) -> bool:
+    """A rank: ``python -m bertscale.train``, and not one of a rank's data-loader workers (forked, same
+    command line). Not the deepspeed launcher either (its arguments name the module too): a SIGTERM to
+    it would tear the ranks down instead of letting them save."""
+    if not _runs_train_module(proc):
+        return False
+    try:
+        return not _runs_train_module(proc.parent())
+    except Exception:  # noqa: BLE001
+        return True
+
+
+class RunStopped(Exception):
+    """A stop signal (SIGTERM/SIGINT) ended the run before its last phase finished; the ranks saved first.
+    Not a failure: re-running the same command continues."""
+
+    def __init__(self, step: int | None, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        where = (f"stopped at step {step}, checkpoint saved ({checkpoint}); re-run to continue"
+                 if checkpoint is not None else "stopped before the first checkpoint; re-run to start again")
+        super().__init__(where)
+
+
+class RunFailed(RuntimeError):
+    """A phase failed on some rank; the message names the rank that failed first and how."""
 
 
 def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = False,
              resume: str = "auto") -> Path:
-    """Run every phase of the configured job; returns the run's output directory.
+    """Run every phase of the configured job; returns the run's output directory once every phase finished.
 
-    Stops early (returning normally) when SIGTERM/SIGINT arrives: the ranks save first.
+    Raises ``RunStopped`` when SIGTERM/SIGINT stopped it early (the ranks saved first) and ``RunFailed``
+    when any rank failed (training, evaluation or a save), naming the rank that failed first; a later phase
+    never starts after a failed one.
     """
     cfg = resolve_paths(load_config(config, overrides))
     accelerator = detect_accelerator(cfg.distributed.accelerator)
     world = world_size(cfg, accelerator)
-    preflight(cfg, world)
-    source = resume_source(cfg, resume)
-    plans = plan(cfg, source)
-    env = worker_environment(cfg, accelerator)
-    first = next((p for p in plans if not p.complete), None)
-    explicit = source is not None and resume not in ("auto", "never")
-    if explicit and first is not None:
-        first.command.extend(["--resume-from", str(source.path)])
-    if dry_run:
-        print("# resolved configuration")
-        print(json.dumps(cfg.to_dict(), indent=2))
-        if source is not None:
-            print(f"# resuming from {source.path} (global step {source.global_step})")
-        for p in plans:
-            print(f"# phase {p.phase.name}: seq_len {p.phase.seq_len}, {p.phase.steps} steps, world size "
-                  f"{p.world_size}, micro batch {p.phase.micro_batch} x accumulation {p.accumulation} = "
-                  f"global batch {p.phase.global_batch}{' (complete: skipped)' if p.complete else ''}")
-            print(" ".join(f"{k}={v}" for k, v in env.items()), shlex.join(p.command))
-        return Path(cfg.run.out_dir)
+    preflight(cfg, world, accelerator)
+    run_dir = RunDir.of(cfg)
+    # node 0 holds the run directory (every --no_ssh node runs a launcher against the same one)
+    lock = run_dir.lock() if not dry_run and cfg.distributed.node_rank in (None, 0) else None
+    try:
+        source = resume_source(cfg, resume)
+        plans = plan(cfg, source)
+        first = next((p for p in plans if not p.complete), None)
+        explicit = source is not None and resume not in ("auto", "never")
+        if explicit and first is not None:
+            first.command.extend(["--resume-from", str(source.path)])
+        if first is not None:
+            check_resume(cfg, first, accelerator, str(source.path) if explicit else None)
+        if dry_run:
+            _print_plan(cfg, plans, source, worker_environment(cfg, accelerator))
+            return run_dir.root
+        _run_phases(cfg, plans, source, accelerator)
+        return run_dir.root
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _print_plan(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointInfo | None,
+                env: dict[str, str]) -> None:
+    print("# resolved configuration")
+    print(json.dumps(cfg.to_dict(), indent=2))
+    if source is not None:
+        print(f"# resuming from {source.path} (global step {source.global_step})")
+    for p in plans:
+        print(f"# phase {p.phase.name}: seq_len {p.phase.seq_len}, {p.phase.steps} steps, world size "
+              f"{p.world_size}, micro batch {p.phase.micro_batch} x accumulation {p.accumulation} = "
+              f"global batch {p.phase.global_batch}{' (complete: skipped)' if p.complete else ''}")
+        print(" ".join(f"{k}={v}" for k, v in env.items()), shlex.join(p.command))
+
+
+def _run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointInfo | None,
+                accelerator: str) -> None:
     check_port(cfg)
-    out = Path(cfg.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir.of(cfg)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
     if cfg.distributed.no_ssh and not cfg.distributed.hostfile:
         no_ssh_hostfile(cfg, accelerator)
     resolved = json.dumps(cfg.to_dict(), indent=2) + "\n"  # what the workers load (bertscale.config)
-    write_atomic(node_file(cfg, "run_config.json"), resolved)
+    run_dir.write(node_file(cfg, "run_config.json"), resolved)
     if cfg.distributed.node_rank in (None, 0):
-        write_atomic(out / "run_config.json", resolved)  # the run's own record (tools/run_summary.py reads it)
+        run_dir.write(run_dir.config, resolved)  # the run's own record (tools/run_summary.py reads it)
+    env = worker_environment(cfg, accelerator)
     env_file = node_file(cfg, ".deepspeed_env")
-    write_atomic(env_file, "".join(f"{k}={v}\n" for k, v in env.items()))
+    run_dir.write(env_file, "".join(f"{k}={v}\n" for k, v in env.items()))
     if source is not None:
         log.info("resuming from %s (global step %d, phase %s)", source.path, source.global_step,
                  source.meta.get("phase"))
-    root = out / "checkpoints"
+    from bertscale.train import LAUNCHER_ENV
+
+    me = psutil.Process()
+    # only for ranks on this host: they stop when this process is gone (bertscale.train.watch_launcher)
+    env[LAUNCHER_ENV] = f"{socket.gethostname()}:{me.pid}:{me.create_time()}"
     with _Forwarder() as forwarder:
         for p in plans:
             if p.complete:
                 log.info("phase %s already complete; skipping", p.phase.name)
                 continue
-            if forwarder.signalled:
-                break
+            if forwarder.signalled:  # the signal came as the previous phase ended: do not start this one
+                latest = ckpt.latest(run_dir.checkpoints)
+                raise RunStopped(latest.global_step if latest else None, latest.path if latest else None)
             log.info("phase %s: %d steps at seq_len %d on %d ranks (micro batch %d x accumulation %d)",
                      p.phase.name, p.phase.steps, p.phase.seq_len, p.world_size, p.phase.micro_batch,
                      p.accumulation)
             log.info("$ %s", shlex.join(p.command))
             started = time.time()
+            watch = _RankWatch()
             forwarder.child = subprocess.Popen(
-                p.command, env={**os.environ, **env, "DS_ENV_FILE": str(env_file)}, cwd=out,
-                start_new_session=True)
+                p.command, env={**os.environ, **env, "DS_ENV_FILE": str(env_file)}, cwd=run_dir.root,
+                start_new_session=True, preexec_fn=_die_with_parent)
             try:
-                returncode = forwarder.child.wait()
+                while forwarder.child.poll() is None:
+                    watch.sample(forwarder.child.pid)
+                    time.sleep(0.1)
             except BaseException:
                 # interrupted from inside this process (an embedding program's exception, a test's
                 # timeout): the ranks run in their own session and must not be left running behind us
                 forwarder.kill()
                 forwarder.child.wait()
                 raise
+            returncode = forwarder.child.returncode
             forwarder.child = None
-            finished = ckpt.final_of_phase(root, p.index) is not None
-            if finished:
-                continue
-            latest = ckpt.latest(root)
-            if forwarder.signalled or returncode == 0:
-                where = f"{latest.path} (global step {latest.global_step})" if latest else "no checkpoint"
-                log.warning("stopped before the end of phase %s; latest complete checkpoint: %s. Re-run the same "
-                            "command to continue.", p.phase.name, where)
-                return out
-            failed = failed_ranks(cfg, started)
-            who = ("\n  " + "\n  ".join(failed)) if failed else (
-                " (no rank reported an error: a process was killed, or a node was lost)")
-            raise RuntimeError(f"phase {p.phase.name!r} failed: the deepspeed launcher exited with "
-                               f"{returncode}; failed ranks:{who}\nRe-run the same command to continue "
-                               f"from the latest complete checkpoint")
-    return out
+            watch.sample(None)
+            exits = run_dir.exits_since(started - 1.0)
+            failed = [r for r in exits.values() if r["status"] == "error"]
+            if returncode != 0 or failed:
+                raise RunFailed(failure_message(p, returncode, exits, watch.vanished, run_dir))
+            if ckpt.final_of_phase(run_dir.checkpoints, p.index) is None:
+                latest = ckpt.latest(run_dir.checkpoints)
+                raise RunStopped(latest.global_step if latest else None, latest.path if latest else None)
+
+
+def failure_message(p: PhasePlan, returncode: int, exits: dict[int, dict], vanished: dict[int, float],
+                     run_dir: RunDir) -> str:
+    """Which rank failed first and how, then the others.
+
+    A rank that raised reports it (``RunDir.record_exit``); a rank killed outright (SIGKILL, the OOM
+    killer) reports nothing, and this launcher saw it vanish; the ranks that merely lost their connection
+    to it report that. Order: real errors by time, then ranks that vanished without a word (by when they
+    vanished), then lost connections. The first is named as the cause.
+    """
+    errors = sorted((r for r in exits.values() if r["status"] == "error" and not r.get("peer_lost")),
+                    key=lambda r: r["time"])
+    killed = sorted((t, rank) for rank, t in vanished.items() if rank not in exits)
+    lost = sorted((r for r in exits.values() if r["status"] == "error" and r.get("peer_lost")),
+                  key=lambda r: r["time"])
+    lines = [f"rank {r['rank']} ({r['host']}): {r['summary']}  [{r['report']}]" for r in errors]
+    lines += [f"rank {rank}: killed without a word (SIGKILL, the out-of-memory killer, or a crash in native code)"
+              for _, rank in killed]
+    lines += [f"rank {r['rank']} ({r['host']}): lost its connection to a failed rank ({r['summary']})" for r in lost]
+    if not errors and not killed:  # the cause is out of this node's sight
+        lines.insert(0, f"no rank reported an error of its own (the deepspeed launcher exited with {returncode}): "
+                        f"a rank on another node was killed, or a node was lost")
+    latest = ckpt.latest(run_dir.checkpoints)
+    where = (f"the latest complete checkpoint is {latest.path} (global step {latest.global_step})"
+             if latest else "there is no complete checkpoint yet")
+    return (f"phase {p.phase.name!r} failed: {lines[0]}" + "".join(f"\n  then {line}" for line in lines[1:])
+            + f"\n{where}. Fix the cause and re-run the same command to continue from it.")
+
+
+class _RankWatch:
+    """This node's ranks under the deepspeed launcher: when each was last seen, to tell which vanished
+    first (their own exit records cannot say so for a rank killed outright)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}       # rank -> pid
+        self.vanished: dict[int, float] = {}  # rank -> when it was first seen gone
+
+    def sample(self, root_pid: int | None) -> None:
+        alive = {}
+        if root_pid is not None:
+            try:
+                tree = psutil.Process(root_pid).children(recursive=True)
+            except psutil.Error:
+                tree = []
+            for proc in tree:
+                rank = _rank_of(proc)
+                if rank is not None:
+                    alive[rank] = proc.pid
+        now = time.time()
+        for rank, pid in self.seen.items():
+            if rank not in alive and rank not in self.vanished:
+                self.vanished[rank] = now
+        self.seen.update(alive)
+
+
+def _rank_of(proc) -> int | None:
+    if not _is_rank(proc):
+        return None
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return int(proc.environ().get("RANK", ""))
+    except (psutil.Error, ValueError):
+        return None
+
+
+def _die_with_parent() -> None:
+    """In the deepspeed runner, before it starts: the kernel kills it when this launcher dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG``). Its ranks notice on their own (``watch_launcher``)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the ranks' own watch still stops them

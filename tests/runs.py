@@ -51,7 +51,6 @@ master_port = {free_port()}
 log_interval = 2
 save_interval = 3
 keep_last = 2
-num_workers = 0
 eval_batches = 2
 {extra}
 [[phases]]

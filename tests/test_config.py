@@ -10,6 +10,8 @@ import pytest
 from bertscale.config import (ConfigError, PhaseSection, RunConfig, accumulation_steps, apply_overrides, describe,
                               from_dict, load_config, max_predictions, resolve_paths, validate)
 
+REPO = Path(__file__).resolve().parent.parent
+
 GOOD = """
 [run]
 name = "t"
@@ -225,13 +227,13 @@ def test_validate_collects_every_problem():
     assert "model.tokenizer: set it to the directory" in joined
     assert "distributed.accelerator: 'tpu' must be auto, cpu or cuda" in joined
     assert "optimizer.betas" in joined
-    assert "train.keep_last: must be at least 1" in joined
+    assert "train.keep_last: 0 must be a finite number >= 1" in joined
     assert "phases: names must be unique" in joined
     assert "phases[0] (a).global_batch: 10 is not a multiple of micro_batch 3" in joined
-    assert "phases[0] (a).lr: must be positive" in joined
+    assert "phases[0] (a).lr: 0.0 must be a finite number > 0" in joined
     assert "phases[0] (a).warmup" in joined
     assert "phases[1] (a).data: set it to the directory written by `bertscale shards --seq-len 4`" in joined
-    assert "phases[1] (a).seq_len: 4 must be between 8 and 512" in joined
+    assert "phases[1] (a).seq_len: 4 must be a number in [8, 512]" in joined
     assert len(problems) == 11
 
 
@@ -268,12 +270,24 @@ def test_resolve_paths_makes_paths_absolute(tmp_path):
     resolved = resolve_paths(cfg, base=tmp_path)
     assert resolved.run.out_dir == str(tmp_path.resolve() / "out" / "run")
     assert resolved.model.tokenizer == str(tmp_path.resolve() / "data" / "tok")
-    assert resolved.distributed.deepspeed_config == str(tmp_path.resolve() / "ds_configs" / "zero2_bf16.json")
+    # not in tmp_path: the shipped file of the checkout (the default, named relatively, from anywhere)
+    assert resolved.distributed.deepspeed_config == str(REPO / "ds_configs" / "zero2_bf16.json")
     assert resolved.distributed.hostfile == str(tmp_path.resolve() / "hosts")
     assert [p.data for p in resolved.phases] == [str(tmp_path.resolve() / "data" / d) for d in ("d128", "d512")]
     # the input is left alone, and non-path fields are copied
     assert cfg.run.out_dir == "out/run" and cfg.phases[0].data == "data/d128"
     assert resolved.phases[1].lr == 5e-4 and resolved.run.seed == 7
+
+
+def test_resolve_paths_prefers_a_deepspeed_json_in_the_current_directory(tmp_path):
+    own = tmp_path / "ds_configs" / "zero2_bf16.json"
+    own.parent.mkdir()
+    own.write_text("{}")
+    cfg = resolve_paths(load_config(write(tmp_path, GOOD)), base=tmp_path)
+    assert cfg.distributed.deepspeed_config == str(own.resolve())
+    missing = resolve_paths(load_config(write(tmp_path, GOOD), ["distributed.deepspeed_config=mine.json"]),
+                            base=tmp_path)
+    assert missing.distributed.deepspeed_config == str(tmp_path.resolve() / "mine.json")  # the error names it
 
 
 def test_resolve_paths_defaults_to_cwd_and_keeps_absolute_and_unset(tmp_path, monkeypatch):
@@ -324,9 +338,9 @@ def test_string_fields_take_the_override_text_verbatim(tmp_path, item, attr, exp
 
 
 def test_non_string_overrides_are_parsed_as_toml(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD), ["distributed.timeout_minutes=inf", "train.eval_interval=0x10",
+    cfg = load_config(write(tmp_path, GOOD), ["distributed.timeout_minutes=2.5", "train.eval_interval=0x10",
                                               "phases.1.mask_prob=0.2"])
-    assert cfg.distributed.timeout_minutes == float("inf")
+    assert cfg.distributed.timeout_minutes == 2.5
     assert cfg.train.eval_interval == 16
     assert cfg.phases[1].mask_prob == 0.2
 
@@ -340,3 +354,51 @@ def test_type_error_from_file_and_override_where_validate_does_not_look(tmp_path
 
 def test_validate_accepts_the_good_config(tmp_path):
     assert validate(load_config(write(tmp_path, GOOD))) == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("phases.phase1.lr=inf", "phases[0] (phase1).lr: inf must be a finite number > 0"),
+    ("phases.phase1.lr=nan", "phases[0] (phase1).lr: nan must be a finite number > 0"),
+    ("phases.phase2.lr=-1e-3", "phases[1] (phase2).lr: -0.001 must be a finite number > 0"),
+    ("phases.phase1.warmup=1.5", "phases[0] (phase1).warmup: 1.5 must be a number in [0, 1]"),
+    ("phases.phase1.decay_power=0", "phases[0] (phase1).decay_power: 0.0 must be a finite number > 0"),
+    ("phases.phase1.mask_prob=1", "phases[0] (phase1).mask_prob: 1.0 must be a number in (0, 1)"),
+    ("phases.phase1.max_predictions=0", "phases[0] (phase1).max_predictions: 0 must be a finite number >= 1; "
+                                        "or leave it unset"),
+    ("phases.phase1.steps=0", "phases[0] (phase1).steps: 0 must be a finite number >= 1"),
+    ("optimizer.eps=0", "optimizer.eps: 0.0 must be a finite number > 0"),
+    ("optimizer.eps=inf", "optimizer.eps: inf must be a finite number > 0"),
+    ("optimizer.betas=[0.9, 1.0]", "optimizer.betas: [0.9, 1.0] must be two numbers in [0, 1)"),
+    ("optimizer.betas=[nan, 0.9]", "optimizer.betas: [nan, 0.9] must be two numbers in [0, 1)"),
+    ("optimizer.weight_decay=nan", "optimizer.weight_decay: nan must be a finite number >= 0"),
+    ("optimizer.grad_clip=-1", "optimizer.grad_clip: -1.0 must be a finite number >= 0"),
+    ("optimizer.max_trust_ratio=inf", "optimizer.max_trust_ratio: inf must be a finite number > 0; or leave it unset"),
+    ("model.dropout=1.0", "model.dropout: 1.0 must be a number in [0, 1); or leave it unset"),
+    ("model.hidden_size=0", "model.hidden_size: 0 must be a finite number >= 1; or leave it unset"),
+    ("distributed.timeout_minutes=inf", "distributed.timeout_minutes: inf must be a finite number > 0"),
+    ("distributed.timeout_minutes=0", "distributed.timeout_minutes: 0.0 must be a finite number > 0"),
+    ("distributed.threads_per_rank=0", "distributed.threads_per_rank: 0 must be a finite number >= 1"),
+    ("train.save_interval=0", "train.save_interval: 0 must be a finite number >= 1"),
+    ("train.shuffle_buffer=-5", "train.shuffle_buffer: -5 must be a finite number >= 0"),
+    ("run.seed=-1", "run.seed: -1 must be a number in [0, 9.22337e+18]"),
+    ("run.out_dir=", "run.out_dir: set it to the directory"),
+    ("distributed.deepspeed_config=", "distributed.deepspeed_config: set it to a DeepSpeed JSON"),
+])
+def test_non_finite_and_out_of_range_values_are_refused_naming_key_and_range(tmp_path, override, message):
+    assert message in error_of(tmp_path, GOOD, [override])
+
+
+def test_every_number_of_the_configuration_has_a_range():
+    """A numeric key added later cannot slip past validation: each one is in the range tables."""
+    from typing import get_type_hints
+
+    from bertscale.config import _PHASE_RANGES, _RANGES
+
+    ranged = {f"{section}.{key}" for section, key, *_ in _RANGES} | {f"phases.{key}" for key, *_ in _PHASE_RANGES}
+    numeric = set()
+    for section, cls in [(f.name, type(getattr(RunConfig(), f.name))) for f in dataclasses.fields(RunConfig)
+                         if f.name != "phases"] + [("phases", PhaseSection)]:
+        for key, hint in get_type_hints(cls).items():
+            if {int, float} & {hint, *getattr(hint, "__args__", ())}:
+                numeric.add(f"{section}.{key}")
+    assert numeric - ranged == {"optimizer.betas", "distributed.node_rank"}  # checked by rules of their own

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from bertscale import checkpoint as ckpt
-from bertscale.config import ConfigError, DistributedSection, PhaseSection, RunConfig
+from bertscale.config import ConfigError, DistributedSection, PhaseSection, RunConfig, load_config
+from bertscale.rundir import RunDir
 from bertscale.tokenizer import train_tokenizer, tokenizer_info
-from launcher.launch import (CPU_MALLOC_TUNABLES, check_port, deepspeed_command, deepspeed_executable, failed_ranks, no_ssh_hostfile,
+from launcher.launch import (CPU_MALLOC_TUNABLES, check_port, deepspeed_command, deepspeed_executable, failure_message, no_ssh_hostfile,
                              node_file, parse_hostfile, plan, preflight, pretrain, resume_source, worker_environment,
                              world_size)
 from runs import build_data, write_config
@@ -37,11 +38,12 @@ def make_cfg(tmp_path: Path, **distributed) -> RunConfig:
     return cfg
 
 
-def make_ckpt(root: Path, step: int, phase_index: int, phase_complete: bool, complete: bool = True) -> Path:
+def make_ckpt(root: Path, step: int, phase_index: int, phase_complete: bool, complete: bool = True,
+              **meta) -> Path:
     path = root / ckpt.tag_for(step)
     path.mkdir(parents=True)
     (path / ckpt.META).write_text(json.dumps(
-        {"state": {"global_step": step, "phase_index": phase_index, "phase_complete": phase_complete}}))
+        {"state": {"global_step": step, "phase_index": phase_index, "phase_complete": phase_complete}, **meta}))
     if complete:
         ckpt.mark_complete(path)
     return path
@@ -222,23 +224,47 @@ def test_check_port_passes_on_a_free_port(tmp_path):
     check_port(make_cfg(tmp_path, master_port=port))  # it releases the port it probed
 
 
-def test_failed_ranks_reads_only_recent_reports(tmp_path):
+def _failed(rank_dir: RunDir, rank: int, exc: BaseException) -> None:
+    try:
+        raise exc
+    except BaseException as raised:  # a real traceback, as a rank has
+        rank_dir.record_exit(rank, "error", raised)
+
+
+def test_failure_message_names_the_rank_that_failed_first(tmp_path, capsys):
+    """A rank's own error comes before the ranks that lost their connection to it, whatever their times;
+    ranks that vanished without a record (killed) come before those too; older attempts are ignored."""
     cfg = make_cfg(tmp_path)
-    assert failed_ranks(cfg, 0.0) == []  # no failures folder yet
-    folder = tmp_path / "run" / "failures"
-    folder.mkdir(parents=True)
+    run = RunDir.of(cfg)
+    _failed(run, 3, RuntimeError("from an earlier attempt"))
+    old = run.exits / "rank-00003.json"
     since = time.time()
-    old = write(folder / "rank-00000.txt", "Traceback\nRuntimeError: from an earlier attempt\n")
     os.utime(old, (since - 100, since - 100))
-    new = write(folder / "rank-00003.txt", "Traceback (most recent call last):\n  ...\nValueError: bad shard\n")
-    os.utime(new, (since + 1, since + 1))
-    empty = write(folder / "rank-00001.txt", "")
-    os.utime(empty, (since + 1, since + 1))
-    write(folder / "notes.txt", "not a rank report")
-    assert failed_ranks(cfg, since) == [
-        f"rank-00001: (no message)  [{empty}]",
-        f"rank-00003: ValueError: bad shard  [{new}]",
-    ]
+    _failed(run, 0, RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4711"))
+    _failed(run, 2, ValueError("bad shard data/train/shard-000003.tar"))
+    assert "rank 2 failed: ValueError: bad shard" in capsys.readouterr().err  # the console gets one line each
+    exits = run.exits_since(since)
+    assert sorted(exits) == [0, 2] and exits[0]["peer_lost"] and not exits[2]["peer_lost"]
+    plan_ = plan(cfg)[0]
+    message = failure_message(plan_, 1, exits, {1: since + 5, 0: since + 6}, run)
+    lines = message.splitlines()
+    assert lines[0] == (f"phase 'phase1' failed: rank 2 ({exits[2]['host']}): ValueError: bad shard "
+                        f"data/train/shard-000003.tar  [{run.failures / 'rank-00002.txt'}]")
+    assert lines[1].startswith("  then rank 1: killed without a word (SIGKILL")
+    assert lines[2].startswith("  then rank 0 (") and "lost its connection" in lines[2]
+    assert "Connection closed by peer" in lines[2]
+    assert "there is no complete checkpoint yet" in message and "rank 3" not in message
+    assert "Traceback" in (run.failures / "rank-00002.txt").read_text()
+
+
+def test_failure_message_of_a_killed_rank_names_it_not_the_survivor(tmp_path):
+    cfg = make_cfg(tmp_path)
+    run = RunDir.of(cfg)
+    since = time.time()
+    _failed(run, 0, RuntimeError("Connection reset by peer"))
+    message = failure_message(plan(cfg)[0], 1, run.exits_since(since), {1: since + 1.0}, run)
+    assert message.startswith("phase 'phase1' failed: rank 1: killed without a word")
+    assert "then rank 0" in message
 
 
 # ---------------------------------------------------------------- resume and plan
@@ -417,8 +443,12 @@ def test_pretrain_dry_run_prints_every_phase_command(data, tmp_path, capsys):
 
 
 def test_pretrain_dry_run_with_explicit_resume(data, tmp_path, capsys):
-    source = make_ckpt(tmp_path / "old" / "checkpoints", 6, 0, True)
+    from bertscale.train import run_shape
+
     config = write_config(tmp_path, data, out=tmp_path / "run")
+    shape = run_shape(load_config(config), "cpu", 2)
+    source = make_ckpt(tmp_path / "old" / "checkpoints", 6, 0, True, model_config=shape.model_config,
+                       tokenizer_fingerprint=shape.tokenizer_fingerprint, world_size=2, zero_stage=2)
     pretrain(str(config), dry_run=True, resume=str(source))
     printed = capsys.readouterr().out
     assert f"# resuming from {source} (global step 6)" in printed
@@ -473,3 +503,38 @@ def test_an_exception_inside_pretrain_kills_its_ranks(data, tmp_path):
         signal.signal(signal.SIGUSR1, previous)
     gone, alive = psutil.wait_procs(ranks(), timeout=10)
     assert not alive, f"ranks still running after the launcher was interrupted: {[p.pid for p in alive]}"
+
+
+# ---------------------------------------------------------------- the DeepSpeed JSON, before any rank
+
+@pytest.mark.parametrize("content, fragments", [
+    (None, ["distributed.deepspeed_config:", "does not exist", "zero2_bf16.json"]),
+    ('{"zero_optimization": {"stage": 2},', ["distributed.deepspeed_config:", "is not valid JSON"]),
+    ('{"zero_optimization": {"stage": 2}, "train_batch_size": 64}', ["sets train_batch_size;"]),
+    ('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}, "scheduler": {}}',
+     ["sets optimizer, scheduler;"]),
+    ('{"zero_optimization": {"stage": 4}}', ["zero_optimization.stage must be 1, 2 or 3 (got 4)"]),
+    ('{"zero_optimization": {"stage": 2}, "checkpoint": {"writer": {"type": "fast"}}}', ["checkpoint.writer"]),
+])
+def test_dry_run_refuses_a_bad_deepspeed_json_naming_file_and_key(data, tmp_path, capsys, content, fragments):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    config = write_config(tmp_path, data, out=tmp_path / "run")
+    with pytest.raises(ConfigError) as info:
+        pretrain(str(config), [f"distributed.deepspeed_config={path}"], dry_run=True)
+    assert str(path) in str(info.value)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    assert "--module" not in capsys.readouterr().out  # stopped before planning a single rank
+
+
+def test_the_default_deepspeed_json_is_found_from_another_directory(data, tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, data, out=tmp_path / "run")
+    text = "\n".join(line for line in config.read_text().splitlines() if not line.startswith("deepspeed_config"))
+    config.write_text(text)  # the default: ds_configs/zero2_bf16.json, relative
+    monkeypatch.chdir(tmp_path)  # not the checkout
+    pretrain(str(config), dry_run=True)
+    resolved = json.loads(capsys.readouterr().out.split("# resolved configuration\n", 1)[1].split("\n#", 1)[0])
+    assert resolved["distributed"]["deepspeed_config"] == str(Path(__file__).resolve().parent.parent /
+                                                              "ds_configs" / "zero2_bf16.json")
