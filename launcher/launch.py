@@ -225,7 +225,7 @@ def failed_ranks(cfg: RunConfig, since: float) -> list[str]:
 
 def preflight(cfg: RunConfig, world: int) -> None:
     """Everything that can be checked before any rank starts: batch arithmetic, tokenizer, shards."""
-    from bertscale.shards import load_manifest
+    from bertscale.shard_format import load_manifest
     from bertscale.tokenizer import tokenizer_info
 
     problems = []

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from bertscale.loader import PretrainingLoader, collate, decode_sample, epoch_order, eval_batches
+from bertscale.loader import PretrainingLoader, collate, epoch_order, eval_batches
 from bertscale.masking import IGNORE_INDEX, mask_tokens
-from bertscale.shards import load_manifest
+from bertscale.shard_format import load_manifest, read_shard, shard_paths
 from bertscale.tokenizer import tokenizer_info
 
 
@@ -16,24 +16,27 @@ def info(tokenizer_dir):
 
 
 def all_train_samples(shard_dir, info):
-    """sample_id -> (ids, a_len, nsp) read straight from the shards, via eval_batches' reader."""
+    """sample_id -> (ids, a_len, nsp) read straight from the shards with webdataset's own tar reader."""
     import webdataset as wds
-    from bertscale.shards import shard_paths
     m = load_manifest(shard_dir)
     out = {}
     for raw in wds.DataPipeline(wds.SimpleShardList(shard_paths(m, shard_dir, "train")), wds.tarfile_to_samples()):
-        sid, ids, a_len, nsp = decode_sample(raw, m["dtype"])
-        out[sid] = (ids, a_len, nsp)
+        ids = np.frombuffer(raw["ids"], dtype="<u2").astype(np.int64)
+        out[int(raw["__key__"])] = (ids, int(raw["alen"]), int(raw["nsp"]))
     return out
 
 
-def test_decode_sample():
-    ids = np.array([2, 300, 7, 3, 9, 3], dtype="<u2")
-    raw = {"__key__": "000000042", "ids": ids.tobytes(), "alen": b"4", "nsp": b"1"}
-    sid, out, a_len, nsp = decode_sample(raw, "uint16")
-    assert (sid, a_len, nsp) == (42, 4, 1) and out.dtype == np.int64 and out.tolist() == ids.tolist()
-    with pytest.raises(ValueError, match="malformed sample"):
-        decode_sample({"__key__": "1", "ids": b""}, "uint16")
+def test_the_one_reader_agrees_with_webdataset(shard_dir, info):
+    m = load_manifest(shard_dir)
+    truth = all_train_samples(shard_dir, info)
+    ours = {}
+    for url, entry in zip(shard_paths(m, shard_dir, "train"), m["splits"]["train"]["shards"]):
+        shard = read_shard(url, m["dtype"], entry)
+        for i in range(len(shard)):
+            sid, ids, a_len, nsp = shard.sample(i)
+            ours[sid] = (ids, a_len, nsp)
+    assert ours.keys() == truth.keys() and len(ours) == m["splits"]["train"]["samples"]
+    assert all(ours[k][0].tolist() == truth[k][0].tolist() and ours[k][1:] == truth[k][1:] for k in truth)
 
 
 def test_collate_padding_and_types():
