@@ -18,6 +18,7 @@ Files are only ever read, never written, at a location.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import time
@@ -60,7 +61,8 @@ def describe(location: str | os.PathLike) -> str:
 
 
 def _open(url: str):
-    import webdataset.gopen as gopen
+    # the module (the package exports a function of the same name)
+    gopen = importlib.import_module("webdataset.gopen")
 
     url = gopen.rewrite_url(url)
     scheme = url.split("://", 1)[0].lower() if _SCHEME.match(url) else ""
