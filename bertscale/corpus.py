@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from bertscale.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -333,30 +335,35 @@ def _docstrings_of(source: str) -> Iterator[str]:
 
 
 def write_stdlib_corpus(out_path: Path, max_documents: int | None = None) -> CorpusStats:
-    """Write the docstrings of the Python standard library as a ``.txt`` corpus (no imports)."""
+    """Write the docstrings of the Python standard library as a ``.txt`` corpus (no imports).
+
+    An existing file with the same text is left untouched, so its identity (size, modification
+    time) still matches what was built from it.
+    """
     out_path = Path(out_path)
     root = Path(sysconfig.get_paths()["stdlib"])
     stats = CorpusStats(files=1)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        for path in _stdlib_files(root):
-            try:
-                source = path.read_text(encoding="utf-8")
-                docs = list(_docstrings_of(source))
-            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+    parts: list[str] = []
+    for path in _stdlib_files(root):
+        try:
+            source = path.read_text(encoding="utf-8")
+            docs = list(_docstrings_of(source))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for doc in docs:
+            paragraphs = _docstring_paragraphs(doc)
+            if not paragraphs:
+                stats.empty_documents += 1
                 continue
-            for doc in docs:
-                paragraphs = _docstring_paragraphs(doc)
-                if not paragraphs:
-                    stats.empty_documents += 1
-                    continue
-                out.write("\n".join(paragraphs) + "\n\n")
-                stats.documents += 1
-                stats.sentences += sum(len(split_sentences(p)) for p in paragraphs)
-                if max_documents is not None and stats.documents >= max_documents:
-                    break
+            parts.append("\n".join(paragraphs) + "\n\n")
+            stats.documents += 1
+            stats.sentences += sum(len(split_sentences(p)) for p in paragraphs)
             if max_documents is not None and stats.documents >= max_documents:
                 break
-    os.replace(tmp, out_path)
+        if max_documents is not None and stats.documents >= max_documents:
+            break
+    text = "".join(parts).encode("utf-8")
+    if not (out_path.is_file() and out_path.read_bytes() == text):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_path, text)
     return stats
