@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -168,3 +169,34 @@ def test_eval_batches(shard_dir, info):
     assert all(torch.equal(x[k], y[k]) for x, y in zip(batches, again) for k in x)
     assert len(list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info, max_batches=2))) == 2
     assert all((b["labels"] != IGNORE_INDEX).any() for b in batches)
+
+
+def test_eval_reports_the_nsp_majority_baseline(shard_dir, tokenizer_dir, info, tmp_path, capsys):
+    """11.5: `eval` reports what always predicting the more frequent pair label scores, beside NSP accuracy."""
+    from bertscale.cli import main as cli_main
+    from bertscale.hf_format import save_hf
+    from bertscale.model import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=info.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    model_dir = save_hf(BertForPreTraining(config).state_dict(), config, tmp_path / "hf", tokenizer_dir)
+    assert cli_main(["eval", "--model", str(model_dir), "--data", str(shard_dir), "--batch-size", "8"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = load_manifest(shard_dir)
+    labels = [int(x) for p, e in zip(shard_paths(m, shard_dir, "valid"), m["splits"]["valid"]["shards"])
+              for x in read_shard(p, m["dtype"], e).nsp]
+    assert results["eval_samples"] == len(labels)
+    assert results["baseline_nsp_accuracy"] == max(labels.count(0), labels.count(1)) / len(labels)
+    assert 0 <= results["eval_nsp_accuracy"] <= 1
+
+
+def test_training_evaluation_masks_as_training_does(shard_dir, info):
+    """Training's held-out batches come from its loader's settings: whole-word masking is no longer dropped."""
+    ww = make_loader(shard_dir, info, whole_word_masking=True, max_predictions=9)
+    got = list(ww.eval_batches(batch_size=8))
+    want = list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info, max_predictions=9,
+                             whole_word_masking=True))
+    plain = list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info, max_predictions=9))
+    assert len(got) == len(want) >= 4 and all(torch.equal(x[k], y[k]) for x, y in zip(got, want) for k in x)
+    assert any(not torch.equal(x["labels"], y["labels"]) for x, y in zip(got, plain))
