@@ -11,16 +11,21 @@ EPILOG = "Run `bertscale VERB --help` for a verb's options. Start with `make dem
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from bertscale.tokenizer import train_tokenizer
+    from bertscale.tokenizer import tokenizer_info, train_tokenizer
 
     out = train_tokenizer(args.input, vocab_size=args.vocab_size, out_dir=args.out, lowercase=not args.cased,
                           min_frequency=args.min_frequency)
-    print(f"wrote tokenizer to {out}")
+    info = tokenizer_info(out)
+    print(f"wrote tokenizer to {out} ({info.vocab_size} entries, fingerprint {info.fingerprint})")
+    if info.vocab_size < args.vocab_size:
+        print(f"note: the vocabulary has {info.vocab_size} entries, fewer than the {args.vocab_size} asked: the "
+              f"corpus has no more pairs seen at least --min-frequency {args.min_frequency} times (a larger corpus, "
+              "or a lower --min-frequency, gives more)")
     return 0
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from bertscale.shards import build_shards, shard_dirs
+    from bertscale.shards import build_shards, describe_build, shard_dirs
 
     result = build_shards(args.input, args.tokenizer, seq_len=args.seq_len, out_dir=args.out,
                           samples_per_shard=args.samples_per_shard, seed=args.seed,
@@ -29,10 +34,9 @@ def _shards(args: argparse.Namespace) -> int:
                           show_progress=not args.no_progress)
     manifests = {args.seq_len[0]: result} if len(args.seq_len) == 1 else result
     for seq_len, out in shard_dirs(args.out, args.seq_len).items():
-        splits = manifests[seq_len]["splits"]
-        print(f"wrote {splits['train']['samples']} training and {splits['valid']['samples']} validation samples "
-              f"({len(splits['train']['shards'])} + {len(splits['valid']['shards'])} shards) at seq_len {seq_len} "
-              f"to {out}")
+        print("\n".join(describe_build(manifests[seq_len], out)))
+        for warning in manifests[seq_len]["report"]["warnings"]:
+            print(f"warning: {warning}")
     return 0
 
 
@@ -69,7 +73,8 @@ def _eval(args: argparse.Namespace) -> int:
     from bertscale.evaluate import evaluate
 
     results = evaluate(args.model, args.data, split=args.split, batch_size=args.batch_size,
-                       max_batches=args.max_batches, seed=args.seed)
+                       max_batches=args.max_batches, seed=args.seed, mask_prob=args.mask_prob,
+                       max_predictions=args.max_predictions, whole_word_masking=args.whole_word_masking)
     print(json.dumps(results))
     return 0
 
@@ -116,9 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Turn documents into BERT sentence-pair samples with next-sentence labels and "
                                    "write them as WebDataset tar shards (OUT/train/, OUT/valid/) with a manifest "
                                    "OUT/index.json. Several --seq-len values tokenize once and write OUT/seq{L}/ "
-                                   "each. Input files are built in parallel; rerunning an interrupted build keeps "
-                                   "the files already done. Text files hold documents separated by blank lines; "
-                                   "jsonl files hold one document per line in a 'text' field.")
+                                   "each. Random B segments come from any other document of the corpus; shards "
+                                   "hold exactly --samples-per-shard samples whatever the number of input files, "
+                                   "and do not depend on --workers. Rerunning an interrupted build continues it; "
+                                   "rerunning a finished one does nothing. Text files hold documents separated by "
+                                   "blank lines; jsonl files hold one document per line in a 'text' field; a "
+                                   "damaged .gz is used up to the damage, named in a warning and in index.json.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
     p.add_argument("--tokenizer", required=True, help="directory written by `bertscale tokenizer`")
     p.add_argument("--seq-len", type=int, nargs="+", required=True,
@@ -166,13 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", formatter_class=fmt, help="MLM/NSP accuracy of a converted model",
                        description="Masked-LM loss and accuracy and NSP accuracy of a converted model on held-out "
-                                   "shards; prints one JSON line.")
+                                   "shards, beside what always predicting the most frequent token (MLM) or pair "
+                                   "label (NSP) scores; prints one JSON line. Masks are made as training makes them.")
     p.add_argument("--model", required=True, help="directory written by `bertscale convert`")
-    p.add_argument("--data", required=True, help="directory written by `bertscale shards`")
+    p.add_argument("--data", required=True,
+                   help="directory written by `bertscale shards`, or a URL prefix serving one (http(s)://, gs://, "
+                        "s3://, pipe:CMD with {} for the file)")
     p.add_argument("--split", default="valid", choices=["valid", "train"], help="which split to evaluate")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     p.add_argument("--seed", type=int, default=0, help="masking seed")
+    p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of tokens masked, as in training")
+    p.add_argument("--max-predictions", type=int, default=None,
+                   help="cap on masked positions per sample (default: training's, 20 at 128 and 80 at 512)")
+    p.add_argument("--whole-word-masking", action="store_true",
+                   help="mask whole words, as a run with data.whole_word_masking = true trains")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("finetune", formatter_class=fmt,

@@ -22,6 +22,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
+from bertscale.storage import is_url
+
 
 class ConfigError(ValueError):
     """One or more problems in a run configuration; the message lists all of them."""
@@ -152,7 +154,7 @@ class PhaseSection:
     seq_len: int = 128
     """Sequence length; must equal the shards' seq_len."""
     data: str = ""
-    """Directory written by `bertscale shards` for this sequence length."""
+    """Directory written by `bertscale shards` for this sequence length, or a URL prefix serving one (http(s)://, gs://, s3://, pipe:CMD with {} for the file)."""
     global_batch: int = 256
     """Sequences per optimizer step over all ranks (= micro_batch x accumulation x world size)."""
     micro_batch: int = 32
@@ -531,7 +533,8 @@ def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
         cfg.distributed,
         deepspeed_config=deepspeed_json(cfg.distributed.deepspeed_config),
         hostfile=absolute(cfg.distributed.hostfile))
-    cfg.phases = [dataclasses.replace(p, data=absolute(p.data)) for p in cfg.phases]
+    # a phase's data may be a URL prefix: never a path to resolve
+    cfg.phases = [dataclasses.replace(p, data=p.data if is_url(p.data) else absolute(p.data)) for p in cfg.phases]
     return cfg
 
 

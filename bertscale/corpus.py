@@ -14,10 +14,13 @@ import logging
 import os
 import re
 import sysconfig
+import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from bertscale.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +49,22 @@ class CorpusStats:
     skipped_lines: int = 0
     """Malformed jsonl lines (not JSON, or no string ``text``)."""
     empty_documents: int = 0
+    skipped_files: list[dict] = field(default_factory=list)
+    """``{"file", "why"}`` of each file that gave no documents or was read only up to damage."""
 
     def summary(self) -> str:
         """One line for logs."""
         return (
             f"{self.files} files, {self.documents} documents, {self.sentences} sentences, "
             f"{self.empty_documents} empty documents skipped, {self.skipped_lines} bad lines skipped, "
-            f"{self.replaced_chars} undecodable chars replaced"
+            f"{self.replaced_chars} undecodable chars replaced, {len(self.skipped_files)} files skipped or cut short"
         )
+
+    def add(self, other: CorpusStats | dict) -> None:
+        """Add another file's (or group's) counters to these."""
+        other = other if isinstance(other, dict) else other.__dict__
+        for name, value in other.items():
+            setattr(self, name, getattr(self, name) + value)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -108,24 +119,75 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _check_not_binary(path: Path) -> None:
+_DAMAGE = (EOFError, zlib.error, OSError)  # gzip.BadGzipFile is an OSError
+
+
+def _head(path: Path) -> bytes:
+    """Up to the first _BINARY_PROBE_BYTES bytes; raises only when not even one can be read."""
+    out = bytearray()
+    with _open_binary(path) as f:
+        try:
+            while len(out) < _BINARY_PROBE_BYTES:
+                chunk = f.read1(_BINARY_PROBE_BYTES - len(out))
+                if not chunk:
+                    break
+                out += chunk
+        except _DAMAGE:
+            if not out:
+                raise
+    return bytes(out)
+
+
+def refuse_binary_files(files: Sequence[Path]) -> None:
+    """Raise naming the first input that looks binary (a NUL byte near its start), before any work."""
+    for path in files:
+        try:
+            head = _head(path)
+        except _DAMAGE:
+            continue  # damaged, not binary: reported (and skipped) when it is read
+        if b"\x00" in head:
+            raise ValueError(
+                f"{path} looks like a binary file (NUL byte in its first {_BINARY_PROBE_BYTES} bytes); "
+                "remove it from the corpus inputs"
+            )
+
+
+def _readable(path: Path, stats: CorpusStats) -> bool:
+    """False (recorded as skipped) when the file cannot even be opened as (gzip) text; raises on binary files."""
     try:
-        with _open_binary(path) as f:
-            head = f.read(_BINARY_PROBE_BYTES)
-    except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read corpus file {path} ({e}); is it a valid (gzip) text file?") from e
-    if b"\x00" in head:
-        raise ValueError(
-            f"{path} looks like a binary file (NUL byte in its first {_BINARY_PROBE_BYTES} bytes); "
-            "remove it from the corpus inputs"
-        )
+        _head(path)
+    except _DAMAGE as e:
+        _skip(path, stats, f"unreadable from its start ({e}); is it a valid (gzip) text file?")
+        return False
+    refuse_binary_files([path])
+    return True
+
+
+def _skip(path: Path, stats: CorpusStats, why: str) -> None:
+    stats.skipped_files.append({"file": str(path), "why": why})
+    log.warning("corpus file %s: %s", path, why)
 
 
 def _decoded_lines(path: Path, stats: CorpusStats) -> Iterator[str]:
-    """Yield decoded lines; invalid UTF-8 is replaced, counted and warned about once."""
+    """Yield decoded lines; invalid UTF-8 is replaced, counted and warned about once.
+
+    A damaged file (a truncated or corrupt ``.gz``, a read error) is used up to the last whole line
+    before the damage; the file and that line are named in a warning and in ``stats.skipped_files``.
+    """
     warned = False
+    lineno = 0
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except _DAMAGE as e:
+                _skip(path, stats, f"damaged after line {lineno} ({e}); lines 1-{lineno} are used, the rest "
+                                   "is skipped")
+                return
+            lineno += 1
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -188,16 +250,25 @@ def _jsonl_documents(path: Path, stats: CorpusStats) -> Iterator[list[str]]:
 
 
 def file_documents(path: str | os.PathLike, stats: CorpusStats | None = None) -> Iterator[list[str]]:
-    """Stream the documents of one corpus file (binary files refused with their name)."""
+    """Stream the documents of one corpus file (binary files refused with their name).
+
+    A file that gives no documents (empty, or unreadable from its start) is recorded in
+    ``stats.skipped_files`` with the reason.
+    """
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
-    _check_not_binary(path)
     stats.files += 1
+    if not _readable(path, stats):
+        return
     reader = _jsonl_documents if _suffix_of(path) in JSONL_SUFFIXES else _txt_documents
+    found = 0
     for doc in reader(path, stats):
         stats.documents += 1
         stats.sentences += len(doc)
+        found += 1
         yield doc
+    if found == 0 and not any(s["file"] == str(path) for s in stats.skipped_files[-1:]):
+        _skip(path, stats, "no documents (empty, or only blank lines or bad jsonl lines)")
 
 
 def iter_documents(
@@ -206,15 +277,10 @@ def iter_documents(
     """Stream documents (lists of non-empty sentences) from txt/jsonl files or directories."""
     stats = stats if stats is not None else CorpusStats()
     files = expand_inputs(paths)
-    for path in files:
-        _check_not_binary(path)
+    refuse_binary_files(files)
     yielded = 0
     for path in files:
-        stats.files += 1
-        reader = _jsonl_documents if _suffix_of(path) in JSONL_SUFFIXES else _txt_documents
-        for doc in reader(path, stats):
-            stats.documents += 1
-            stats.sentences += len(doc)
+        for doc in file_documents(path, stats):
             yielded += 1
             yield doc
     if yielded == 0:
@@ -269,30 +335,35 @@ def _docstrings_of(source: str) -> Iterator[str]:
 
 
 def write_stdlib_corpus(out_path: Path, max_documents: int | None = None) -> CorpusStats:
-    """Write the docstrings of the Python standard library as a ``.txt`` corpus (no imports)."""
+    """Write the docstrings of the Python standard library as a ``.txt`` corpus (no imports).
+
+    An existing file with the same text is left untouched, so its identity (size, modification
+    time) still matches what was built from it.
+    """
     out_path = Path(out_path)
     root = Path(sysconfig.get_paths()["stdlib"])
     stats = CorpusStats(files=1)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        for path in _stdlib_files(root):
-            try:
-                source = path.read_text(encoding="utf-8")
-                docs = list(_docstrings_of(source))
-            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+    parts: list[str] = []
+    for path in _stdlib_files(root):
+        try:
+            source = path.read_text(encoding="utf-8")
+            docs = list(_docstrings_of(source))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for doc in docs:
+            paragraphs = _docstring_paragraphs(doc)
+            if not paragraphs:
+                stats.empty_documents += 1
                 continue
-            for doc in docs:
-                paragraphs = _docstring_paragraphs(doc)
-                if not paragraphs:
-                    stats.empty_documents += 1
-                    continue
-                out.write("\n".join(paragraphs) + "\n\n")
-                stats.documents += 1
-                stats.sentences += sum(len(split_sentences(p)) for p in paragraphs)
-                if max_documents is not None and stats.documents >= max_documents:
-                    break
+            parts.append("\n".join(paragraphs) + "\n\n")
+            stats.documents += 1
+            stats.sentences += sum(len(split_sentences(p)) for p in paragraphs)
             if max_documents is not None and stats.documents >= max_documents:
                 break
-    os.replace(tmp, out_path)
+        if max_documents is not None and stats.documents >= max_documents:
+            break
+    text = "".join(parts).encode("utf-8")
+    if not (out_path.is_file() and out_path.read_bytes() == text):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_path, text)
     return stats

@@ -76,19 +76,16 @@ def default_ds_config() -> Path:
     raise FileNotFoundError("ds_configs/zero2_bf16.json not found beside the bertscale package")
 
 
-def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out", vocab_size: int = 8000,
-             steps1: int = 800, steps2: int = 60, ranks: int = 2) -> dict:
-    """Run the whole pipeline; returns (and the CLI prints) the summary dict."""
-    from bertscale.convert import convert_checkpoint
-    from bertscale.corpus import write_stdlib_corpus
-    from bertscale.evaluate import evaluate
-    from bertscale.shards import build_shards
-    from bertscale.tokenizer import train_tokenizer
-    from launcher.launch import pretrain
+def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8000) -> list[str]:
+    """Steps 1-3: corpus, tokenizer, shards at 128 and 512 under out; returns the corpus files.
 
-    start = time.perf_counter()
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    What is already there from the same corpus and options is reused (the tokenizer is
+    reproducible and a finished shard build is not redone), so a second demo continues its run.
+    """
+    from bertscale.corpus import write_stdlib_corpus
+    from bertscale.shards import build_shards
+    from bertscale.tokenizer import train_tokenizer, trained_from
+
     if not corpus:
         path = out / "corpus" / "stdlib_docstrings.txt"
         log.info("[1/6] gathering the standard library's docstrings into %s", path)
@@ -97,12 +94,29 @@ def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out
         corpus = [str(path)]
     else:
         log.info("[1/6] corpus: %s", ", ".join(corpus))
-    log.info("[2/6] training a WordPiece tokenizer (vocab %d)", vocab_size)
-    train_tokenizer(corpus, vocab_size=vocab_size, out_dir=out / "tokenizer")
+    if trained_from(out / "tokenizer", corpus, vocab_size):
+        log.info("[2/6] reusing the WordPiece tokenizer in %s (same corpus and options)", out / "tokenizer")
+    else:
+        log.info("[2/6] training a WordPiece tokenizer (vocab %d)", vocab_size)
+        train_tokenizer(corpus, vocab_size=vocab_size, out_dir=out / "tokenizer")
     log.info("[3/6] building shards at seq_len 128 and 512 in one pass over the text")
     build_shards(corpus, out / "tokenizer", seq_len=[128, 512],
                  out_dirs={128: out / "data128", 512: out / "data512"},
                  samples_per_shard={128: 1000, 512: 500}, seed=1234, valid_fraction=0.03)
+    return corpus
+
+
+def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out", vocab_size: int = 8000,
+             steps1: int = 800, steps2: int = 60, ranks: int = 2) -> dict:
+    """Run the whole pipeline; returns (and the CLI prints) the summary dict. Run again, it continues."""
+    from bertscale.convert import convert_checkpoint
+    from bertscale.evaluate import evaluate
+    from launcher.launch import pretrain
+
+    start = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_data(out, corpus, vocab_size)
     config = out / "demo.toml"
     config.write_text(DEMO_CONFIG.format(out=out.as_posix(), ds_config=default_ds_config().as_posix(),
                                          ranks=ranks, steps1=steps1, steps2=steps2), encoding="utf-8")
@@ -112,8 +126,9 @@ def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out
     hf_dir = convert_checkpoint(run_dir / "checkpoints", out / "hf")
     log.info("[6/6] evaluating %s on held-out data", hf_dir)
     results = evaluate(hf_dir, out / "data128", split="valid", batch_size=64)
-    log.info("held-out MLM accuracy %.3f vs %.3f for always predicting the most frequent token",
-             results["eval_mlm_accuracy"], results["baseline_mlm_accuracy"])
+    log.info("held-out MLM accuracy %.3f vs %.3f for always predicting the most frequent token; NSP accuracy %.3f "
+             "vs %.3f for always predicting the more frequent label", results["eval_mlm_accuracy"],
+             results["baseline_mlm_accuracy"], results["eval_nsp_accuracy"], results["baseline_nsp_accuracy"])
     summary = {**{k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},
                "train_steps": steps1 + steps2, "seconds": round(time.perf_counter() - start, 1),
                "hf_model": str(hf_dir), "tensorboard": str(run_dir / "tensorboard")}

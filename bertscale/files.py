@@ -59,15 +59,20 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` (str as UTF-8) to ``path`` so that no reader ever sees a partial file."""
+def write_atomic(path: str | os.PathLike, data: str | bytes, *, sync: bool = True) -> Path:
+    """Write ``data`` (str as UTF-8) to ``path`` so that no reader ever sees a partial file.
+
+    ``sync=False`` skips the fsync, for work files that are rebuilt when lost (a crash still never
+    leaves half a file under the name).
+    """
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
     return path
 
 
@@ -153,3 +158,23 @@ class ExclusiveLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def require_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create ``path`` if needed and prove a file can be written there; a clear error names it if not.
+
+    Commands call this before long work (tokenizer training, a shard build), not after it.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = _temporary_name(path / ".write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+               errno.ENOTDIR: "a file is in the way"}.get(exc.errno, exc.strerror or str(exc))
+        raise PermissionError(f"cannot write to the {what} {path} ({why}); choose a directory you can write to")\
+            from None
+    return path

@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 
 from bertscale.files import atomic_output, write_atomic
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions
+from bertscale.tokenizer import TOKENIZER_FILES
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 TIED_KEYS: dict[str, str] = {
     "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",

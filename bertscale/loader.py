@@ -13,8 +13,15 @@ So a position is just "batches taken in this epoch": a resumed loader works out 
 shard and sample offset, skips whole shards by their manifest counts, skips only the partial
 shard's leading samples, and re-reads at most one shuffle block. No WebDataset pipeline stage
 (node splitter, shard shuffle, ``with_epoch``, resampling) is involved, so none of their traps
-apply; each shard is read whole by ``shards.read_shard``, which checks every header and the
-sample count, so a damaged shard is known before any of its samples is used.
+apply.
+
+Shards come from a local directory or a URL prefix (``storage.py``: http(s), gs, s3, ``pipe:``),
+read whole by ``shard_format.read_shard``, which checks the bytes against the manifest's size and
+CRC-32 and every sample's fields, so a damaged shard is known before any of its samples is used.
+A remote shard resumed mid-way is downloaded whole again and its leading samples skipped (no byte
+ranges). A shard that cannot be read (after bounded retries, for remote ones) or fails a check is
+skipped: its place in the epoch is filled from the next readable shards, it is counted, and the log
+names it once.
 """
 
 from __future__ import annotations
@@ -24,35 +31,18 @@ import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bertscale.masking import IGNORE_INDEX, Masker
-from bertscale.shards import CorruptShardError, ShardIndex, load_manifest, read_shard, shard_paths
+from bertscale.shard_format import CorruptShardError, SampleRules, ShardIndex, load_manifest, read_shard, shard_paths
 from bertscale.tokenizer import TokenizerInfo
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
-
-
-def decode_sample(raw: dict, dtype) -> tuple[int, np.ndarray, int, int]:
-    """(sample_id, ids int64, a_len, nsp_label) from a raw webdataset sample of bytes."""
-    try:
-        sample_id = int(raw["__key__"])
-        ids = np.frombuffer(raw["ids"], dtype=np.dtype(dtype).newbyteorder("<")).astype(np.int64)
-        a_len, nsp = int(raw["alen"]), int(raw["nsp"])
-    except (KeyError, ValueError) as e:
-        where = raw.get("__url__", "?")
-        raise ValueError(
-            f"malformed sample {raw.get('__key__')!r} in {where}: {e!r}; rebuild the shards with `bertscale shards`"
-        ) from e
-    if not 0 < a_len < len(ids) or nsp not in (0, 1):
-        raise ValueError(f"malformed sample {raw['__key__']!r}: a_len {a_len}, nsp {nsp}, {len(ids)} tokens")
-    return sample_id, ids, a_len, nsp
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -175,10 +165,11 @@ class _Epoch:
     """One rank's plan for one epoch, shipped to the dataloader workers."""
 
     urls: list[str]
-    counts: list[int]
+    entries: list[dict]
+    """The shards' manifest entries (sample count, bytes, CRC-32), as urls."""
     order: list[int]
     plans: list[WorkerPlan]
-    dtype: str
+    rules: SampleRules
     masking: _Masking
     seed: int
     rank: int
@@ -187,7 +178,7 @@ class _Epoch:
 
     @property
     def shard_starts(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([self.counts[j] for j in self.order])])
+        return np.concatenate([[0], np.cumsum([self.entries[j]["samples"] for j in self.order])])
 
     def position(self, worker: int, batches_done: int) -> dict:
         """Where a worker stands after ``batches_done`` of its batches: shard and sample offset."""
@@ -197,7 +188,20 @@ class _Epoch:
         starts = self.shard_starts
         k = min(int(np.searchsorted(starts, pos, side="right")) - 1, len(self.order) - 1)
         return {"batches": batches_done, "samples": consumed,
-                "shard": Path(self.urls[self.order[k]]).name, "shard_offset": int(pos - starts[k])}
+                "shard": self.entries[self.order[k]]["name"].rsplit("/", 1)[-1], "shard_offset": int(pos - starts[k])}
+
+
+def _read_or_report(url: str, rules: SampleRules, entry: dict, strict: bool,
+                    events: list[tuple[str, str]]) -> ShardIndex | None:
+    """A checked shard, or None with (url, reason) appended to events; strict raises instead."""
+    try:
+        return read_shard(url, rules, entry)
+    except CorruptShardError as e:
+        if strict:
+            raise CorruptShardError(f"{e} (strict mode; set data.strict_shards = false to skip damaged "
+                                    "shards with a warning)") from None
+        events.append((url, str(e)))
+        return None
 
 
 class _WorkerStream:
@@ -206,25 +210,21 @@ class _WorkerStream:
     def __init__(self, ep: _Epoch, worker: int):
         self.ep, self.worker = ep, worker
         self.events: list[tuple[str, str]] = []
-
-    def _note(self, url: str, err: CorruptShardError) -> None:
-        if self.ep.strict:
-            raise CorruptShardError(f"{err} (strict mode; set data.strict_shards = false to skip damaged "
-                                    "shards with a warning)") from None
-        self.events.append((url, str(err)))
+        self._bad: set[int] = set()  # shards of this epoch already found damaged: not read (downloaded) again
 
     def _shard(self, k: int) -> ShardIndex | None:
-        """The k-th shard of the epoch, checked whole against its manifest count; None when damaged."""
-        url = self.ep.urls[self.ep.order[k]]
-        try:
-            return read_shard(url, self.ep.dtype, expect_samples=self.ep.counts[self.ep.order[k]])
-        except CorruptShardError as e:
-            self._note(url, e)
+        """The k-th shard of the epoch, checked whole; None when it is unreadable or damaged."""
+        j = self.ep.order[k]
+        if j in self._bad:
             return None
+        shard = _read_or_report(self.ep.urls[j], self.ep.rules, self.ep.entries[j], self.ep.strict, self.events)
+        if shard is None:
+            self._bad.add(j)
+        return shard
 
     @staticmethod
     def _sample(shard: ShardIndex, i: int) -> tuple[int, np.ndarray, int, int]:
-        return int(shard.keys[i]), shard.ids(i), int(shard.alen[i]), int(shard.nsp[i])
+        return shard.sample(i)
 
     def _slice(self, k: int, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray, int, int]]:
         """Samples lo..hi-1 of the k-th shard of the epoch; a damaged shard's come from the filler."""
@@ -331,8 +331,10 @@ class PretrainingLoader:
 
     ``state_dict()`` records the epoch and the batches taken in it (plus, for people and checks,
     every worker's shard and offset); ``load_state_dict`` makes the next iteration start exactly
-    there without reading the epoch from its start. ``corrupt_shards`` counts damaged shards
-    skipped so far (once per shard and epoch); ``strict_shards`` raises instead.
+    there without reading the epoch from its start. ``data_dir`` is a local directory or a URL
+    prefix (see ``storage.py``). ``corrupt_shards`` counts the distinct damaged or unreadable shards
+    skipped so far (each is named once in the log, and remembered across a resume);
+    ``strict_shards`` raises instead.
     """
 
     def __init__(
@@ -364,7 +366,8 @@ class PretrainingLoader:
         self.data_dir = str(data_dir)
         self.manifest = load_manifest(data_dir, expect_seq_len, tokenizer.fingerprint)
         self.urls = shard_paths(self.manifest, data_dir, split)
-        self.counts = [int(s["samples"]) for s in self.manifest["splits"][split]["shards"]]
+        self.entries = list(self.manifest["splits"][split]["shards"])
+        self.counts = [int(s["samples"]) for s in self.entries]
         if sum(self.counts) == 0:
             raise ValueError(f"{data_dir} has no {split} samples; rebuild the shards with more text")
         self.split, self.micro_batch, self.rank, self.world_size = split, micro_batch, rank, world_size
@@ -375,8 +378,7 @@ class PretrainingLoader:
         self.seq_len = int(self.manifest["seq_len"])
         self.epoch = 0
         self.batches_in_epoch = 0
-        self.corrupt_shards = 0
-        self._counted: set[tuple[int, str]] = set()
+        self.corrupt: set[str] = set()  # the shards found damaged (their paths or URLs)
         plan_rank(sum(self.counts), rank=rank, world_size=world_size, workers=self.workers,
                   micro_batch=micro_batch, drop_last=drop_last)  # fail now, not at the first batch
 
@@ -389,13 +391,27 @@ class PretrainingLoader:
         masking = _Masking(self.seed, epoch, self.tokenizer, self.mask_prob, self.max_predictions,
                            self.whole_word_masking, self.seq_len, self.with_sample_ids)
         return _Epoch(
-            urls=self.urls, counts=self.counts,
+            urls=self.urls, entries=self.entries,
             order=epoch_order(len(self.urls), seed=self.seed, epoch=epoch).tolist(),
             plans=plan_rank(sum(self.counts), rank=self.rank, world_size=self.world_size, workers=self.workers,
                             micro_batch=self.micro_batch, drop_last=self.drop_last),
-            dtype=self.manifest["dtype"], masking=masking, seed=self.seed, rank=self.rank,
+            rules=SampleRules.of(self.manifest), masking=masking, seed=self.seed, rank=self.rank,
             shuffle_buffer=self.shuffle_buffer, strict=self.strict_shards,
         )
+
+    @property
+    def corrupt_shards(self) -> int:
+        """Distinct shards skipped as damaged or unreadable so far."""
+        return len(self.corrupt)
+
+    def eval_batches(self, *, split: str = "valid", batch_size: int | None = None,
+                     max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Held-out batches of this loader's data, masked exactly as it masks (seed, mask_prob, max
+        predictions, whole-word masking), so evaluation measures the task training optimises."""
+        return eval_batches(self.data_dir, split=split, batch_size=batch_size or self.micro_batch, seed=self.seed,
+                            tokenizer=self.tokenizer, max_batches=max_batches, mask_prob=self.mask_prob,
+                            max_predictions=self.max_predictions, whole_word_masking=self.whole_word_masking,
+                            strict=self.strict_shards)
 
     def batches_per_epoch(self) -> int:
         """Batches every rank gets per epoch (the same on all ranks)."""
@@ -409,6 +425,7 @@ class PretrainingLoader:
             "version": STATE_VERSION, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
             "world_size": self.world_size, "workers": w, "micro_batch": self.micro_batch,
             "drop_last": self.drop_last, "corrupt_shards": self.corrupt_shards,
+            "corrupt_shard_names": sorted(self.corrupt),
             "positions": [ep.position(v, done[v]) for v in range(w)],
         }
 
@@ -427,7 +444,7 @@ class PretrainingLoader:
             )
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
-        self.corrupt_shards = int(state.get("corrupt_shards", 0))
+        self.corrupt = set(state.get("corrupt_shard_names", ()))
 
     def _batches_from(self, epoch: int, skip: int) -> Iterator[dict]:
         ep = self._epoch(epoch)
@@ -446,12 +463,11 @@ class PretrainingLoader:
 
     def _account(self, epoch: int, batch: dict) -> dict:
         for shard, reason in batch.pop("_corrupt", ()):
-            if (epoch, shard) in self._counted:
+            if shard in self.corrupt:
                 continue
-            self._counted.add((epoch, shard))
-            self.corrupt_shards += 1
-            log.warning("skipped corrupt shard %s (%s); its missing samples are replaced by repeats from the "
-                        "next shards this epoch; set data.strict_shards = true to fail instead", shard, reason)
+            self.corrupt.add(shard)
+            log.warning("skipped shard %s: %s; its samples are replaced by repeats from the next shards of each "
+                        "epoch; set data.strict_shards = true to fail instead", shard, reason)
         return batch
 
     def epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -485,20 +501,33 @@ def eval_batches(
     mask_prob: float = 0.15,
     max_predictions: int | None = None,
     whole_word_masking: bool = False,
+    strict: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Finite, deterministic batches of a split in manifest order with epoch-0 masks."""
+    """Finite, deterministic batches of a split in manifest order with epoch-0 masks.
+
+    A damaged or unreadable shard is skipped with a warning naming it (``strict`` raises), so every
+    rank, reading the same files, skips the same ones.
+    """
     manifest = load_manifest(data_dir, expect_fingerprint=tokenizer.fingerprint)
     urls = shard_paths(manifest, data_dir, split)
+    rules = SampleRules.of(manifest)
     masking = _Masking(seed, 0, tokenizer, mask_prob, max_predictions, whole_word_masking,
                        int(manifest["seq_len"]), False)
     batch: list = []
     produced = 0
     for url, entry in zip(urls, manifest["splits"][split]["shards"]):
-        shard = read_shard(url, manifest["dtype"], expect_samples=int(entry["samples"]))
+        if max_batches is not None and produced >= max_batches:
+            return
+        events: list[tuple[str, str]] = []
+        shard = _read_or_report(url, rules, entry, strict, events)
+        for name, reason in events:
+            log.warning("evaluation skips shard %s: %s", name, reason)
+        if shard is None:
+            continue
         for i in range(len(shard)):
             if max_batches is not None and produced >= max_batches:
                 return
-            batch.append(_WorkerStream._sample(shard, i))
+            batch.append(shard.sample(i))
             if len(batch) == batch_size:
                 yield masking.batch(batch)
                 produced += 1

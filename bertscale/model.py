@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
-"""Label value for positions that do not count towards the MLM loss (as in Hugging Face)."""
+from bertscale.masking import IGNORE_INDEX  # the label of positions that are not MLM targets (data side owns it)
 
 UNPADDED_ATTENTION = ("auto", "varlen", "jagged", "rows")
 """Choices of ``PerfOptions.unpadded_attention``."""

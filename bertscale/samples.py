@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -80,18 +81,47 @@ def _drop(tokens: np.ndarray, n: int, rng: _Draws) -> np.ndarray:
     return tokens[front : len(tokens) - (n - front)]
 
 
-def _random_b(
-    documents: list[list[np.ndarray]], doc_index: int, target: int, rng: _Draws
-) -> np.ndarray:
-    other = rng.below(len(documents) - 1)
-    other += other >= doc_index
-    doc = documents[other]
+class Documents(Protocol):
+    """Random access to the documents random B segments are drawn from (a list, or the build's store).
+
+    Every document has at least one sentence and every sentence at least one token.
+    """
+
+    def __len__(self) -> int: ...
+
+    def sentence_count(self, doc: int) -> int: ...
+
+    def sentence(self, doc: int, index: int) -> np.ndarray: ...
+
+
+class DocumentList:
+    """``Documents`` over an in-memory list of documents (lists of sentence id arrays)."""
+
+    def __init__(self, docs: Sequence[Sequence[np.ndarray]]):
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def sentence_count(self, doc: int) -> int:
+        return len(self.docs[doc])
+
+    def sentence(self, doc: int, index: int) -> np.ndarray:
+        return self.docs[doc][index]
+
+
+def _random_b(source: Documents, own: int, target: int, limit: int, rng: _Draws) -> np.ndarray:
+    """Consecutive sentences of a random other document, from a random sentence on, about target tokens."""
+    other = rng.below(len(source) - 1)
+    other += other >= own
+    n = source.sentence_count(other)
     parts, length = [], 0
-    for sentence in doc[rng.below(len(doc)) :]:
-        parts.append(sentence)
-        length += len(sentence)
-        if length >= target:
-            break
+    for j in range(rng.below(n), n):
+        for piece in split_long_sentences([np.asarray(source.sentence(other, j))], limit):
+            parts.append(piece)
+            length += len(piece)
+            if length >= target:
+                return np.concatenate(parts)
     return np.concatenate(parts)
 
 
@@ -113,27 +143,37 @@ def build_samples(
     sep_id: int,
     short_seq_prob: float = 0.1,
     sentence_order: bool = False,
+    negatives: Documents | None = None,
+    first_index: int = 0,
 ) -> Iterator[Sample]:
     """Yield sentence-pair samples of at most seq_len tokens from tokenized documents.
 
-    ``documents`` holds lists of sentences (id arrays without specials); random B segments are
-    drawn from the other documents of this pool. With a single document in the pool every
-    sample is a real continuation; a lone one-sentence chunk is then split inside the sentence.
-    A sentence longer than half the token budget is first cut into pieces that fit, so that no
-    text is lost to truncation. With ``sentence_order`` B always follows A in the text and half
-    of the pairs are swapped (label ``SWAPPED``) instead of taking a random B.
+    ``documents`` holds lists of sentences (id arrays without specials). Random B segments come
+    from ``negatives``, a ``Documents`` source in which ``documents[k]`` is document
+    ``first_index + k`` (never its own B): the whole corpus's split when building shards. Without
+    it they come from the other ``documents``. With a single document to draw from, every sample
+    is a real continuation; a lone one-sentence chunk is then split inside the sentence. A sentence
+    longer than half the token budget is first cut into pieces that fit, so that no text is lost to
+    truncation. With ``sentence_order`` B always follows A in the text and half of the pairs are
+    swapped (label ``SWAPPED``) instead of taking a random B.
     """
     if seq_len < MIN_SEQ_LEN:
         raise ValueError(f"seq_len {seq_len} is too short for [CLS] A [SEP] B [SEP]; use >= {MIN_SEQ_LEN}")
     max_tokens = seq_len - 3
-    docs = [split_long_sentences([np.asarray(s) for s in doc if len(s) > 0], max(1, max_tokens // 2))
-            for doc in documents]
-    docs = [d for d in docs if d]
+    limit = max(1, max_tokens // 2)
+    docs = [split_long_sentences([np.asarray(s) for s in doc if len(s) > 0], limit) for doc in documents]
+    if negatives is None:  # positions in the filtered list are the documents' indices
+        docs = [d for d in docs if d]
+        negatives, owners = DocumentList(docs), list(range(len(docs)))
+    else:
+        owners = [first_index + k for k, d in enumerate(docs) if d]
+        docs = [d for d in docs if d]
     rng = _Draws(rng)
     if sentence_order:
         yield from _sop_samples(docs, max_tokens, rng, cls_id, sep_id, short_seq_prob)
         return
-    for doc_index, doc in enumerate(docs):
+    can_draw = len(negatives) >= 2
+    for own, doc in zip(owners, docs):
         chunk: list[np.ndarray] = []
         length = 0
         target = _target_length(max_tokens, short_seq_prob, rng)
@@ -144,8 +184,8 @@ def build_samples(
             if i == len(doc) - 1 or length >= target:
                 a_end = 1 + rng.below(len(chunk) - 1) if len(chunk) >= 2 else 1
                 a = np.concatenate(chunk[:a_end])
-                if len(docs) >= 2 and (len(chunk) == 1 or rng.random() < 0.5):
-                    b = _random_b(docs, doc_index, target - len(a), rng)
+                if can_draw and (len(chunk) == 1 or rng.random() < 0.5):
+                    b = _random_b(negatives, own, max(1, target - len(a)), limit, rng)
                     label = IS_RANDOM
                     i -= len(chunk) - a_end  # unused sentences go back to the document
                 elif len(chunk) >= 2:

@@ -1,51 +1,73 @@
-"""Tokenized sentence-pair samples written as WebDataset tar shards, with an ``index.json`` manifest.
+"""``bertscale shards``: corpus text -> tokenized document store -> sentence-pair samples -> full shards.
 
-Each sample holds ``ids`` (little-endian uint16/uint32 bytes), ``alen`` and ``nsp`` (ascii); its
-``__key__`` is ``FFFFFFNNNNNNNNNN``: the input file's index and the sample's index in that file's
-split, so keys are unique and known without coordination between build processes. The key seeds
-the sample's masking.
+Three stages, each run by a pool of processes (one per core by default), each restartable:
 
-Building runs one process per input file (in parallel), tokenizes every document once and feeds
-it to one sample builder per requested sequence length. Each shard is written to ``*.tmp`` and
-renamed when complete; when a file is done, a record ``.parts/file-NNNNNN.json`` lists its shards,
-and ``index.json`` is written last. A rerun skips files whose record matches, so an interrupted
-build restarts where it stopped (at file granularity) and never mistakes a partial shard for a
-finished one.
+1. **Tokenize.** Input files, in groups of consecutive files, are read and tokenized once into the
+   document store (``docstore.py``) under ``OUT/.build/``. A document's split (train or valid) is a
+   hash of (seed, file index, document index).
+2. **Pair.** Each split's documents are cut into chunks of about ``CHUNK_TOKENS`` tokens. A chunk
+   becomes samples for every sequence length with its own generator, seeded by (seed, length,
+   split, chunk); the random B of a negative pair comes from any other document of the split in
+   the whole corpus, as in Google's ``create_pretraining_data.py``, so one-document-per-file
+   corpora get their negatives too. Samples are shuffled within the chunk and written as tar
+   members to a fragment file.
+3. **Assemble.** Fragments are appended, in chunk order, to shards of exactly
+   ``--samples-per-shard`` samples (a split's last shard may hold fewer): ``train/shard-000000.tar``,
+   ``train/shard-000001.tar``, ..., ``valid/shard-000000.tar``.
+
+Chunks, generators and assembly order depend on the corpus and the options only, never on the
+number of processes, so the shards are the same bytes whatever ``--workers``. An interrupted build
+resumes: finished groups, the joined store, finished fragments and closed shards are kept (their
+records name what they were built from). A lock keeps a second build out of the directory; files
+in ``train/`` and ``valid/`` that no build listed are never deleted (the build refuses to start).
+``index.json`` is written last; the work files are then removed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import queue
-import tarfile
+import re
+import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, fields
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from bertscale.corpus import CorpusStats, expand_inputs, file_documents
-from bertscale.samples import Sample, build_samples
-from bertscale.tokenizer import load_tokenizer, tokenizer_info
+from bertscale import docstore
+from bertscale.corpus import CorpusStats, expand_inputs, file_documents, refuse_binary_files
+from bertscale.files import ExclusiveLock, require_writable_dir, write_atomic
+from bertscale.samples import build_samples
+from bertscale.shard_format import (FORMAT, KEY_DIGITS, SPLITS, ShardFile, UstarWriter, ids_dtype, sample_members,
+                                    shard_name, write_manifest)
+from bertscale.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
 
 log = logging.getLogger(__name__)
 
-FORMAT = "bertscale-shards-v1"
-SPLITS = ("train", "valid")
 TOKENIZE_BATCH_DOCS = 256
-POOL_DOCS = 2000
-"""Documents per sample-building pool; random B segments are drawn from the same pool."""
-KEY_FILE_DIGITS, KEY_SAMPLE_DIGITS = 6, 10
-PARTS_DIR = ".parts"
-_BLOCK = 512  # tar's block
+CHUNK_TOKENS = 1 << 18
+"""Tokens per pairing chunk: the unit of parallel work in stage 2, and of shuffling."""
+GROUP_BYTES = (1 << 16, 1 << 26)
+"""Bounds on the input bytes tokenized by one stage-1 task (many small files go together)."""
+CHUNK_DIGITS = 6
+WORK_DIR = ".build"
+LOCK_FILE = ".bertscale-shards.lock"
+BALANCE_WARN_POINTS = 10
+FILL_WARN = 0.5
+_STORE_VERSION = 1
 
 
 def is_valid_document(index: int | str, seed: int, valid_fraction: float) -> bool:
@@ -54,278 +76,9 @@ def is_valid_document(index: int | str, seed: int, valid_fraction: float) -> boo
     return int.from_bytes(digest, "little") / 2**64 < valid_fraction
 
 
-def ids_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
-
-
-def sample_key(file_index: int, index: int) -> str:
-    return f"{file_index:0{KEY_FILE_DIGITS}d}{index:0{KEY_SAMPLE_DIGITS}d}"
-
-
-class UstarWriter:
-    """Writes tar members exactly as ``webdataset.TarWriter(f, encoder=False, mtime=0)`` does in ustar
-    format (members of a sample in sorted field order, mode 0444, owner ``bigdata``, closing zero
-    blocks padded to tarfile's 10 KiB record), byte for byte, without a ``tarfile.TarInfo`` per member.
-
-    webdataset's writer goes through ``tarfile`` (a TarInfo, a copy and ~25 field conversions per
-    member) and, because it never hands ``tarfile`` its format, a PAX header before every member:
-    that made up most of the builder's time (tools/bench_data.py). The header here is a template
-    with only name, size and checksum filled in. tests/test_data_build.py checks the bytes against
-    webdataset's own writer.
-    """
-
-    _RECORD = 20 * _BLOCK
-    _FLUSH_BYTES = 1 << 20
-
-    def __init__(self, file):
-        self.file = file
-        self.offset = 0
-        template = tarfile.TarInfo("")
-        template.mode, template.mtime, template.uname, template.gname = 0o444, 0, "bigdata", "bigdata"
-        header = template.tobuf(tarfile.USTAR_FORMAT)
-        # the fixed parts around name [0:100], size [124:136] and checksum [148:156]
-        self._mid, self._after_size, self._tail = header[100:124], header[136:148], header[156:]
-        self._fixed_sum = sum(self._mid) + sum(self._after_size) + sum(self._tail) + 8 * ord(" ")  # checksum: spaces
-        self._suffixes: dict[str, tuple[bytes, int]] = {}
-        self._zeros = bytes(_BLOCK)
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-
-    def write(self, sample: Mapping[str, object]) -> None:
-        """One sample as webdataset's writer takes it: ``__key__`` plus fields of bytes."""
-        self.add(str(sample["__key__"]), [(f, sample[f]) for f in sorted(sample) if not f.startswith("_")])
-
-    def add(self, key: str, fields: Sequence[tuple[str, bytes]]) -> None:
-        """One sample's members ``KEY.FIELD``, in the order given (webdataset's is sorted by field)."""
-        key_bytes = key.encode()
-        key_sum = sum(key_bytes)
-        parts = self._pending
-        for field, data in fields:
-            suffix = self._suffixes.get(field)
-            if suffix is None:
-                dotted = b"." + field.encode()
-                suffix = self._suffixes[field] = (dotted, sum(dotted))
-            name = key_bytes + suffix[0]
-            if len(name) > 100:
-                raise ValueError(f"tar member name {name!r} is longer than ustar's 100 bytes")
-            size = b"%011o\0" % len(data)
-            checksum = self._fixed_sum + key_sum + suffix[1] + sum(size)
-            pad = -len(data) % _BLOCK
-            parts += (name, self._zeros[: 100 - len(name)], self._mid, size, self._after_size,
-                      b"%06o\0 " % checksum, self._tail, data, self._zeros[:pad])
-            self._pending_bytes += _BLOCK + len(data) + pad
-        if self._pending_bytes >= self._FLUSH_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.file.write(b"".join(self._pending))
-        self.offset += self._pending_bytes
-        self._pending.clear()
-        self._pending_bytes = 0
-
-    def close(self) -> None:
-        """The end-of-archive marker: two zero blocks, then zeros up to a whole tar record."""
-        self._flush()
-        end = 2 * _BLOCK
-        end += -(self.offset + end) % self._RECORD
-        self.file.write(bytes(end))
-        self.offset += end
-
-
-class _SplitWriter:
-    """Writes one split's samples of one input file into numbered shards, each renamed into place."""
-
-    def __init__(self, out_dir: Path, split: str, file_index: int, samples_per_shard: int, dtype: np.dtype):
-        self.dir = out_dir / split
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.split, self.file_index = split, file_index
-        self.samples_per_shard = samples_per_shard
-        self.dtype = dtype
-        self.shards: list[dict] = []
-        self.samples = 0
-        self.tokens = 0
-        self._writer: UstarWriter | None = None
-        self._file = None
-        self._in_shard = 0
-
-    def _open(self) -> None:
-        name = f"shard-{self.file_index:06d}-{len(self.shards):06d}.tar"
-        self._final = self.dir / name
-        self._tmp = self.dir / (name + ".tmp")
-        self._file = open(self._tmp, "wb")
-        self._writer = UstarWriter(self._file)
-        self._in_shard = 0
-
-    def _close(self) -> None:
-        assert self._writer is not None and self._file is not None
-        self._writer.close()
-        self._file.close()
-        os.replace(self._tmp, self._final)
-        self.shards.append({"name": f"{self.split}/{self._final.name}", "samples": self._in_shard,
-                            "bytes": self._final.stat().st_size})
-        self._writer = self._file = None
-
-    def write(self, sample: Sample) -> None:
-        if self._writer is None:
-            self._open()
-        self._writer.add(sample_key(self.file_index, self.samples), (  # sorted by field, as webdataset writes
-            ("alen", b"%d" % sample.a_len), ("ids", sample.ids.astype(self.dtype).tobytes()),
-            ("nsp", b"%d" % sample.nsp_label)))
-        self.samples += 1
-        self.tokens += len(sample.ids)
-        self._in_shard += 1
-        if self._in_shard >= self.samples_per_shard:
-            self._close()
-
-    def finish(self) -> dict:
-        if self._writer is not None:
-            self._close()
-        return {"shards": self.shards, "samples": self.samples, "tokens": self.tokens}
-
-
-def _tokenized_documents(
-    docs: Iterator[list[str]], tokenizer, batch_docs: int
-) -> Iterator[tuple[list[np.ndarray], int]]:
-    """Yield (tokenized sentences, token count) per document, tokenizing in batches."""
-    # the same ids without character offsets, which we never use (tokenizers >= 0.20; ~1.3x faster)
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    batch: list[list[str]] = []
-
-    def flush() -> Iterator[tuple[list[np.ndarray], int]]:
-        flat = [s for d in batch for s in d]
-        encoded = encode(flat, add_special_tokens=False)
-        pos = 0
-        for d in batch:
-            sents = [np.asarray(e.ids, dtype=np.int32) for e in encoded[pos : pos + len(d)]]
-            pos += len(d)
-            yield sents, sum(len(s) for s in sents)
-
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) >= batch_docs:
-            yield from flush()
-            batch = []
-    if batch:
-        yield from flush()
-
-
-def _file_identity(path: Path) -> dict:
-    st = path.stat()
-    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-class _Pools:
-    """Document pools of one sequence length and one input file, flushed into sample writers."""
-
-    def __init__(self, out: Path, file_index: int, seq_len: int, samples_per_shard: int, dtype: np.dtype,
-                 params: dict, cls_id: int, sep_id: int):
-        self.seq_len, self.params, self.cls_id, self.sep_id = seq_len, params, cls_id, sep_id
-        self.writers = {s: _SplitWriter(out, s, file_index, samples_per_shard, dtype) for s in SPLITS}
-        self.pools: dict[str, list[list[np.ndarray]]] = {s: [] for s in SPLITS}
-        self.rngs = {s: np.random.default_rng([params["seed"], file_index, seq_len, k]) for k, s in enumerate(SPLITS)}
-
-    def add(self, split: str, doc: list[np.ndarray]) -> None:
-        self.pools[split].append(doc)
-        if len(self.pools[split]) >= POOL_DOCS:
-            self.flush(split)
-
-    def flush(self, split: str) -> None:
-        pool, self.pools[split] = self.pools[split], []
-        if not pool:
-            return
-        rng = self.rngs[split]
-        samples = list(build_samples(pool, self.seq_len, rng, self.cls_id, self.sep_id, self.params["short_seq_prob"],
-                                     sentence_order=self.params["sentence_order"]))
-        for j in rng.permutation(len(samples)):
-            self.writers[split].write(samples[j])
-
-    def finish(self) -> dict:
-        for split in SPLITS:
-            self.flush(split)
-        return {s: self.writers[s].finish() for s in SPLITS}
-
-
-def _build_file(job: dict, progress=None) -> dict:
-    """Tokenize one input file once and write its shards for every target; returns its records."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if job["in_pool"] else "true")
-    path, file_index, params = Path(job["path"]), job["file_index"], job["params"]
-    tokenizer = load_tokenizer(job["tokenizer_dir"])
-    dtype = np.dtype(params["dtype"])
-    pools = {L: _Pools(Path(d), file_index, L, job["samples_per_shard"][L], dtype, params, job["cls_id"], job["sep_id"])
-             for L, d in job["targets"].items()}
-    stats = CorpusStats()
-    tokens = docs = pending_tokens = pending_docs = n_valid = 0
-    held: list[np.ndarray] | None = None  # one document of lookahead, so a tiny corpus gets a valid one
-    vf = params["valid_fraction"]
-    for index, (doc, n_tokens) in enumerate(_tokenized_documents(file_documents(path, stats), tokenizer,
-                                                                  TOKENIZE_BATCH_DOCS)):
-        if held is not None:
-            for p in pools.values():
-                p.add("train", held)
-            held = None
-        if is_valid_document(f"{file_index}/{index}", params["seed"], vf):
-            for p in pools.values():
-                p.add("valid", doc)
-            n_valid += 1
-        else:
-            held = doc
-        docs += 1
-        tokens += n_tokens
-        pending_tokens += n_tokens
-        pending_docs += 1
-        if progress is not None and pending_docs >= 64:
-            progress(pending_tokens, pending_docs)
-            pending_tokens = pending_docs = 0
-    if held is not None:
-        split = "valid" if job["single_file"] and n_valid == 0 and docs >= 2 and vf > 0 else "train"
-        for p in pools.values():
-            p.add(split, held)
-    if progress is not None:
-        progress(pending_tokens, pending_docs)
-    records = {}
-    for L, p in pools.items():
-        record = {"input": job["identity"], "params": {**params, "samples_per_shard": job["samples_per_shard"][L]},
-                  "seq_len": L, "splits": p.finish(),
-                  "corpus": asdict(stats), "tokens": tokens}
-        parts = Path(job["targets"][L]) / PARTS_DIR
-        parts.mkdir(parents=True, exist_ok=True)
-        tmp = parts / f"file-{file_index:06d}.json.tmp"
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, parts / f"file-{file_index:06d}.json")
-        records[L] = record
-    return {"file_index": file_index, "records": records, "tokens": tokens}
-
-
-_PROGRESS = None  # in a build worker process: the queue its progress goes to
-
-
-def _init_worker(q) -> None:
-    global _PROGRESS
-    _PROGRESS = q
-
-
-def _pool_job(job: dict) -> dict:
-    def progress(tokens: int, docs: int) -> None:
-        _PROGRESS.put((tokens, docs))
-
-    return _build_file(job, progress)
-
-
-def _done_record(target: Path, file_index: int, identity: dict, params: dict, seq_len: int) -> dict | None:
-    """The finished record of an input file from an earlier (interrupted) run, if it still applies."""
-    f = target / PARTS_DIR / f"file-{file_index:06d}.json"
-    try:
-        record = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("input") != identity or record.get("params") != params or record.get("seq_len") != seq_len:
-        return None
-    for entry in record["splits"].values():
-        for shard in entry["shards"]:
-            g = target / shard["name"]
-            if not g.is_file() or g.stat().st_size != shard["bytes"]:
-                return None
-    return record
+def sample_key(chunk: int, index: int) -> str:
+    """The ``__key__`` of a chunk's index-th sample: unique within a split, known without coordination."""
+    return f"{chunk:0{CHUNK_DIGITS}d}{index:0{KEY_DIGITS - CHUNK_DIGITS}d}"
 
 
 def shard_dirs(out_dir: str | os.PathLike, seq_lens: Sequence[int]) -> dict[int, Path]:
@@ -334,6 +87,389 @@ def shard_dirs(out_dir: str | os.PathLike, seq_lens: Sequence[int]) -> dict[int,
     if len(seq_lens) == 1:
         return {seq_lens[0]: out}
     return {L: out / f"seq{L}" for L in seq_lens}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_identity(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# --- worker processes ------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a build process: exit when the parent does, even by SIGKILL, instead of working on as an orphan."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+    def watch() -> None:  # where prctl is unavailable (and as a second line): poll
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+class _ProcessState:
+    """What a build process keeps between tasks: loaded tokenizers and opened stores."""
+
+    def __init__(self, progress: Callable[[str, int], None]):
+        self.progress = progress
+        self._tokenizers: dict[str, object] = {}
+        self._stores: dict[tuple, docstore.StoreSplit] = {}
+
+    def tokenizer(self, directory: str):
+        if directory not in self._tokenizers:
+            self._tokenizers[directory] = load_tokenizer(directory)
+        return self._tokenizers[directory]
+
+    def store(self, directory: str, split: str, dtype: str, lo: int, hi: int) -> docstore.StoreSplit:
+        key = (directory, split, dtype, lo, hi)
+        if key not in self._stores:
+            self._stores[key] = docstore.StoreSplit(Path(directory), split, np.dtype(dtype), lo, hi)
+        return self._stores[key]
+
+
+_STATE: _ProcessState | None = None  # in a build process: its state (set by _init_process)
+
+
+def _init_process(q, parent: int) -> None:
+    global _STATE
+    _die_with_parent(parent)
+    _STATE = _ProcessState(lambda kind, n: q.put((kind, n)))
+
+
+def _run_in_process(task: tuple[str, dict]) -> dict:
+    name, job = task
+    return _TASKS[name](job, _STATE)
+
+
+class _Pool:
+    """Runs tasks in worker processes (or in this process for one worker); yields results as they finish."""
+
+    def __init__(self, workers: int, on_progress: Callable[[str, int], None]):
+        self.workers, self.on_progress = workers, on_progress
+        self._stack = ExitStack()
+        self._executor: ProcessPoolExecutor | None = None
+        self._queue = None
+        self._inline = _ProcessState(on_progress) if workers == 1 else None
+
+    def __enter__(self) -> _Pool:
+        if self._inline is None:
+            ctx = mp.get_context("spawn")  # fork after threads (tqdm, torch, tokenizers) can deadlock
+            self._queue = ctx.Queue()
+            # an executor, not mp.Pool: a worker that dies (OOM killer, segfault) breaks the pool and
+            # raises here, where mp.Pool would replace the worker and wait for its lost task forever
+            self._executor = self._stack.enter_context(ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_init_process, initargs=(self._queue, os.getpid())))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._executor is not None and exc[0] is not None:
+            self._executor.shutdown(cancel_futures=True)  # start no task whose result nobody records
+        self._stack.close()
+
+    def _drain(self) -> None:
+        while self._queue is not None:
+            try:
+                self.on_progress(*self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def run(self, name: str, jobs: Sequence[dict], window: int | None = None) -> Iterator[tuple[int, dict]]:
+        """(index of the job, its result) in completion order; at most ``window`` jobs in flight."""
+        if self._inline is not None:
+            for i, job in enumerate(jobs):
+                yield i, _TASKS[name](job, self._inline)
+            return
+        window = window or len(jobs)
+        futures: dict = {}
+        submitted = 0
+        while submitted < len(jobs) or futures:
+            while submitted < len(jobs) and len(futures) < window:
+                futures[self._executor.submit(_run_in_process, (name, jobs[submitted]))] = submitted
+                submitted += 1
+            finished, _ = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
+            self._drain()
+            for fut in finished:
+                index = futures.pop(fut)
+                try:
+                    result = fut.result()
+                except BrokenProcessPool as e:
+                    raise RuntimeError(f"a shard build worker died while working on {jobs[index]['what']} "
+                                       "(killed for memory? see the system log); rerun the same command to "
+                                       "resume: finished work is kept") from e
+                yield index, result
+        self._drain()
+
+
+# --- stage 1: tokenize ------------------------------------------------------------------------------
+
+
+def _tokenized(items: Iterator[tuple[object, list[str]]], tokenizer) -> Iterator[tuple[object, list[np.ndarray]]]:
+    """(tag, non-empty sentences as id arrays) per document, tokenizing in batches of documents."""
+    # the same ids without character offsets, which we never use (tokenizers >= 0.20; ~1.3x faster)
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    batch: list[tuple[object, list[str]]] = []
+
+    def flush() -> Iterator[tuple[object, list[np.ndarray]]]:
+        encoded = encode([s for _, d in batch for s in d], add_special_tokens=False)
+        pos = 0
+        for tag, d in batch:
+            sents = [np.asarray(e.ids, dtype=np.int32) for e in encoded[pos : pos + len(d)]]
+            pos += len(d)
+            yield tag, [s for s in sents if len(s)]
+
+    for item in items:
+        batch.append(item)
+        if len(batch) >= TOKENIZE_BATCH_DOCS:
+            yield from flush()
+            batch = []
+    if batch:
+        yield from flush()
+
+
+def _tokenize_group(job: dict, state: _ProcessState) -> dict:
+    """Stage 1 task: tokenize a group of input files into a store part; returns its record."""
+    if job["threads"] is not None:  # in a pool process: threads only when there are idle cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if job["threads"] else "false"
+    tokenizer = state.tokenizer(job["tokenizer_dir"])
+    stats = CorpusStats()
+    prefix = Path(job["prefix"])
+    writer = docstore.PartWriter(prefix, np.dtype(job["dtype"]))
+
+    def documents() -> Iterator[tuple[tuple[int, int], list[str]]]:
+        for file_index, path in job["files"]:
+            for doc_index, doc in enumerate(file_documents(path, stats)):
+                yield (file_index, doc_index), doc
+
+    pending = 0
+    for (file_index, doc_index), sentences in _tokenized(documents(), tokenizer):
+        if not sentences:
+            stats.empty_documents += 1
+            continue
+        valid = is_valid_document(f"{file_index}/{doc_index}", job["seed"], job["valid_fraction"])
+        writer.add("valid" if valid else "train", sentences)
+        pending += sum(len(s) for s in sentences)
+        if pending >= 1 << 16:
+            state.progress("tokens", pending)
+            pending = 0
+    state.progress("tokens", pending)
+    record = {"key": job["key"], "splits": writer.close(), "corpus": stats.__dict__}
+    write_atomic(f"{prefix}.json", json.dumps(record), sync=False)
+    return record
+
+
+# --- stage 2: pair ------------------------------------------------------------------------------------
+
+
+def _pair_chunk(job: dict, state: _ProcessState) -> dict:
+    """Stage 2 task: one chunk of one split into samples for each sequence length, as fragment files."""
+    split = job["split"]
+    view = state.store(job["store"], job["store_split"], job["dtype"], job["view"][0], job["view"][1])
+    lo, hi = job["docs"]
+    docs = view.documents(lo, hi)
+    dtype = np.dtype(job["dtype"])
+    records = {}
+    for L, prefix in job["targets"].items():
+        rng = np.random.default_rng([job["seed"], int(L), SPLITS.index(split), job["chunk"]])
+        samples = list(build_samples(docs, int(L), rng, job["cls_id"], job["sep_id"], job["short_seq_prob"],
+                                     sentence_order=job["sentence_order"], negatives=view, first_index=lo))
+        offsets, labels, lengths = [], [], []
+        with open(f"{prefix}.tar", "wb") as f:
+            writer = UstarWriter(f)
+            for i, j in enumerate(rng.permutation(len(samples))):
+                s = samples[j]
+                sample_members(writer, sample_key(job["chunk"], i), s.ids, s.a_len, s.nsp_label, dtype)
+                offsets.append(writer.position)
+                labels.append(s.nsp_label)
+                lengths.append(len(s.ids))
+            writer.flush()
+        record = {"key": job["keys"][L], "samples": len(samples), "offsets": offsets, "lengths": lengths,
+                  "labels": labels}
+        write_atomic(f"{prefix}.json", json.dumps(record), sync=False)
+        records[L] = record
+        state.progress("samples", len(samples))
+    return records
+
+
+_TASKS = {"tokenize": _tokenize_group, "pair": _pair_chunk}
+
+
+# --- stage 3: assemble ----------------------------------------------------------------------------------
+
+
+class _Assembler:
+    """Appends one split's fragments, in chunk order, to full shards of one target; resumable per shard.
+
+    Its record lists every closed shard with where it ends in the stream of chunks, its tokens and
+    its label counts; a shard is renamed into place only after the record lists it. A rerun keeps
+    the longest run of listed shards that are in place and continues after the last of them.
+    """
+
+    def __init__(self, target: Path, split: str, per_shard: int, key: str):
+        self.target, self.split, self.per_shard, self.key = target, split, per_shard, key
+        self.record_path = target / WORK_DIR / f"assembly-{split}.json"
+        self.shards: list[dict] = []  # manifest entries plus "end", "tokens", "labels"
+        self.next_chunk = self.next_sample = 0
+        self._open: ShardFile | None = None
+        self._open_tokens, self._open_labels = 0, [0, 0]
+        self._closed: list[ShardFile] = []  # closed, to be published once the record lists them
+        record = _read_json(self.record_path)
+        if record and record.get("key") == key:
+            for entry in record["shards"]:
+                f = target / entry["name"]
+                if not f.is_file() or f.stat().st_size != entry["bytes"]:
+                    break
+                self.shards.append(entry)
+            if self.shards:
+                self.next_chunk, self.next_sample = self.shards[-1]["end"]
+
+    def _save(self) -> None:
+        """Record the closed shards, then let them appear."""
+        write_atomic(self.record_path, json.dumps({"key": self.key, "shards": self.shards}), sync=False)
+        for shard in self._closed:
+            shard.publish()
+        self._closed.clear()
+
+    def _close(self, end: tuple[int, int]) -> None:
+        entry = self._open.close()
+        self.shards.append({**entry, "end": list(end), "tokens": self._open_tokens, "labels": self._open_labels})
+        self._closed.append(self._open)
+        self._open, self._open_tokens, self._open_labels = None, 0, [0, 0]
+
+    def add(self, chunk: int, prefix: str, record: dict) -> None:
+        """The chunk's fragment (chunks arrive in order, from next_chunk on)."""
+        ends = [0] + record["offsets"]
+        lengths, labels = record["lengths"], record["labels"]
+        data = memoryview(Path(f"{prefix}.tar").read_bytes())
+        i = self.next_sample if chunk == self.next_chunk else 0
+        n = record["samples"]
+        while i < n:
+            if self._open is None:
+                self._open = ShardFile(self.target, shard_name(self.split, len(self.shards)))
+            take = min(self.per_shard - self._open.samples, n - i)
+            self._open.append(data[ends[i] : ends[i + take]], take)
+            self._open_tokens += sum(lengths[i : i + take])
+            ones = sum(labels[i : i + take])
+            self._open_labels = [self._open_labels[0] + take - ones, self._open_labels[1] + ones]
+            i += take
+            if self._open.samples == self.per_shard:
+                self._close((chunk, i) if i < n else (chunk + 1, 0))
+        if self._closed:  # one record per chunk, however many shards it closed
+            self._save()
+        for suffix in (".tar", ".json"):  # consumed: a crash from here on rebuilds it if needed
+            Path(prefix + suffix).unlink(missing_ok=True)
+
+    def finish(self, chunks: int) -> dict:
+        """The split's entry for the manifest."""
+        if self._open is not None:
+            self._close((chunks, 0))
+        self._save()
+        return {"shards": [{k: s[k] for k in ("name", "samples", "bytes", "crc32")} for s in self.shards],
+                "samples": sum(s["samples"] for s in self.shards), "tokens": sum(s["tokens"] for s in self.shards),
+                "labels": [sum(s["labels"][0] for s in self.shards), sum(s["labels"][1] for s in self.shards)]}
+
+    def abort(self) -> None:
+        for shard in self._closed + ([self._open] if self._open is not None else []):
+            shard.abort()
+
+
+# --- the directory: lock, ownership, reuse ---------------------------------------------------------------
+
+_OUR_TEMPORARY = re.compile(r"^\.shard-\d+\.tar\..+\.tmp$")
+
+
+def _listed(manifest: Mapping | None) -> set[str]:
+    if not manifest:
+        return set()
+    return {s["name"] for e in manifest.get("splits", {}).values() for s in e.get("shards", [])}
+
+
+def _claim(target: Path) -> set[str]:
+    """Set the target's old manifest aside and return the shard files the build may replace or remove.
+
+    Those are the files a previous manifest or an interrupted build of this directory listed; any
+    other ``shard-*`` file in ``train/`` or ``valid/`` makes the build refuse to start, since it
+    could overwrite it.
+    """
+    work = target / WORK_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    previous = work / "previous-index.json"
+    owned = _listed(_read_json(previous))
+    current = _read_json(target / "index.json")
+    if current is not None:
+        owned |= _listed(current)
+        merged = {"splits": {"earlier": {"shards": [{"name": n} for n in sorted(owned)]}}}
+        write_atomic(previous, json.dumps(merged))
+        (target / "index.json").unlink()  # a stale manifest must not describe the new shards
+    for split in SPLITS:
+        owned |= _listed({"splits": {split: _read_json(work / f"assembly-{split}.json") or {}}})
+    foreign = []
+    for split in SPLITS:
+        folder = target / split
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if _OUR_TEMPORARY.match(f.name):
+                f.unlink(missing_ok=True)  # our own partial shard from an interrupted build
+            elif f.name.startswith("shard-") and f"{split}/{f.name}" not in owned:
+                foreign.append(str(f))
+    if foreign:
+        listing = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"{target} already holds shard files that no bertscale build of this directory listed "
+                         f"({listing}); the build could overwrite them and never deletes files it did not write: "
+                         "move them away or choose another --out")
+    return owned
+
+
+def _up_to_date(target: Path, build: dict) -> dict | None:
+    """The target's manifest if it was built from the same inputs and options and its shards are intact."""
+    manifest = _read_json(target / "index.json")
+    if not manifest or manifest.get("format") != FORMAT or manifest.get("build") != build:
+        return None
+    for entry in manifest["splits"].values():
+        for s in entry["shards"]:
+            f = target / s["name"]
+            if not f.is_file() or f.stat().st_size != s["bytes"]:
+                return None
+    return manifest
+
+
+# --- the build ----------------------------------------------------------------------------------------
+
+
+def _groups(files: list[Path], workers: int) -> list[list[int]]:
+    """Consecutive input files in groups of similar size: several per task when they are small."""
+    sizes = [f.stat().st_size for f in files]
+    target = min(max(sum(sizes) // (4 * workers), GROUP_BYTES[0]), GROUP_BYTES[1])
+    groups, current, size = [], [], 0
+    for i, n in enumerate(sizes):
+        current.append(i)
+        size += n
+        if size >= target:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
 
 
 def build_shards(
@@ -354,16 +490,17 @@ def build_shards(
 
     ``seq_len`` is one length (shards go to out_dir, the manifest is returned) or several (shards
     go to out_dir/seq{L}, or to ``out_dirs[L]``; returns {seq_len: manifest}). ``workers``
-    processes (default: one per core, at most one per input file) each build whole input files.
-    ``sentence_order`` makes negatives swapped segments (ALBERT's SOP) instead of random B's.
+    processes (default: one per core) share the work; the result does not depend on their number.
+    ``sentence_order`` makes negatives swapped segments (ALBERT's SOP) instead of random B's. A
+    directory already built from the same inputs and options is left as it is.
     """
     lens = [int(seq_len)] if isinstance(seq_len, (int, np.integer)) else [int(x) for x in seq_len]
     if not lens or len(set(lens)) != len(lens):
         raise ValueError(f"seq_len must be one or more distinct lengths, got {seq_len!r}")
-    if isinstance(samples_per_shard, Mapping):
-        per_shard = {L: int(samples_per_shard[L]) for L in lens}
-    else:
-        per_shard = {L: int(samples_per_shard) for L in lens}
+    if min(lens) < 5:
+        raise ValueError(f"seq_len {min(lens)} is too short for [CLS] A [SEP] B [SEP]; use >= 5")
+    per_shard = {L: int(samples_per_shard[L] if isinstance(samples_per_shard, Mapping) else samples_per_shard)
+                 for L in lens}
     if min(per_shard.values()) < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if not 0.0 <= valid_fraction < 1.0:
@@ -377,313 +514,275 @@ def build_shards(
     else:
         raise ValueError("give out_dir (or out_dirs per sequence length)")
     files = expand_inputs(inputs)
-    for target in targets.values():
-        target.mkdir(parents=True, exist_ok=True)
-        if (target / "index.json").exists():
-            (target / "index.json").unlink()  # a stale manifest must not describe the new shards
     info = tokenizer_info(tokenizer_dir)
     load_tokenizer(tokenizer_dir)  # fail here, not in a worker, when tokenizer.json is missing
+    refuse_binary_files(files)
+    for target in targets.values():
+        require_writable_dir(target, "shard output directory")
+    with ExitStack() as locks:
+        for L in sorted(targets):
+            locks.enter_context(ExclusiveLock(targets[L] / LOCK_FILE, f"shard directory {targets[L]}"))
+        return _build_locked(files, tokenizer_dir, info, targets, per_shard, seed, valid_fraction, short_seq_prob,
+                             sentence_order, workers, show_progress)
+
+
+def _build_locked(files: list[Path], tokenizer_dir, info: TokenizerInfo, targets: dict[int, Path],
+                  per_shard: dict[int, int], seed: int, valid_fraction: float, short_seq_prob: float,
+                  sentence_order: bool, workers: int | None, show_progress: bool) -> dict:
+    start = time.perf_counter()
+    lens = sorted(targets)
     dtype = ids_dtype(info.vocab_size)
+    identities = [_file_identity(f) for f in files]
+    store_params = {"version": _STORE_VERSION, "inputs": _digest(identities), "tokenizer": info.fingerprint,
+                    "seed": seed, "valid_fraction": valid_fraction, "dtype": dtype.name}
     params = {"seed": seed, "valid_fraction": valid_fraction, "short_seq_prob": short_seq_prob,
               "sentence_order": sentence_order, "dtype": dtype.name, "tokenizer_fingerprint": info.fingerprint,
               "format": FORMAT}
-    results: dict[int, dict[int, dict]] = {}
-    jobs = []
-    for i, path in enumerate(files):
-        identity = _file_identity(path)
-        todo = {}
-        for L, target in targets.items():
-            record = _done_record(target, i, identity, {**params, "samples_per_shard": per_shard[L]}, L)
-            if record is None:
-                todo[L] = str(target)
-            else:
-                results.setdefault(i, {})[L] = record
-        if todo:
-            jobs.append({"path": str(path), "file_index": i, "identity": identity, "tokenizer_dir": str(tokenizer_dir),
-                         "targets": todo, "samples_per_shard": per_shard, "single_file": len(files) == 1,
-                         "cls_id": info.cls_id, "sep_id": info.sep_id, "in_pool": False,
-                         "params": params})
-    if len(jobs) < len(files):
-        log.info("resuming: %d of %d input files already built", len(files) - len(jobs), len(files))
-    n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    start = time.perf_counter()
-    bar = tqdm(desc="shards", unit=" tok", unit_scale=True, disable=not show_progress, dynamic_ncols=True)
-    counts = {"tokens": 0, "docs": 0, "files": 0}
-
-    def progress(tokens: int, docs: int) -> None:
-        counts["tokens"] += tokens
-        counts["docs"] += docs
-        bar.update(tokens)
-        rate = counts["tokens"] / max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(docs=counts["docs"], files=f"{counts['files']}/{len(jobs)}", tok_per_s=f"{rate:,.0f}",
-                        refresh=False)
-
-    def done(res: dict) -> None:
-        counts["files"] += 1
-        for L, record in res["records"].items():
-            results.setdefault(res["file_index"], {})[L] = record
-
-    if n_workers == 1:
-        for job in jobs:
-            done(_build_file(job, progress))
-    else:
-        ctx = mp.get_context("spawn")  # fork after threads (tqdm, torch, tokenizers) can deadlock
-        q = ctx.Queue()
-
-        def drain() -> None:
-            while True:
-                try:
-                    progress(*q.get_nowait())
-                except queue.Empty:
-                    return
-
-        # an executor, not mp.Pool: a worker that dies (OOM killer, segfault) breaks the pool and
-        # raises here, where mp.Pool would replace the worker and wait for its lost task forever
-        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
-            futures = {pool.submit(_pool_job, {**job, "in_pool": True}): job for job in jobs}
-            pending = set(futures)
-            try:
-                while pending:
-                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    drain()
-                    for fut in finished:
-                        try:
-                            done(fut.result())
-                        except BrokenProcessPool as e:
-                            raise RuntimeError(f"a shard build worker died while building {futures[fut]['path']} "
-                                               "(killed for memory? see the system log); rerun the same command "
-                                               "to resume: finished files are kept") from e
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # start no file we would not record
-                raise
-            drain()
-    bar.close()
-    elapsed = time.perf_counter() - start
-    manifests = {L: _write_manifest(targets[L], L, [results[i][L] for i in range(len(files))], params, info,
-                                    per_shard[L], elapsed) for L in lens}
-    if len(lens) == 1:
-        return manifests[lens[0]]
-    return manifests
+    builds = {L: {"inputs": store_params["inputs"], "files": len(files), "params": params,
+                  "samples_per_shard": per_shard[L]} for L in lens}
+    done = {L: m for L in lens if (m := _up_to_date(targets[L], builds[L])) is not None}
+    for L in done:
+        log.info("%s is up to date (built from the same inputs and options); nothing to do", targets[L])
+    todo = [L for L in lens if L not in done]
+    if todo:
+        owned = {L: _claim(targets[L]) for L in todo}
+        n_workers = max(1, workers or os.cpu_count() or 1)
+        bars = _Progress(show_progress)
+        with _Pool(n_workers, bars.update) as pool:
+            store_dir, counts, corpus, views = _tokenize(files, identities, tokenizer_dir, targets[todo[0]], dtype,
+                                                         store_params, seed, valid_fraction, n_workers, pool, bars)
+            built = _pair_and_assemble(store_dir, views, counts, {L: targets[L] for L in todo}, per_shard, builds,
+                                       params, info, dtype, short_seq_prob, sentence_order, n_workers, pool, bars)
+        bars.close()
+        elapsed = time.perf_counter() - start
+        for L in todo:
+            _require_samples(built[L], L, corpus)
+        for L in todo:
+            done[L] = _finish(targets[L], L, built[L], owned[L], builds[L], params, info, per_shard[L], corpus,
+                              sum(c["tokens"] for c in counts.values()), elapsed)
+    return done[lens[0]] if len(lens) == 1 else {L: done[L] for L in lens}
 
 
-def _write_manifest(out: Path, seq_len: int, records: list[dict], params: dict, info, per_shard: int,
-                    elapsed: float) -> dict:
-    stats = CorpusStats()
-    for record in records:
-        for f in fields(CorpusStats):
-            setattr(stats, f.name, getattr(stats, f.name) + record["corpus"][f.name])
-    splits = {}
+class _Progress:
+    """One bar per stage: tokens tokenized, then samples written."""
+
+    def __init__(self, show: bool):
+        self.show = show
+        self.bars: dict[str, tqdm] = {}
+        self.start = time.perf_counter()
+
+    def update(self, kind: str, n: int) -> None:
+        if kind not in self.bars:
+            for bar in self.bars.values():
+                bar.close()
+            unit = " tok" if kind == "tokens" else " samples"
+            self.bars[kind] = tqdm(desc="tokenize" if kind == "tokens" else "pair", unit=unit, unit_scale=True,
+                                   disable=not self.show, dynamic_ncols=True)
+        self.bars[kind].update(n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _tokenize(files, identities, tokenizer_dir, home: Path, dtype, store_params: dict, seed: int,
+              valid_fraction: float, workers: int, pool: _Pool, bars: _Progress):
+    """Stage 1 and the join: the store directory, per-split counts, corpus stats, and each split's view."""
+    work = home / WORK_DIR
+    store_dir = work / "store"
+    store_key = _digest(store_params)
+    record = _read_json(store_dir / "store.json")
+    if record is None or record.get("key") != store_key:
+        groups = _groups(files, workers)
+        parts = work / "parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        jobs, records = [], {}
+        for g, members in enumerate(groups):
+            key = _digest({**store_params, "files": [identities[i] for i in members]})
+            prefix = parts / f"group-{g:06d}"
+            old = _read_json(Path(f"{prefix}.json"))
+            if old is not None and old.get("key") == key:
+                records[g] = old
+                continue
+            jobs.append({"files": [(i, str(files[i])) for i in members], "prefix": str(prefix), "key": key,
+                         "tokenizer_dir": str(tokenizer_dir), "dtype": dtype.name, "seed": seed,
+                         "valid_fraction": valid_fraction, "group": g,
+                         "threads": None if workers == 1 else len(groups) < workers,
+                         "what": f"{files[members[0]]}" + (f" (and {len(members) - 1} more files)"
+                                                            if len(members) > 1 else "")})
+        if records:
+            log.info("resuming: %d of %d input groups already tokenized", len(records), len(groups))
+        for i, result in pool.run("tokenize", jobs):
+            records[jobs[i]["group"]] = result
+        prefixes = [parts / f"group-{g:06d}" for g in range(len(groups))]
+        counts = docstore.join_parts(prefixes, store_dir)
+        corpus = CorpusStats()
+        for g in range(len(groups)):
+            corpus.add(records[g]["corpus"])
+        record = {"key": store_key, "counts": counts, "corpus": corpus.__dict__}
+        write_atomic(store_dir / "store.json", json.dumps(record), sync=False)
+        shutil.rmtree(parts, ignore_errors=True)
+    counts = record["counts"]
+    corpus = CorpusStats(**record["corpus"])
+    n_train, n_valid = counts["train"]["docs"], counts["valid"]["docs"]
+    views = {"train": ("train", 0, n_train), "valid": ("valid", 0, n_valid)}
+    if n_valid == 0 and n_train >= 2 and valid_fraction > 0:
+        # a tiny corpus whose hash split held nothing out: hold out its last document
+        views = {"train": ("train", 0, n_train - 1), "valid": ("train", n_train - 1, n_train)}
+    return store_dir, counts, corpus, views
+
+
+def _pair_and_assemble(store_dir: Path, views: dict, counts: dict, targets: dict[int, Path], per_shard: dict,
+                       builds: dict, params: dict, info: TokenizerInfo, dtype, short_seq_prob: float,
+                       sentence_order: bool, workers: int, pool: _Pool, bars: _Progress) -> dict[int, dict]:
+    """Stages 2 and 3 for every target: {seq_len: {split: {"shards", "samples", "tokens", "labels"}}}."""
+    result: dict[int, dict] = {L: {} for L in targets}
     for split in SPLITS:
-        shards = [s for r in records for s in r["splits"][split]["shards"]]
-        splits[split] = {"shards": shards, "samples": sum(r["splits"][split]["samples"] for r in records),
-                         "tokens": sum(r["splits"][split]["tokens"] for r in records)}
-    total_tokens = sum(r["tokens"] for r in records)
+        store_split, lo, hi = views[split]
+        view = docstore.StoreSplit(store_dir, store_split, dtype, lo, hi)
+        bounds = docstore.chunks(view, CHUNK_TOKENS)
+        keys = {L: _digest({**builds[L], "split": split, "chunk_tokens": CHUNK_TOKENS}) for L in targets}
+        assemblers = {L: _Assembler(targets[L], split, per_shard[L], keys[L]) for L in targets}
+        frag = {L: targets[L] / WORK_DIR / "fragments" / split for L in targets}
+        for d in frag.values():
+            d.mkdir(parents=True, exist_ok=True)
+        jobs, ready = [], {}
+        for c, (a, b) in enumerate(bounds):
+            need = {L: str(frag[L] / f"chunk-{c:06d}") for L in targets if c >= assemblers[L].next_chunk}
+            if not need:
+                continue
+            have = {L: r for L, p in need.items()
+                    if (r := _read_json(Path(p + ".json"))) is not None and r.get("key") == keys[L]
+                    and Path(p + ".tar").is_file()}
+            if len(have) == len(need):
+                ready[c] = (need, have)
+                continue
+            jobs.append({"split": split, "chunk": c, "docs": (a, b), "store": str(store_dir),
+                         "store_split": store_split, "view": (lo, hi), "dtype": dtype.name, "seed": params["seed"],
+                         "targets": {L: p for L, p in need.items() if L not in have}, "keys": keys,
+                         "cls_id": info.cls_id, "sep_id": info.sep_id, "short_seq_prob": short_seq_prob,
+                         "sentence_order": sentence_order, "what": f"{split} chunk {c} of {len(bounds)}",
+                         "have": have, "need": need})
+        try:
+            results = pool.run("pair", jobs, window=4 * workers)
+            pending = dict(ready)
+            in_jobs = {job["chunk"] for job in jobs}
+            for c in range(len(bounds)):
+                if c not in pending and c not in in_jobs:
+                    continue  # every target is past this chunk (an interrupted build's closed shards)
+                while c not in pending:
+                    i, records = next(results)
+                    pending[jobs[i]["chunk"]] = (jobs[i]["need"], {**jobs[i]["have"], **records})
+                need, records = pending.pop(c)
+                for L, prefix in need.items():
+                    assemblers[L].add(c, prefix, records[L])
+            for L in targets:
+                result[L][split] = assemblers[L].finish(len(bounds))
+        except BaseException:
+            for a in assemblers.values():
+                a.abort()
+            raise
+        del view
+    return result
+
+
+def _report(manifest: dict, corpus: CorpusStats) -> dict:
+    """What the build produced, and warnings when it looks wrong for pretraining."""
+    L = manifest["seq_len"]
+    splits = manifest["splits"]
+    samples = sum(e["samples"] for e in splits.values())
+    tokens = sum(e["tokens"] for e in splits.values())
+    fill = tokens / max(samples * L, 1)
+    train = splits["train"]
+    negatives = train["labels"][1] / max(train["samples"], 1)
+    task = manifest["pair_task"]
+    warnings = []
+    if train["samples"] and abs(negatives - 0.5) * 100 > BALANCE_WARN_POINTS:
+        what = "random-B (IsRandom)" if task == "nsp" else "swapped"
+        why = ""
+        if task == "nsp":
+            why = ("; most documents have no other document of their split to draw a B from" if negatives < 0.5 else
+                   "; documents are short: a chunk of one sentence always takes a random B")
+        warnings.append(f"{negatives:.1%} of the training pairs are {what}, more than {BALANCE_WARN_POINTS} points "
+                        f"from 50%: the {task.upper()} task is unbalanced{why}")
+    if samples and fill < FILL_WARN:
+        warnings.append(f"samples fill {fill:.0%} of the {L} positions on average (under {FILL_WARN:.0%}): "
+                        f"documents are short for this length; most of each batch would be padding")
+    return {
+        "samples": {s: e["samples"] for s, e in splits.items()},
+        "tokens": {s: e["tokens"] for s, e in splits.items()},
+        "mean_fill": round(fill, 4),
+        "pair_task": task,
+        "label_balance": {s: {"0": e["labels"][0], "1": e["labels"][1],
+                              "fraction_1": round(e["labels"][1] / max(e["samples"], 1), 4)}
+                          for s, e in splits.items()},
+        "documents": corpus.documents,
+        "files_read": corpus.files,
+        "files_skipped": corpus.skipped_files,
+        "warnings": warnings,
+    }
+
+
+def _require_samples(built: dict, seq_len: int, corpus: CorpusStats) -> None:
+    if built["train"]["samples"] == 0:
+        skipped = f"; files skipped: {corpus.skipped_files[:3]}" if corpus.skipped_files else ""
+        raise ValueError(
+            f"the corpus gave no training samples at seq_len {seq_len} ({corpus.summary()}{skipped}): a sample "
+            "needs a document with at least two tokens; check the inputs (documents are separated by blank lines "
+            "in .txt, one per line in .jsonl)")
+
+
+def _finish(target: Path, seq_len: int, built: dict, owned: set[str], build: dict, params: dict,
+            info: TokenizerInfo, per_shard: int, corpus: CorpusStats, corpus_tokens: int, elapsed: float) -> dict:
     manifest = {
         "format": FORMAT,
         "seq_len": seq_len,
         "dtype": params["dtype"],
         "tokenizer_fingerprint": info.fingerprint,
         "vocab_size": info.vocab_size,
+        "cls_id": info.cls_id,
+        "sep_id": info.sep_id,
         "seed": params["seed"],
         "short_seq_prob": params["short_seq_prob"],
         "valid_fraction": params["valid_fraction"],
         "pair_task": "sop" if params["sentence_order"] else "nsp",
         "samples_per_shard": per_shard,
-        "splits": splits,
-        "corpus": asdict(stats),
+        "splits": built,
+        "corpus": corpus.__dict__,
+        "corpus_tokens": corpus_tokens,
         "build_seconds": round(elapsed, 3),
-        "corpus_tokens": total_tokens,
+        "build": build,
     }
-    listed = {s["name"] for e in splits.values() for s in e["shards"]}
-    for split in SPLITS:  # shards of an earlier build with other settings, and partial writes
-        for f in (out / split).glob("shard-*"):
-            if f"{split}/{f.name}" not in listed:
-                f.unlink()
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "index.json")
+    manifest["report"] = _report(manifest, corpus)
+    write_manifest(target, manifest)
+    listed = _listed(manifest)
+    for name in sorted(owned - listed):  # an earlier build's shards that this one did not rewrite
+        (target / name).unlink(missing_ok=True)
+    shutil.rmtree(target / WORK_DIR, ignore_errors=True)
+    for line in describe_build(manifest, target):
+        log.info("%s", line)
+    for warning in manifest["report"]["warnings"]:
+        log.warning("%s: %s", target, warning)
+    if corpus.replaced_chars:
+        log.warning("%d undecodable characters were replaced with U+FFFD", corpus.replaced_chars)
+    return manifest
+
+
+def describe_build(manifest: dict, where: str | os.PathLike) -> list[str]:
+    """The build report of a manifest in a few lines, for people."""
+    r = manifest.get("report")
     sp = manifest["splits"]
-    log.info(
-        "wrote %s: train %d samples in %d shards, valid %d samples in %d shards; %d tokens in %.1fs "
-        "(%.0f tokens/s); corpus: %s",
-        out, sp["train"]["samples"], len(sp["train"]["shards"]), sp["valid"]["samples"],
-        len(sp["valid"]["shards"]), total_tokens, elapsed, total_tokens / max(elapsed, 1e-9), stats.summary(),
-    )
-    if stats.replaced_chars:
-        log.warning("%d undecodable characters were replaced with U+FFFD", stats.replaced_chars)
-    return manifest
+    lines = [f"wrote {sp['train']['samples']} training and {sp['valid']['samples']} validation samples "
+             f"({len(sp['train']['shards'])} + {len(sp['valid']['shards'])} shards) at seq_len {manifest['seq_len']} "
+             f"to {where}"]
+    if r:
+        bal = r["label_balance"]
+        what = "random-B pairs" if r["pair_task"] == "nsp" else "swapped pairs"
+        lines.append(f"  {sum(r['tokens'].values())} tokens, mean fill {r['mean_fill']:.1%}; {what}: "
+                     f"train {bal['train']['fraction_1']:.1%}, valid {bal['valid']['fraction_1']:.1%}; "
+                     f"{r['documents']} documents from {r['files_read']} files"
+                     f"{'; build ' + str(manifest['build_seconds']) + ' s' if 'build_seconds' in manifest else ''}")
+        for skipped in r["files_skipped"]:
+            lines.append(f"  skipped {skipped['file']}: {skipped['why']}")
+    return lines
 
-
-def load_manifest(
-    data_dir: str | os.PathLike,
-    expect_seq_len: int | None = None,
-    expect_fingerprint: str | None = None,
-    strict: bool = False,
-) -> dict:
-    """Read and check ``index.json`` against the files on disk: format, shards, seq_len, tokenizer.
-
-    A listed shard that is missing is an error; one whose size differs from the manifest is a
-    warning naming it (the loader then skips it), or an error with ``strict``.
-    """
-    d = Path(data_dir)
-    path = d / "index.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no index.json in {d}; build shards with `bertscale shards ... --out {d}`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); rebuild the shards") from e
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild the shards")
-    if expect_seq_len is not None and manifest["seq_len"] != expect_seq_len:
-        raise ValueError(
-            f"shards in {d} were built with seq_len {manifest['seq_len']} but the phase trains at "
-            f"{expect_seq_len}; rebuild with --seq-len {expect_seq_len} or point the phase at the right folder"
-        )
-    if expect_fingerprint is not None and manifest["tokenizer_fingerprint"] != expect_fingerprint:
-        raise ValueError(
-            f"shards in {d} were built with tokenizer {manifest['tokenizer_fingerprint']} but the run uses "
-            f"tokenizer {expect_fingerprint}; rebuild the shards with this tokenizer or use the tokenizer "
-            "they were built with"
-        )
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            f = d / shard["name"]
-            if not f.is_file() or f.stat().st_size == 0:
-                raise FileNotFoundError(
-                    f"{d / 'index.json'} lists {shard['name']} ({split}) but {f} is missing or empty; "
-                    "copy the whole shard folder or rebuild it"
-                )
-    problems = [why for split in manifest["splits"] for _, why in shard_problems(manifest, d, split)]
-    if problems:
-        listing = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        if strict:
-            raise ValueError(f"shards in {d} disagree with {path}: {listing}; rebuild or re-copy them")
-        log.warning("shards in %s disagree with %s (they will be skipped): %s", d, path, listing)
-    return manifest
-
-
-def shard_problems(manifest: dict, data_dir: str | os.PathLike, split: str) -> list[tuple[int, str]]:
-    """(index, reason) of a split's shards whose size on disk is not the manifest's."""
-    out = []
-    for i, shard in enumerate(manifest["splits"].get(split, {}).get("shards", [])):
-        if "bytes" not in shard:  # manifests of older builds do not record sizes
-            continue
-        f = Path(data_dir) / shard["name"]
-        size = f.stat().st_size if f.is_file() else -1
-        if size != shard["bytes"]:
-            out.append((i, f"{shard['name']} has {size} bytes, the manifest says {shard['bytes']}"))
-    return out
-
-
-def shard_paths(manifest: dict, data_dir: str | os.PathLike, split: str) -> list[str]:
-    """Absolute-or-relative paths of a split's shards, in manifest order."""
-    if split not in manifest["splits"]:
-        raise ValueError(f"shards in {data_dir} have no split {split!r}; available: {sorted(manifest['splits'])}")
-    return [str(Path(data_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
-
-
-# --- reading -----------------------------------------------------------------------------------
-
-_FIELDS = ("ids", "alen", "nsp")
-
-
-class CorruptShardError(ValueError):
-    """A shard file that cannot be read completely (truncated, bad header, missing fields)."""
-
-
-class ShardIndex:
-    """All samples of one shard file, parsed without copying: sample i is ``ids(i)``, ``alen[i]``, ...
-
-    The whole tar is read into memory (one shard, bounded by ``--samples-per-shard``) and every
-    header is checked, so a truncated or damaged file fails here, never half-way through a batch.
-    """
-
-    def __init__(self, path: str, data: bytes, keys, ids_off, ids_len, alen, nsp, dtype: np.dtype):
-        self.path, self.data, self.dtype = path, data, dtype
-        self.keys, self.ids_off, self.ids_len, self.alen, self.nsp = keys, ids_off, ids_len, alen, nsp
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def ids(self, i: int) -> np.ndarray:
-        return np.frombuffer(self.data, self.dtype, int(self.ids_len[i]), int(self.ids_off[i])).astype(np.int64)
-
-
-def read_shard(path: str | os.PathLike, dtype: str | np.dtype, expect_samples: int | None = None) -> ShardIndex:
-    """Parse a shard written by ``build_shards``; raises CorruptShardError naming the file."""
-    path = str(path)
-    dt = np.dtype(dtype).newbyteorder("<")
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise CorruptShardError(f"cannot read shard {path}: {e}") from e
-
-    def bad(why: str) -> CorruptShardError:
-        return CorruptShardError(f"corrupt shard {path}: {why}; rebuild it with `bertscale shards`")
-
-    n = len(data)
-    pos = 0
-    headers: list[int] = []
-    keys: list[str] = []
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
-    ended = False
-    while pos + _BLOCK <= n:
-        h = data[pos : pos + _BLOCK]
-        if h[0] == 0 and not h.strip(b"\0"):
-            ended = True
-            break
-        try:
-            size = int(h[124:136].strip(b" \0") or b"0", 8)
-        except ValueError:
-            raise bad(f"unreadable tar header at byte {pos}") from None
-        kind = h[156:157]
-        start = pos + _BLOCK
-        pos = start + -(-size // _BLOCK) * _BLOCK
-        if pos > n:
-            raise bad(f"truncated inside a member at byte {start} ({n} bytes on disk)")
-        headers.append(start - _BLOCK)
-        if kind in (b"x", b"g"):  # pax headers carry no sample data
-            continue
-        if kind not in (b"0", b"\0"):
-            raise bad(f"unexpected tar member type {kind!r} at byte {start - _BLOCK}")
-        name = h[:100].rstrip(b"\0").decode("utf-8", "replace")
-        base = name.rsplit("/", 1)[-1]
-        key, _, ext = base.partition(".")
-        if key not in samples:
-            samples[key] = {}
-            keys.append(key)
-        samples[key][ext] = (start, size)
-    if not ended:
-        raise bad(f"truncated: no end-of-archive marker ({n} bytes on disk)")
-    if headers:
-        hdr = np.frombuffer(data, np.uint8)[np.asarray(headers)[:, None] + np.arange(_BLOCK)]
-        stored = [int(data[o + 148 : o + 156].strip(b" \0") or b"-1", 8) for o in headers]
-        computed = hdr[:, :148].sum(1, dtype=np.int64) + hdr[:, 156:].sum(1, dtype=np.int64) + 8 * 32
-        if not np.array_equal(computed, np.asarray(stored, dtype=np.int64)):
-            first = headers[int(np.flatnonzero(computed != np.asarray(stored))[0])]
-            raise bad(f"tar header checksum mismatch at byte {first}")
-    m = len(keys)
-    key_arr = np.empty(m, np.int64)
-    ids_off = np.empty(m, np.int64)
-    ids_len = np.empty(m, np.int64)
-    alen = np.empty(m, np.int64)
-    nsp = np.empty(m, np.int64)
-    for i, key in enumerate(keys):
-        fields = samples[key]
-        missing = [f for f in _FIELDS if f not in fields]
-        if missing:
-            raise bad(f"sample {key!r} lacks {missing}")
-        try:
-            key_arr[i] = int(key)
-            (o, s), (ao, asz), (no, nsz) = fields["ids"], fields["alen"], fields["nsp"]
-            alen[i] = int(data[ao : ao + asz])
-            nsp[i] = int(data[no : no + nsz])
-        except ValueError:
-            raise bad(f"sample {key!r} has a non-numeric key, alen or nsp") from None
-        if s % dt.itemsize:
-            raise bad(f"sample {key!r} has {s} id bytes, not a multiple of {dt.itemsize}")
-        ids_off[i], ids_len[i] = o, s // dt.itemsize
-    if expect_samples is not None and m != expect_samples:
-        raise bad(f"holds {m} samples but the manifest lists {expect_samples}")
-    return ShardIndex(path, data, key_arr, ids_off, ids_len, alen, nsp, dt)

@@ -1,9 +1,19 @@
-"""WordPiece tokenizer: training, loading, and the facts other modules need (ids, fingerprint)."""
+"""WordPiece tokenizer: training, loading, and the facts other modules need (ids, fingerprint).
+
+Training is reproducible: the same corpus and options give byte-identical ``vocab.txt`` and
+``tokenizer.json``, in one process or across processes. ``tokenizers``' WordPiece trainer (BPE
+underneath) gives the ``##`` continuation piece of each character its id in hash-map order, and
+breaks ties between equally frequent merges by those ids, so its vocabulary changes from run to
+run. We hand it every ``##c`` the corpus can produce, sorted, as pre-assigned tokens; every id it
+then assigns, and every tie, is decided by the corpus alone. The saved tokenizer is rebuilt from
+the resulting vocabulary with only BERT's five special tokens registered as special.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -14,12 +24,19 @@ import numpy as np
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from bertscale.corpus import iter_documents
+from bertscale.corpus import expand_inputs, iter_documents
+from bertscale.files import atomic_output, require_writable_dir, write_atomic
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+"""What a tokenizer directory holds for ``transformers``; copied beside converted models."""
+TRAINING_RECORD = "bertscale_training.json"
+"""Which inputs and options a tokenizer directory was trained from (not needed to use it)."""
 MIN_VOCAB_SIZE = 100
 MODEL_MAX_LENGTH = 512
+CONTINUATION = "##"
 _BATCH_SENTENCES = 1000
 
 
@@ -34,14 +51,71 @@ def _sentence_batches(inputs: Sequence[str | os.PathLike]) -> Iterator[list[str]
         yield batch
 
 
-def _new_tokenizer(lowercase: bool) -> Tokenizer:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+def _new_tokenizer(lowercase: bool, vocab: dict[str, int] | None = None) -> Tokenizer:
+    model = (models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix=CONTINUATION) if vocab is not None
+             else models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=CONTINUATION))
+    tok = Tokenizer(model)
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.decoder = decoders.WordPiece(prefix=CONTINUATION)
     return tok
+
+
+def _continuation_pieces(inputs: Sequence[str | os.PathLike], tok: Tokenizer) -> list[str]:
+    """``##c`` for every character c of the normalized corpus that can continue a word, sorted."""
+    raw: set[str] = set()
+    for batch in _sentence_batches(inputs):
+        raw.update("".join(batch))
+    chars: set[str] = set()
+    for c in raw:  # character by character: context (a final sigma) is left to train_tokenizer's check
+        chars.update(tok.normalizer.normalize_str(c))
+    pieces = []
+    for c in sorted(chars):
+        word = tok.normalizer.normalize_str("a" + c)  # c after a letter: one word, or split off?
+        split = tok.pre_tokenizer.pre_tokenize_str(word)
+        if len(split) == 1 and split[0][0] == word and len(word) == 2:
+            pieces.append(CONTINUATION + c)
+    return pieces
+
+
+def _train(inputs, lowercase: bool, vocab_size: int, min_frequency: int, pieces: list[str],
+           show_progress: bool) -> dict[str, int]:
+    tok = _new_tokenizer(lowercase)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS + pieces,  # pre-assigned ids: see the module docstring
+        continuing_subword_prefix=CONTINUATION,
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(_sentence_batches(inputs), trainer=trainer)
+    return tok.get_vocab(with_added_tokens=True)
+
+
+def inputs_fingerprint(inputs: Sequence[str | os.PathLike]) -> str:
+    """Identity of corpus inputs: every file's resolved path, size and modification time."""
+    ids = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in expand_inputs(inputs)]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def _training_options(inputs, vocab_size: int, lowercase: bool, min_frequency: int) -> dict:
+    return {"inputs": inputs_fingerprint(inputs), "vocab_size": vocab_size, "lowercase": lowercase,
+            "min_frequency": min_frequency}
+
+
+def trained_from(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], vocab_size: int,
+                 lowercase: bool = True, min_frequency: int = 2) -> bool:
+    """True when out_dir holds a tokenizer trained from exactly these inputs and options (reusable as is)."""
+    d = Path(out_dir)
+    try:
+        record = json.loads((d / TRAINING_RECORD).read_text())
+        info = tokenizer_info(d)
+    except (OSError, ValueError):
+        return False
+    return (record.get("options") == _training_options(inputs, vocab_size, lowercase, min_frequency)
+            and record.get("fingerprint") == info.fingerprint and (d / "tokenizer.json").is_file())
 
 
 def train_tokenizer(
@@ -52,37 +126,40 @@ def train_tokenizer(
     min_frequency: int = 2,
     show_progress: bool = True,
 ) -> Path:
-    """Train a BERT WordPiece tokenizer on the corpus and write HF-compatible files to out_dir."""
+    """Train a BERT WordPiece tokenizer on the corpus and write HF-compatible files to out_dir.
+
+    Byte-identical files for the same corpus and options. The vocabulary can come out smaller than
+    ``vocab_size`` when the corpus has no more pairs seen ``min_frequency`` times (logged).
+    """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} "
             "(BERT uses 30522; small tests use a few hundred)"
         )
-    out = Path(out_dir)
-    tok = _new_tokenizer(lowercase)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
-        continuing_subword_prefix="##",
-        show_progress=show_progress,
-    )
-    tok.train_from_iterator(_sentence_batches(inputs), trainer=trainer)
-    for i, token in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(token) != i:
-            raise AssertionError(f"special token {token} did not get id {i}")
+    out = require_writable_dir(out_dir, "tokenizer output directory")  # before minutes of training
+    options = _training_options(inputs, vocab_size, lowercase, min_frequency)
+    pieces = _continuation_pieces(inputs, _new_tokenizer(lowercase))
+    vocab = _train(inputs, lowercase, vocab_size, min_frequency, pieces, show_progress)
+    stray = sorted(t for t in vocab if t.startswith(CONTINUATION) and len(t) == len(CONTINUATION) + 1
+                   and t not in set(pieces))
+    if stray:  # a piece the character scan missed would get a hash-order id: train again with it
+        log.info("retraining with %d more continuation pieces (%s) for a reproducible vocabulary", len(stray),
+                 " ".join(stray[:10]))
+        vocab = _train(inputs, lowercase, vocab_size, min_frequency, sorted(pieces + stray), show_progress)
+    ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if ordered[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+        raise AssertionError(f"special tokens did not get ids 0-4: {ordered[:5]}")
+    tok = _new_tokenizer(lowercase, {t: i for i, t in enumerate(ordered)})
+    tok.add_special_tokens(SPECIAL_TOKENS)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    with open(out / "vocab.txt", "w", encoding="utf-8") as f:
-        for token, _ in vocab:
-            f.write(token + "\n")
+    with atomic_output(out / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    write_atomic(out / "vocab.txt", "".join(t + "\n" for t in ordered))
     specials = {
         "unk_token": "[UNK]",
         "sep_token": "[SEP]",
@@ -98,8 +175,13 @@ def train_tokenizer(
         "model_max_length": MODEL_MAX_LENGTH,
         **specials,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_atomic(out / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
+    fingerprint = tokenizer_info(out).fingerprint
+    write_atomic(out / TRAINING_RECORD, json.dumps({"options": options, "fingerprint": fingerprint}, indent=2) + "\n")
+    if len(ordered) < vocab_size:
+        log.warning("the vocabulary has %d entries, fewer than the %d asked: the corpus has no more pairs seen at "
+                    "least %d times", len(ordered), vocab_size, min_frequency)
     return out
 
 
@@ -180,4 +262,5 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
         raise FileNotFoundError(f"tokenizer directory {src} lacks {missing}; retrain with train_tokenizer")
     dst.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
-        shutil.copyfile(src / name, dst / name)
+        with atomic_output(dst / name) as tmp:
+            shutil.copyfile(src / name, tmp)

@@ -31,7 +31,7 @@ from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_d
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
                               zero_stage)
 from bertscale.hf_format import load_state_dict_into
-from bertscale.loader import PretrainingLoader, eval_batches
+from bertscale.loader import PretrainingLoader
 from bertscale.metrics import Metrics, device_peak_tflops
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
 from bertscale.rundir import RunDir
@@ -313,9 +313,8 @@ class Trainer:
     def evaluate(self, max_batches: int) -> dict[str, float]:
         """Held-out MLM/NSP metrics; batches are split over ranks (every rank runs the same count)."""
         world, rank = self.dist.world_size, self.dist.rank
-        batches = list(eval_batches(Path(self.phase.data), split="valid", batch_size=self.phase.micro_batch,
-                                    seed=self.cfg.run.seed, tokenizer=self.tokenizer, max_batches=max_batches,
-                                    max_predictions=max_predictions(self.phase), mask_prob=self.phase.mask_prob))
+        # masked as the training batches are (the loader's own settings, whole-word masking included)
+        batches = list(self.loader.eval_batches(batch_size=self.phase.micro_batch, max_batches=max_batches))
         # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively).
         usable = len(batches) // world * world
         if usable:

@@ -196,7 +196,7 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
     """Everything that can be checked before any rank starts: batch arithmetic, the DeepSpeed JSON,
     tokenizer, shards."""
     from bertscale.engine import load_ds_config
-    from bertscale.shards import load_manifest
+    from bertscale.shard_format import load_manifest
     from bertscale.tokenizer import tokenizer_info
 
     problems = []

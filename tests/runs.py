@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from bertscale.shards import build_shards
@@ -71,3 +73,37 @@ steps = {steps[1]}
 lr = 5e-4
 """)
     return config
+
+
+@contextlib.contextmanager
+def serve(directory: Path, fail: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, int]]]:
+    """A real HTTP server on 127.0.0.1 (a free port, in a thread) serving directory read-only.
+
+    Yields the base URL and a dict counting GET requests per path; paths in ``fail`` answer 500.
+    """
+    import functools
+    import http.server
+    import threading
+
+    requests: dict[str, int] = {}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            requests[self.path] = requests.get(self.path, 0) + 1
+            if self.path.lstrip("/") in fail:
+                self.send_error(500, "injected failure")
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -118,8 +118,10 @@ def test_tokenizer_and_shards_end_to_end(tmp_path, capsys):
     for split in (train, valid):
         for shard in split["shards"]:
             assert (data / shard["name"]).is_file()
-    assert out.strip() == (f"wrote {train['samples']} training and {valid['samples']} validation samples "
-                           f"({len(train['shards'])} + {len(valid['shards'])} shards) at seq_len 32 to {data}")
+    lines = out.strip().splitlines()
+    assert lines[0] == (f"wrote {train['samples']} training and {valid['samples']} validation samples "
+                        f"({len(train['shards'])} + {len(valid['shards'])} shards) at seq_len 32 to {data}")
+    assert lines[1].startswith(f"  {train['tokens'] + valid['tokens']} tokens, mean fill ")
 
 
 def test_cased_tokenizer(tmp_path, capsys):

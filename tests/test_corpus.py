@@ -96,3 +96,47 @@ def test_write_stdlib_corpus(tmp_path):
     out2 = tmp_path / "again.txt"
     write_stdlib_corpus(out2, max_documents=200)
     assert out2.read_bytes() == out.read_bytes()
+    # the same text again leaves the file alone, so what was built from it (demo's shards) still matches it
+    made = out.stat().st_mtime_ns
+    write_stdlib_corpus(out, max_documents=200)
+    assert out.stat().st_mtime_ns == made
+
+
+def test_a_damaged_gz_is_used_up_to_the_damage_and_named_with_its_line(tmp_path, caplog):
+    """10.8: a truncated or corrupt .gz input names the file and the last good line, and is counted."""
+    text = "".join(f"Document {i} says hello. It has two sentences.\n\n" for i in range(3000))
+    whole = gzip.compress(text.encode())
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])  # truncated
+    flipped = bytearray(whole)
+    flipped[len(whole) // 3] ^= 0xFF  # corrupt deflate data
+    (tmp_path / "bad.txt.gz").write_bytes(bytes(flipped))
+    (tmp_path / "notgz.txt.gz").write_bytes(b"plain text, not gzip\n")
+    for name in ("cut.txt.gz", "bad.txt.gz", "notgz.txt.gz"):
+        stats = CorpusStats()
+        with caplog.at_level(logging.WARNING):
+            docs = list(iter_documents([tmp_path / name], stats)) if name != "notgz.txt.gz" else []
+            if name == "notgz.txt.gz":
+                with pytest.raises(ValueError, match="no documents"):
+                    list(iter_documents([tmp_path / name], stats))
+        [skipped] = stats.skipped_files
+        assert skipped["file"] == str(tmp_path / name)
+        if name != "notgz.txt.gz":
+            line = int(skipped["why"].split("damaged after line ")[1].split(" ")[0])
+            assert 0 < len(docs) < 3000 and len(docs) in (line // 2, (line + 1) // 2)  # two lines per document
+            assert docs[0] == ["Document 0 says hello.", "It has two sentences."]
+        else:
+            assert "unreadable from its start" in skipped["why"]
+        assert name in caplog.text and ("line" in caplog.text or "start" in caplog.text)
+        caplog.clear()
+
+
+def test_tokenizer_training_survives_a_damaged_gz(tmp_path, capsys):
+    from bertscale.cli import main as cli_main
+
+    text = "".join(f"Alpha beta gamma{i % 9}. Delta epsilon{i % 4} zeta.\n\n" for i in range(2000))
+    whole = gzip.compress(text.encode())
+    (tmp_path / "c.txt.gz").write_bytes(whole[: len(whole) // 2])
+    assert cli_main(["tokenizer", "--input", str(tmp_path / "c.txt.gz"), "--vocab-size", "120",
+                     "--out", str(tmp_path / "tok")]) == 0
+    captured = capsys.readouterr()
+    assert "wrote tokenizer" in captured.out and "Traceback" not in captured.err

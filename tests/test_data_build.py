@@ -1,17 +1,22 @@
 """Shard building at scale: parallel, several sequence lengths in one pass, restartable; reading checks."""
 
+import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bertscale.cli import main as cli_main
-from bertscale.shards import (CorruptShardError, UstarWriter, build_shards, load_manifest, read_shard,
-                              shard_paths, shard_problems)
+from bertscale.shard_format import (CorruptShardError, UstarWriter, load_manifest, read_shard, shard_paths,
+                                    shard_problems)
+from bertscale.shards import build_shards
 from conftest import write_generated_corpus
 
 KW = dict(samples_per_shard=50, seed=5, valid_fraction=0.05, show_progress=False)
@@ -22,6 +27,15 @@ def corpus_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("multi")
     for i in range(3):
         write_generated_corpus(d / f"part{i}.txt", n_docs=60 + 20 * i, seed=10 + i)
+    return d
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """Two files of 6000 short documents: a build of several seconds with two workers."""
+    d = tmp_path_factory.mktemp("big")
+    for i in range(2):
+        write_generated_corpus(d / f"part{i}.txt", n_docs=6000, seed=i)
     return d
 
 
@@ -44,12 +58,9 @@ def test_parallel_equals_serial_and_two_lengths_in_one_pass(corpus_dir, tokenize
     assert both[32]["corpus_tokens"] == both[64]["corpus_tokens"]  # one tokenization
 
 
-def test_a_worker_that_dies_fails_the_build_instead_of_hanging(tokenizer_dir, tmp_path):
+def test_a_worker_that_dies_fails_the_build_instead_of_hanging(big_corpus, tokenizer_dir, tmp_path):
     psutil = pytest.importorskip("psutil")
-    corpus = tmp_path / "big"
-    corpus.mkdir()
-    for i in range(2):
-        write_generated_corpus(corpus / f"part{i}.txt", n_docs=6000, seed=i)
+    corpus = big_corpus
     outcome = {}
 
     def build():
@@ -71,26 +82,93 @@ def test_a_worker_that_dies_fails_the_build_instead_of_hanging(tokenizer_dir, tm
     thread.join(timeout=120)
     assert not thread.is_alive(), "the build hung after its worker died"
     err = outcome["result"]
-    assert isinstance(err, RuntimeError) and "worker died" in str(err) and "part" in str(err)
+    assert isinstance(err, RuntimeError) and "worker died" in str(err) and "rerun the same command" in str(err)
     assert not (tmp_path / "out" / "index.json").exists()
 
 
-def test_restart_keeps_finished_files_and_ignores_partial_shards(corpus_dir, tokenizer_dir, tmp_path):
-    out = tmp_path / "r"
-    first = build_shards([corpus_dir], tokenizer_dir, 32, out, workers=1, **KW)
-    # simulate a crash while file 1 was being written: its record gone, a partial shard left behind
-    (out / ".parts" / "file-000001.json").unlink()
-    (out / "index.json").unlink()
-    (out / "train" / "shard-000001-000099.tar.tmp").write_bytes(b"partial")
-    kept = {s["name"]: os.stat(out / s["name"]).st_mtime_ns for s in first["splits"]["train"]["shards"]
-            if not s["name"].startswith("train/shard-000001-")}
-    again = build_shards([corpus_dir], tokenizer_dir, 32, out, workers=1, **KW)
-    assert again["splits"] == first["splits"]
-    assert all(os.stat(out / n).st_mtime_ns == t for n, t in kept.items())  # not rewritten
-    assert not list(out.rglob("*.tmp"))
-    # other settings invalidate every record
-    other = build_shards([corpus_dir], tokenizer_dir, 32, out, workers=1, **{**KW, "seed": 6})
-    assert other["splits"] != first["splits"]
+def test_killed_build_is_locked_stops_its_workers_and_resumes_to_the_same_bytes(big_corpus, tokenizer_dir, tmp_path):
+    """10.3, 10.4 and restart: a second build into the same --out is refused naming the first; SIGKILL of the
+    first stops its worker processes within seconds and leaves no stuck lock; a rerun keeps the shards already
+    published and ends with the bytes of an uninterrupted build."""
+    psutil = pytest.importorskip("psutil")
+    from bertscale.files import LockedError
+
+    out = tmp_path / "out"
+    code = (f"from bertscale.shards import build_shards; build_shards([{str(big_corpus)!r}], {str(tokenizer_dir)!r}, "
+            f"64, {str(out)!r}, workers=2, **{KW!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, stderr=subprocess.PIPE)
+    record = out / ".build" / "assembly-train.json"
+    deadline = time.monotonic() + 180
+    while not record.exists() and proc.poll() is None:  # mid-assembly: some shards published, more to come
+        assert time.monotonic() < deadline, "the build never started assembling shards"
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the build ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+    with pytest.raises(LockedError, match=rf"pid {proc.pid} on "):
+        build_shards([big_corpus], tokenizer_dir, 64, out, workers=1, **KW)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers, "no build worker processes seen"
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"build workers kept running after their parent was killed: {alive}"
+    kept = {f.name: f.stat().st_mtime_ns for f in (out / "train").glob("shard-*.tar")}
+    assert kept and not (out / "index.json").exists()
+    again = build_shards([big_corpus], tokenizer_dir, 64, out, workers=2, **KW)  # the lock was not left stuck
+    reference = build_shards([big_corpus], tokenizer_dir, 64, tmp_path / "ref", workers=1, **KW)
+    assert again["splits"] == reference["splits"]
+    assert shard_bytes(out, again) == shard_bytes(tmp_path / "ref", reference)
+    assert all((out / "train" / n).stat().st_mtime_ns == t for n, t in kept.items())  # published ones kept
+    assert not list(out.rglob("*.tmp")) and not (out / ".build").exists()
+    # a finished build is not redone; other settings rebuild everything
+    assert build_shards([big_corpus], tokenizer_dir, 64, out, workers=2, **KW) == again
+    assert all((out / "train" / n).stat().st_mtime_ns == t for n, t in kept.items())
+    other = build_shards([big_corpus], tokenizer_dir, 64, out, workers=2, **{**KW, "seed": 6})
+    assert other["splits"] != again["splits"]
+
+
+def test_a_build_never_deletes_files_it_did_not_write(corpus_dir, tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    theirs = out / "train" / "shard-000000-000000.tar"
+    theirs.write_bytes(b"someone else's shard")
+    notes = out / "train" / "README"
+    notes.write_text("mine")
+    with pytest.raises(ValueError, match="shard-000000-000000.tar.*never deletes files it did not write"):
+        build_shards([corpus_dir], tokenizer_dir, 32, out, **KW)
+    assert theirs.read_bytes() == b"someone else's shard" and notes.read_text() == "mine"
+    assert cli_main(["shards", "--input", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                     "--seq-len", "32", "--no-progress"]) == 1
+    theirs.unlink()
+    # shards an earlier build listed (here a v1 build's names) are ours: replaced, and the leftovers removed
+    first = build_shards([corpus_dir], tokenizer_dir, 32, out, **KW)
+    old = json.loads((out / "index.json").read_text())
+    old_name = "train/shard-000001-000000.tar"
+    (out / old_name).write_bytes(b"stale")
+    old["splits"]["train"]["shards"].append({"name": old_name, "samples": 1, "bytes": 5})
+    (out / "index.json").write_text(json.dumps(old))
+    again = build_shards([corpus_dir], tokenizer_dir, 32, out, **{**KW, "samples_per_shard": 70})
+    assert not (out / old_name).exists() and notes.read_text() == "mine"
+    assert {f"train/{f.name}" for f in (out / "train").glob("shard-*")} == \
+        {s["name"] for s in again["splits"]["train"]["shards"]}
+    assert len(again["splits"]["train"]["shards"]) < len(first["splits"]["train"]["shards"])
+
+
+def test_a_build_without_samples_fails_saying_why(tokenizer_dir, tmp_path):
+    for text in ("ka\n", "\n\n  \n"):  # one one-token document: nothing to pair; no document at all
+        corpus = tmp_path / "tiny.txt"
+        corpus.write_text(text)
+        with pytest.raises(ValueError, match="no training samples.*at least two tokens"):
+            build_shards([corpus], tokenizer_dir, 32, tmp_path / "out", **KW)
+        assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_an_unwritable_out_is_refused_before_any_work(corpus_dir, tokenizer_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for verb in (["shards", "--tokenizer", str(tokenizer_dir), "--seq-len", "32"], ["tokenizer", "--vocab-size", "150"]):
+        assert cli_main([verb[0], "--input", str(corpus_dir), "--out", str(blocker / "sub"), *verb[1:]]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot write to the" in err and str(blocker / "sub") in err and "Traceback" not in err
 
 
 def test_cli_shards_several_lengths(corpus_dir, tokenizer_dir, tmp_path):
@@ -120,7 +198,7 @@ def corrupt_variants(good: bytes) -> dict[str, bytes]:
 def test_read_shard_rejects_damage_naming_the_file(shard_dir, tmp_path):
     m = load_manifest(shard_dir)
     path = shard_paths(m, shard_dir, "train")[0]
-    good = read_shard(path, m["dtype"], m["splits"]["train"]["shards"][0]["samples"])
+    good = read_shard(path, m["dtype"], m["splits"]["train"]["shards"][0])
     assert len(good) == 40 and good.ids(0)[0] == good.ids(1)[0]
     raw = open(path, "rb").read()
     for why, data in corrupt_variants(raw).items():
@@ -129,7 +207,7 @@ def test_read_shard_rejects_damage_naming_the_file(shard_dir, tmp_path):
         with pytest.raises(CorruptShardError, match=bad.name):
             read_shard(bad, m["dtype"])
     with pytest.raises(CorruptShardError, match="manifest lists 41"):
-        read_shard(path, m["dtype"], 41)
+        read_shard(path, m["dtype"], {"samples": 41})
 
 
 def test_our_tar_writer_writes_webdatasets_bytes(tmp_path):

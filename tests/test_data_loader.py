@@ -206,3 +206,73 @@ def test_whole_word_masking_through_the_loader(uneven):
 def test_eval_batches_on_uneven_shards(uneven):
     batches = list(eval_batches(uneven, batch_size=5, seed=1, tokenizer=INFO))
     assert sum(len(b["input_ids"]) for b in batches) == SIZES[0] + SIZES[1]
+
+
+def damaged_copy(shard_dir, tmp_path, member: str, change, keep_crc: bool = True):
+    """A copy of real shards whose first train shard has one member's payload changed (same length):
+    the first member named *.member whose payload change() maps to new bytes (None: not this one)."""
+    import shutil
+
+    from bertscale.shard_format import load_manifest
+
+    d = tmp_path / f"copy-{member}-{keep_crc}"
+    shutil.copytree(shard_dir, d)
+    m = load_manifest(d)
+    victim = d / m["splits"]["train"]["shards"][0]["name"]
+    data = bytearray(victim.read_bytes())
+    at = -512
+    while True:
+        at = data.index(b"." + member.encode() + b"\0", at + 512) - 16
+        size = int(bytes(data[at + 124 : at + 136]).strip(b" \0"), 8)
+        changed = change(bytes(data[at + 512 : at + 512 + size]))
+        if changed is not None:
+            break
+    data[at + 512 : at + 512 + size] = changed
+    victim.write_bytes(bytes(data))
+    if not keep_crc:  # as an older build's manifest: only the sample checks can catch it
+        for e in m["splits"].values():
+            for s in e["shards"]:
+                s.pop("crc32", None)
+        (d / "index.json").write_text(json.dumps(m))
+    return d, victim
+
+
+CHANGES = {
+    "label 0 -> 7": ("nsp", lambda body: b"7" if body == b"0" else None),
+    "label 1 -> 7": ("nsp", lambda body: b"7" if body == b"1" else None),
+    "id -> 32767": ("ids", lambda body: body[:2] + b"\xff\x7f" + body[4:]),  # little-endian, past the vocabulary
+}
+
+
+@pytest.mark.parametrize("keep_crc", [True, False])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_changed_payload_byte_is_skipped_counted_and_named_once(shard_dir, tokenizer_dir, tmp_path, caplog,
+                                                                  change, keep_crc):
+    """10.7: a damaged sample (here a label 7, or a token id past the vocabulary) is caught when its shard is
+    read, by the manifest's CRC-32 or by the sample checks; the shard is skipped and counted and the log names it
+    once, across epochs and a resume. Before, the label 7 reached the loss: IndexError at an arbitrary step."""
+    from bertscale.tokenizer import tokenizer_info
+
+    member, how = CHANGES[change]
+    d, victim = damaged_copy(shard_dir, tmp_path, member, how, keep_crc)
+    info = tokenizer_info(tokenizer_dir)
+    ld = PretrainingLoader(d, micro_batch=8, rank=0, world_size=1, seed=1, tokenizer=info, with_sample_ids=True)
+    per_epoch = ld.batches_per_epoch()
+    with caplog.at_level(logging.WARNING):
+        batches = list(itertools.islice(iter(ld), per_epoch + 3))  # into a second epoch
+    assert ld.corrupt_shards == 1
+    for b in batches:
+        assert set(b["next_sentence_label"].tolist()) <= {0, 1} and int(b["input_ids"].max()) < info.vocab_size
+    why = "CRC-32" if keep_crc else ("pair label 7" if member == "nsp" else "outside the vocabulary")
+    named = [r.getMessage() for r in caplog.records if victim.name in r.getMessage()]
+    assert len(named) == 1 and why in named[0], named
+    state = json.loads(json.dumps(ld.state_dict()))
+    resumed = PretrainingLoader(d, micro_batch=8, rank=0, world_size=1, seed=1, tokenizer=info, with_sample_ids=True)
+    resumed.load_state_dict(state)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        list(itertools.islice(iter(resumed), per_epoch))
+    assert resumed.corrupt_shards == 1 and not [r for r in caplog.records if victim.name in r.getMessage()]
+    with pytest.raises(Exception, match=victim.name):
+        list(PretrainingLoader(d, micro_batch=8, rank=0, world_size=1, seed=1, tokenizer=info,
+                               strict_shards=True).epoch_batches(0))

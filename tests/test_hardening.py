@@ -281,7 +281,7 @@ def _damage_a_shard_only_rank_1_reads(data_dir: Path, tokenizer: Path, micro_bat
     """Truncate the first train shard that rank 1 of 2 meets in its first ``micro_batches`` and rank 0
     does not (found with the real loader, so it follows however the loader splits an epoch)."""
     from bertscale.loader import PretrainingLoader
-    from bertscale.shards import load_manifest, shard_paths
+    from bertscale.shard_format import load_manifest, shard_paths
     from bertscale.tokenizer import tokenizer_info
 
     tok = tokenizer_info(tokenizer)

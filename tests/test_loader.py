@@ -1,12 +1,13 @@
 import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from bertscale.loader import PretrainingLoader, collate, decode_sample, epoch_order, eval_batches
+from bertscale.loader import PretrainingLoader, collate, epoch_order, eval_batches
 from bertscale.masking import IGNORE_INDEX, mask_tokens
-from bertscale.shards import load_manifest
+from bertscale.shard_format import load_manifest, read_shard, shard_paths
 from bertscale.tokenizer import tokenizer_info
 
 
@@ -16,24 +17,27 @@ def info(tokenizer_dir):
 
 
 def all_train_samples(shard_dir, info):
-    """sample_id -> (ids, a_len, nsp) read straight from the shards, via eval_batches' reader."""
+    """sample_id -> (ids, a_len, nsp) read straight from the shards with webdataset's own tar reader."""
     import webdataset as wds
-    from bertscale.shards import shard_paths
     m = load_manifest(shard_dir)
     out = {}
     for raw in wds.DataPipeline(wds.SimpleShardList(shard_paths(m, shard_dir, "train")), wds.tarfile_to_samples()):
-        sid, ids, a_len, nsp = decode_sample(raw, m["dtype"])
-        out[sid] = (ids, a_len, nsp)
+        ids = np.frombuffer(raw["ids"], dtype="<u2").astype(np.int64)
+        out[int(raw["__key__"])] = (ids, int(raw["alen"]), int(raw["nsp"]))
     return out
 
 
-def test_decode_sample():
-    ids = np.array([2, 300, 7, 3, 9, 3], dtype="<u2")
-    raw = {"__key__": "000000042", "ids": ids.tobytes(), "alen": b"4", "nsp": b"1"}
-    sid, out, a_len, nsp = decode_sample(raw, "uint16")
-    assert (sid, a_len, nsp) == (42, 4, 1) and out.dtype == np.int64 and out.tolist() == ids.tolist()
-    with pytest.raises(ValueError, match="malformed sample"):
-        decode_sample({"__key__": "1", "ids": b""}, "uint16")
+def test_the_one_reader_agrees_with_webdataset(shard_dir, info):
+    m = load_manifest(shard_dir)
+    truth = all_train_samples(shard_dir, info)
+    ours = {}
+    for url, entry in zip(shard_paths(m, shard_dir, "train"), m["splits"]["train"]["shards"]):
+        shard = read_shard(url, m["dtype"], entry)
+        for i in range(len(shard)):
+            sid, ids, a_len, nsp = shard.sample(i)
+            ours[sid] = (ids, a_len, nsp)
+    assert ours.keys() == truth.keys() and len(ours) == m["splits"]["train"]["samples"]
+    assert all(ours[k][0].tolist() == truth[k][0].tolist() and ours[k][1:] == truth[k][1:] for k in truth)
 
 
 def test_collate_padding_and_types():
@@ -165,3 +169,34 @@ def test_eval_batches(shard_dir, info):
     assert all(torch.equal(x[k], y[k]) for x, y in zip(batches, again) for k in x)
     assert len(list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info, max_batches=2))) == 2
     assert all((b["labels"] != IGNORE_INDEX).any() for b in batches)
+
+
+def test_eval_reports_the_nsp_majority_baseline(shard_dir, tokenizer_dir, info, tmp_path, capsys):
+    """11.5: `eval` reports what always predicting the more frequent pair label scores, beside NSP accuracy."""
+    from bertscale.cli import main as cli_main
+    from bertscale.hf_format import save_hf
+    from bertscale.model import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=info.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    model_dir = save_hf(BertForPreTraining(config).state_dict(), config, tmp_path / "hf", tokenizer_dir)
+    assert cli_main(["eval", "--model", str(model_dir), "--data", str(shard_dir), "--batch-size", "8"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = load_manifest(shard_dir)
+    labels = [int(x) for p, e in zip(shard_paths(m, shard_dir, "valid"), m["splits"]["valid"]["shards"])
+              for x in read_shard(p, m["dtype"], e).nsp]
+    assert results["eval_samples"] == len(labels)
+    assert results["baseline_nsp_accuracy"] == max(labels.count(0), labels.count(1)) / len(labels)
+    assert 0 <= results["eval_nsp_accuracy"] <= 1
+
+
+def test_training_evaluation_masks_as_training_does(shard_dir, info):
+    """Training's held-out batches come from its loader's settings: whole-word masking is no longer dropped."""
+    ww = make_loader(shard_dir, info, whole_word_masking=True, max_predictions=9)
+    got = list(ww.eval_batches(batch_size=8))
+    want = list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info, max_predictions=9,
+                             whole_word_masking=True))
+    plain = list(eval_batches(shard_dir, batch_size=8, seed=3, tokenizer=info, max_predictions=9))
+    assert len(got) == len(want) >= 4 and all(torch.equal(x[k], y[k]) for x, y in zip(got, want) for k in x)
+    assert any(not torch.equal(x["labels"], y["labels"]) for x, y in zip(got, plain))

@@ -77,3 +77,33 @@ def test_gz_jsonl_inputs(tmp_path):
             f.write(json.dumps({"text": f"alpha beta gamma{i % 7}. delta epsilon{i % 5} zeta."}) + "\n")
     d = train_tokenizer([tmp_path / "c.jsonl.gz"], vocab_size=120, out_dir=tmp_path / "t", show_progress=False)
     assert "alpha" in load_tokenizer(d).get_vocab()
+
+
+def test_training_is_reproducible_in_one_process_and_across_processes(corpus_file, tmp_path):
+    """11.3: the same corpus and options give byte-identical files (tokenizers alone does not)."""
+    import subprocess
+    import sys
+
+    files = ("vocab.txt", "tokenizer.json")
+    runs = [train_tokenizer([corpus_file], vocab_size=300, out_dir=tmp_path / f"in{i}", show_progress=False)
+            for i in range(3)]
+    code = (f"from bertscale.tokenizer import train_tokenizer; train_tokenizer([{str(corpus_file)!r}], vocab_size=300, "
+            f"out_dir={str(tmp_path / 'other')!r}, show_progress=False)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    runs.append(tmp_path / "other")
+    for name in files:
+        assert len({(d / name).read_bytes() for d in runs}) == 1, f"{name} differs between runs"
+    # the continuation pieces handed to the trainer stay ordinary vocabulary, not special tokens
+    tok = load_tokenizer(runs[0])
+    assert [t.content for t in tok.get_added_tokens_decoder().values()] == SPECIAL_TOKENS
+    ids = tok.encode("dorfis kalo", add_special_tokens=False).ids
+    assert tok.decode(ids) == "dorfis kalo" and any(tok.id_to_token(i).startswith("##") for i in ids)
+
+
+def test_a_smaller_vocabulary_than_asked_is_reported(corpus_file, tmp_path, capsys, caplog):
+    from bertscale.cli import main as cli_main
+
+    assert cli_main(["tokenizer", "--input", str(corpus_file), "--vocab-size", "30522", "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    size = tokenizer_info(tmp_path / "t").vocab_size
+    assert size < 30522 and f"the vocabulary has {size} entries, fewer than the 30522 asked" in out

@@ -55,7 +55,7 @@ from bertscale.model import (BertForPreTraining, PerfOptions, attention_rows, pr
                              unpadded_attention_kernel)
 from bertscale.packing import (batch_to, computed_tokens, model_inputs, real_tokens,  # noqa: E402
                                samples_from_padded, unpadded_batch)
-from bertscale.shards import load_manifest  # noqa: E402
+from bertscale.shard_format import load_manifest  # noqa: E402
 from bertscale.tokenizer import tokenizer_info  # noqa: E402
 
 VOCAB = 30522
