@@ -143,6 +143,10 @@ class TrainSection:
     """Also evaluate every this many optimizer steps (0: only at the end of each phase)."""
     max_bad_steps: int = 20
     """Stop after this many consecutive skipped steps with a non-finite loss or gradient (fp16: overflow at the minimum loss scale)."""
+    unpadded: bool = True
+    """Train on unpadded micro batches (``bertscale/packing.py``): the samples' real tokens end to end,
+    attention within each sample, the same losses and gradients as padded rows without computing the
+    padding. A micro batch stays a number of samples. False: rows padded to the batch's longest sample."""
     replicate_data: bool = False
     """Every rank reads the whole global batch and trains on its own block of it: a step's data no longer depends on the number of ranks (for equivalence checks; not for real runs)."""
 

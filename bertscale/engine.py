@@ -19,6 +19,7 @@ import torch
 from bertscale import safe_load
 from bertscale.config import ConfigError, OptimizerSection, PhaseSection, accumulation_steps
 from bertscale.lamb import FlatLayout, Lamb
+from bertscale.packing import batch_to, model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +303,8 @@ class Engine:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def to_device(self, batch: dict[str, torch.Tensor | int]) -> dict[str, torch.Tensor | int]:
+        return batch_to(batch, self.device, non_blocking=True)
 
     def train_micro_batch(self, batch: dict[str, torch.Tensor], poison: bool = False):
         """Forward and backward of one micro batch; the optimizer steps at the accumulation boundary.
@@ -314,9 +315,7 @@ class Engine:
         every rank skips the same step and no NaN reaches the weights. ``step_was_bad`` reports it.
         """
         self.engine.train()
-        out = self.engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                          attention_mask=batch["attention_mask"], labels=batch["labels"],
-                          next_sentence_label=batch["next_sentence_label"])
+        out = self.engine(**model_inputs(batch))  # a padded or an unpadded batch (bertscale.packing)
         loss = out.loss
         if poison:
             loss = loss * float("nan")
@@ -377,9 +376,7 @@ class Engine:
     @torch.no_grad()
     def eval_batch(self, batch: dict[str, torch.Tensor]):
         self.engine.eval()
-        return self.engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                           attention_mask=batch["attention_mask"], labels=batch["labels"],
-                           next_sentence_label=batch["next_sentence_label"])
+        return self.engine(**model_inputs(batch))
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()

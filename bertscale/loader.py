@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bertscale.masking import IGNORE_INDEX, Masker
+from bertscale.packing import unpadded_batch
 from bertscale.shard_format import CorruptShardError, SampleRules, ShardIndex, load_manifest, read_shard, shard_paths
 from bertscale.tokenizer import TokenizerInfo
 
@@ -96,15 +97,24 @@ def _tensors(input_ids, labels, lengths, a_lens, nsp, sample_ids, with_sample_id
 
 
 class _Masking:
-    """Turns samples into a masked, padded batch for one epoch (picklable, for worker processes)."""
+    """Turns samples into a masked batch for one epoch, padded or unpadded (``bertscale.packing``);
+    picklable, for worker processes. Masking is the same function of (seed, epoch, sample id) in both."""
 
     def __init__(self, seed: int, epoch: int, tok: TokenizerInfo, mask_prob: float, max_predictions: int | None,
-                 whole_word: bool, max_len: int, with_sample_ids: bool):
+                 whole_word: bool, max_len: int, with_sample_ids: bool, unpadded: bool = False):
         self.epoch, self.pad_id, self.max_len, self.with_sample_ids = epoch, tok.pad_id, max_len, with_sample_ids
+        self.unpadded = unpadded
         self.masker = Masker(tok, seed=seed, epoch=epoch, mask_prob=mask_prob, max_predictions=max_predictions,
                              whole_word=whole_word)
 
     def batch(self, samples: list[tuple[int, np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
+        if self.unpadded:
+            masked = []
+            for sid, ids, a_len, nsp in samples:
+                inputs, labels = self.masker(ids, sid)
+                masked.append({"input_ids": inputs, "labels": labels, "a_len": a_len, "nsp_label": nsp,
+                               "sample_id": sid})
+            return unpadded_batch(masked, with_sample_ids=self.with_sample_ids)
         lengths = np.array([len(s[1]) for s in samples])
         width = _padded_length(int(lengths.max()), 8, self.max_len)
         inputs = np.full((len(samples), width), self.pad_id, dtype=np.int64)
@@ -334,7 +344,8 @@ class PretrainingLoader:
     there without reading the epoch from its start. ``data_dir`` is a local directory or a URL
     prefix (see ``storage.py``). ``corrupt_shards`` counts the distinct damaged or unreadable shards
     skipped so far (each is named once in the log, and remembered across a resume);
-    ``strict_shards`` raises instead.
+    ``strict_shards`` raises instead. ``unpadded``: micro batches in ``bertscale.packing``'s unpadded
+    layout (the same samples and masks as the padded ones).
     """
 
     def __init__(
@@ -356,6 +367,7 @@ class PretrainingLoader:
         with_sample_ids: bool = False,
         whole_word_masking: bool = False,
         strict_shards: bool = False,
+        unpadded: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -375,6 +387,7 @@ class PretrainingLoader:
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.drop_last, self.with_sample_ids = drop_last, with_sample_ids
         self.whole_word_masking, self.strict_shards = whole_word_masking, strict_shards
+        self.unpadded = unpadded
         self.seq_len = int(self.manifest["seq_len"])
         self.epoch = 0
         self.batches_in_epoch = 0
@@ -389,7 +402,7 @@ class PretrainingLoader:
 
     def _epoch(self, epoch: int) -> _Epoch:
         masking = _Masking(self.seed, epoch, self.tokenizer, self.mask_prob, self.max_predictions,
-                           self.whole_word_masking, self.seq_len, self.with_sample_ids)
+                           self.whole_word_masking, self.seq_len, self.with_sample_ids, self.unpadded)
         return _Epoch(
             urls=self.urls, entries=self.entries,
             order=epoch_order(len(self.urls), seed=self.seed, epoch=epoch).tolist(),

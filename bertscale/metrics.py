@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Order of the running sums kept on device between log points.
 _SUMS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "nsp_count",
-         "samples", "tokens", "padded_tokens", "padded_tokens_sq")
+         "samples", "tokens", "computed_tokens", "computed_tokens_sq", "data_wait_s")
 
 # Dense bf16 peak per device (TFLOP/s) for throughput/mfu, by CUDA device name.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "V100": 125.0}
@@ -61,6 +61,7 @@ class Metrics:
 
             self.writer = SummaryWriter(log_dir=tb_dir, purge_step=purge_step)
         self._sums: torch.Tensor | None = None
+        self._data_wait = 0.0
         self._t0 = time.perf_counter()
         self._steps_in_interval = 0
         self._process = psutil.Process()
@@ -69,16 +70,26 @@ class Metrics:
 
     def add(self, out, batch: dict[str, torch.Tensor]) -> None:
         """One micro batch's outputs (tensors stay on device: no sync here)."""
-        rows, length = batch["input_ids"].shape
+        dev = out.mlm_count.device
+        if "cu_seqlens" in batch:  # unpadded: every computed token is real; attention is per sample
+            rows, tokens = len(batch["next_sentence_label"]), batch["input_ids"].numel()
+            real = torch.tensor(float(tokens), device=dev)
+            computed, computed_sq = real, batch["cu_seqlens"].diff().float().square().sum()
+        else:
+            rows, length = batch["input_ids"].shape
+            real = batch["attention_mask"].sum().float()
+            computed = torch.tensor(float(rows * length), device=dev)
+            computed_sq = torch.tensor(float(rows * length ** 2), device=dev)
         values = torch.stack([
             out.mlm_loss.detach().float() * out.mlm_count, out.mlm_correct.float(), out.mlm_count.float(),
             out.nsp_loss.detach().float() * out.nsp_count, out.nsp_correct.float(), out.nsp_count.float(),
-            torch.tensor(float(rows), device=out.mlm_count.device),
-            batch["attention_mask"].sum().float(),
-            torch.tensor(float(rows * length), device=out.mlm_count.device),
-            torch.tensor(float(rows * length ** 2), device=out.mlm_count.device),
+            torch.tensor(float(rows), device=dev), real, computed, computed_sq, torch.zeros((), device=dev),
         ])
         self._sums = values if self._sums is None else self._sums + values
+
+    def add_data_wait(self, seconds: float) -> None:
+        """Time this rank spent waiting for the loader's next batch (``throughput/data_wait_fraction``)."""
+        self._data_wait += seconds  # a host float until the interval's one all-reduce
 
     def step_done(self) -> None:
         self._steps_in_interval += 1
@@ -90,14 +101,16 @@ class Metrics:
         this adds losses, accuracies, throughput, model FLOP/s, memory and CPU use over the interval.
         """
         sums = self._sums if self._sums is not None else torch.zeros(len(_SUMS))
-        sums = all_reduce_sum(sums.detach().cpu().clone())
+        sums = sums.detach().cpu().clone()
+        sums[_SUMS.index("data_wait_s")] = self._data_wait
+        sums = all_reduce_sum(sums)
         s = dict(zip(_SUMS, sums.tolist()))
         elapsed = time.perf_counter() - self._t0
         if self._start_step is None:
             self._start_step = step - self._steps_in_interval
         rate = (lambda x: x / elapsed) if elapsed > 0 else (lambda x: 0.0)
         layers, hidden, vocab = self.model_dims
-        flops = (72 * layers * hidden ** 2 * s["padded_tokens"] + 12 * layers * hidden * s["padded_tokens_sq"]
+        flops = (72 * layers * hidden ** 2 * s["computed_tokens"] + 12 * layers * hidden * s["computed_tokens_sq"]
                  + 6 * hidden * (hidden + vocab) * s["mlm_count"])
         row = {
             "loss/mlm": s["mlm_loss_sum"] / max(s["mlm_count"], 1),
@@ -107,6 +120,9 @@ class Metrics:
             "throughput/samples_per_s": rate(s["samples"]),
             "throughput/tokens_per_s": rate(s["tokens"]),
             "throughput/tflops": rate(flops) / 1e12,
+            # real / computed tokens (1.0 unpadded), and the share of the interval ranks waited on data
+            "throughput/fill": s["tokens"] / max(s["computed_tokens"], 1),
+            "throughput/data_wait_fraction": s["data_wait_s"] / (elapsed * self.world_size) if elapsed > 0 else 0.0,
             "memory/host_rss_gib": self._process.memory_info().rss / 2 ** 30,
             "system/cpu_percent": psutil.cpu_percent(interval=None),
             **scalars,
@@ -129,6 +145,7 @@ class Metrics:
                     self.writer.add_scalar(tag, value, step)
                 self.writer.flush()
         self._sums = None
+        self._data_wait = 0.0
         self._steps_in_interval = 0
         self._t0 = time.perf_counter()
         return row

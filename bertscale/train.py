@@ -34,6 +34,7 @@ from bertscale.hf_format import load_state_dict_into
 from bertscale.loader import PretrainingLoader
 from bertscale.metrics import Metrics, device_peak_tflops
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
+from bertscale.packing import real_tokens, unpad
 from bertscale.rundir import RunDir
 from bertscale.schedule import lr_at, phase_spans
 from bertscale.state import RunState
@@ -123,7 +124,8 @@ class Trainer:
             mask_prob=self.phase.mask_prob, max_predictions=max_predictions(self.phase),
             num_workers=cfg.train.num_workers, shuffle_buffer=cfg.train.shuffle_buffer,
             expect_seq_len=self.phase.seq_len, whole_word_masking=cfg.data.whole_word_masking,
-            strict_shards=cfg.data.strict_shards)
+            strict_shards=cfg.data.strict_shards,
+            unpadded=cfg.train.unpadded and not cfg.train.replicate_data)  # replicated: unpadded per slice
         resume = plan.resume
         if resume is not None:
             self.engine.load_shards(resume.path.parent, resume.tag)
@@ -171,10 +173,10 @@ class Trainer:
             poison = _fault_active("nan-loss", step, self.dist.rank)
             self.engine.poison_weights = _fault_active("nan-weights", step, self.dist.rank)
             for batch in self._micro_batches(batches):
+                tokens += real_tokens(batch)  # counted on the host, before the copy: no device sync
                 batch = self.engine.to_device(batch)
                 out = self.engine.train_micro_batch(batch, poison=poison)
                 self.metrics.add(out, batch)
-                tokens += int(batch["attention_mask"].sum())
             self.state.global_step += 1
             self.state.samples_seen += phase.global_batch
             # one small all-reduce per step: every rank takes the same stop decision at the same step,
@@ -211,12 +213,20 @@ class Trainer:
         micro batches of a step are the same set at any world size."""
         if not self.cfg.train.replicate_data:
             for _ in range(self.accumulation):
-                yield next(batches)
+                yield self._next_batch(batches)
             return
-        whole, m, world = next(batches), self.phase.micro_batch, self.dist.world_size
+        whole, m, world = self._next_batch(batches), self.phase.micro_batch, self.dist.world_size
         for j in range(self.accumulation):
             start = (j * world + self.dist.rank) * m
-            yield {k: v[start:start + m] for k, v in whole.items()}
+            block = {k: v[start:start + m] for k, v in whole.items()}
+            yield unpad(block, with_sample_ids="sample_ids" in block) if self.cfg.train.unpadded else block
+
+    def _next_batch(self, batches) -> dict:
+        """The loader's next batch; the time waited for it goes to ``throughput/data_wait_fraction``."""
+        t = time.perf_counter()
+        batch = next(batches)
+        self.metrics.add_data_wait(time.perf_counter() - t)
+        return batch
 
     def _count_bad_step(self, bad: bool) -> None:
         """Skipped non-finite steps (agreed over ranks); stop after train.max_bad_steps in a row."""
