@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""How much of the bare training step's speed the whole trainer keeps (issue 12's pipeline efficiency).
+
+    python tools/bench_pipeline.py --data demo_out --json            # the demo's shards and tokenizer
+    python tools/bench_pipeline.py --data demo_out --seq-len 128 --steps 30
+
+For each sequence length, in the same run:
+
+* **trainer**: the real thing, ``bertscale pretrain`` through the ``deepspeed`` launcher: DeepSpeed
+  ZeRO-2, bf16, our LAMB, ``--ranks`` CPU ranks, the loader with its shipped worker count, logging
+  every ``--steps`` steps, no checkpoint until the end. Its ``throughput/tokens_per_s`` (real tokens, all
+  ranks) over the logged intervals after the first (which holds start-up and warm-up) is the figure;
+  ``throughput/data_wait_fraction`` says how much of it ranks spent waiting on the loader.
+* **bare step**: ``--ranks`` processes with the trainer's threads each, each running only forward,
+  backward and an optimizer step (torch's AdamW; LAMB's extra work is per parameter, not per token) of
+  the same model in bf16 on that rank's same micro batches, read into memory first: no DeepSpeed, no
+  loader, no logging, no collectives.
+
+``pipeline_efficiency`` = trainer real tokens/s / bare real tokens/s. What the gap holds: ZeRO's
+gradient all-reduce and partitioned optimizer step, DeepSpeed's bookkeeping, the loader, host syncs
+and logging. Both sides use the run's default batch layout (unpadded: ``train.unpadded``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MICRO = {128: 32, 512: 16}  # the demo's micro batches (bertscale.demo.DEMO_CONFIG)
+
+
+def _config(out: Path, data: Path, tok: Path, seq_len: int, steps: int, ranks: int, port: int, unpadded: bool) -> str:
+    micro = MICRO.get(seq_len, 16)
+    return f"""
+[run]
+name = "bench_pipeline"
+out_dir = "{out.as_posix()}"
+seed = 1
+[model]
+preset = "tiny"
+tokenizer = "{tok.as_posix()}"
+[distributed]
+deepspeed_config = "{(REPO / 'ds_configs' / 'zero2_bf16.json').as_posix()}"
+accelerator = "cpu"
+num_gpus = {ranks}
+master_port = {port}
+[train]
+log_interval = {steps}
+save_interval = {10 * steps}
+eval_batches = 0
+unpadded = {str(unpadded).lower()}
+[[phases]]
+name = "p{seq_len}"
+seq_len = {seq_len}
+data = "{data.as_posix()}"
+global_batch = {micro * ranks}
+micro_batch = {micro}
+steps = {3 * steps}
+lr = 1e-3
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool, work: Path) -> dict:
+    """Real tokens/s of ``bertscale pretrain`` over intervals 2 and 3 of 3 (``steps`` steps each)."""
+    from bertscale.metrics import read_scalars
+    from launcher.launch import pretrain
+
+    out = work / f"run{seq_len}"
+    config = work / f"run{seq_len}.toml"
+    config.write_text(_config(out, data, tok, seq_len, steps, ranks, free_port(), unpadded), encoding="utf-8")
+    pretrain(str(config))
+    s = read_scalars(out / "tensorboard")
+    tail = lambda tag: [v for _, v in s[tag]][1:]  # noqa: E731 - intervals after the first
+    rates, waits = tail("throughput/tokens_per_s"), tail("throughput/data_wait_fraction")
+    return {"real_tokens_per_s": sum(rates) / len(rates), "data_wait_fraction": sum(waits) / len(waits),
+            "fill": sum(tail("throughput/fill")) / len(rates)}
+
+
+def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, steps: int, threads: int,
+                 unpadded: bool, start, results) -> None:
+    import torch
+
+    from bertscale.loader import PretrainingLoader
+    from bertscale.model import BertForPreTraining, PerfOptions, preset_config
+    from bertscale.packing import model_inputs, real_tokens
+    from bertscale.tokenizer import tokenizer_info
+
+    torch.set_num_threads(threads)
+    tok = tokenizer_info(tok_dir)
+    loader = PretrainingLoader(data, split="train", micro_batch=MICRO.get(seq_len, 16), rank=rank, world_size=ranks,
+                               seed=1, tokenizer=tok, num_workers=0, unpadded=unpadded)
+    it = iter(loader)
+    batches = [model_inputs(next(it)) for _ in range(3 * steps)]
+    torch.manual_seed(0)
+    model = BertForPreTraining(preset_config("tiny", tok.vocab_size), PerfOptions.for_device("cpu"))
+    model = model.to(torch.bfloat16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+    def step(b):
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for b in batches[:steps]:  # the trainer's first interval is left out too
+        step(b)
+    start.wait()  # both ranks time together: they share the cores as the trainer's ranks do
+    t = time.perf_counter()
+    for b in batches[steps:]:
+        step(b)
+    results.put((rank, sum(real_tokens(b) for b in batches[steps:]), time.perf_counter() - t))
+
+
+def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool) -> dict:
+    threads = max(1, (os.cpu_count() or 1) // ranks)  # what the launcher gives each CPU rank
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(ranks), ctx.Queue()
+    procs = [ctx.Process(target=_bare_worker, args=(r, ranks, str(data), str(tok), seq_len, steps, threads, unpadded,
+                                                    start, results)) for r in range(ranks)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join()
+    tokens = sum(g[1] for g in got)
+    return {"real_tokens_per_s": tokens / max(g[2] for g in got), "threads_per_rank": threads}
+
+
+def find(folder: Path, seq_len: int) -> Path:
+    for candidate in (folder / f"data{seq_len}", folder / f"d{seq_len}", folder):
+        if (candidate / "index.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no shards at seq_len {seq_len} under {folder} (expected data{seq_len}/index.json: "
+                            f"the folder `bertscale demo --out` writes)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="a demo output folder: data128/, data512/, tokenizer/")
+    p.add_argument("--tokenizer", default=None, help="default: DATA/tokenizer")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per logged interval (3 intervals)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--padded", action="store_true", help="both sides on padded batches (train.unpadded = false)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    a = p.parse_args(argv)
+    folder = Path(a.data).resolve()
+    tok = Path(a.tokenizer).resolve() if a.tokenizer else folder / "tokenizer"
+    out: dict = {"ranks": a.ranks, "steps_timed": 2 * a.steps, "layout": "padded" if a.padded else "unpadded",
+                 "lengths": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline.") as work:
+        for seq_len in a.seq_len:
+            data = find(folder, seq_len)
+            trainer = trainer_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, Path(work))
+            bare = bare_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded)
+            r = {"trainer": trainer, "bare": bare,
+                 "pipeline_efficiency": trainer["real_tokens_per_s"] / bare["real_tokens_per_s"]}
+            out["lengths"][str(seq_len)] = r
+            print(f"seq_len {seq_len}: trainer {trainer['real_tokens_per_s']:.0f} real tok/s (data wait "
+                  f"{trainer['data_wait_fraction']:.1%}, fill {trainer['fill']:.2f}), bare step "
+                  f"{bare['real_tokens_per_s']:.0f} real tok/s -> pipeline efficiency "
+                  f"{r['pipeline_efficiency']:.2f}", flush=True)
+    if a.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
