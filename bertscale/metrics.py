@@ -60,7 +60,8 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tb_dir, purge_step=purge_step)
-        self._sums: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None  # the device-side sums (_SUMS[:6])
+        self._host = [0.0] * 4  # samples, tokens, computed tokens, their squares (_SUMS[6:10])
         self._data_wait = 0.0
         self._t0 = time.perf_counter()
         self._steps_in_interval = 0
@@ -68,24 +69,18 @@ class Metrics:
         self._start_time = time.perf_counter()
         self._start_step: int | None = None
 
-    def add(self, out, batch: dict[str, torch.Tensor]) -> None:
-        """One micro batch's outputs (tensors stay on device: no sync here)."""
-        dev = out.mlm_count.device
-        if "cu_seqlens" in batch:  # unpadded: every computed token is real; attention is per sample
-            rows, tokens = len(batch["next_sentence_label"]), batch["input_ids"].numel()
-            real = torch.tensor(float(tokens), device=dev)
-            computed, computed_sq = real, batch["cu_seqlens"].diff().float().square().sum()
-        else:
-            rows, length = batch["input_ids"].shape
-            real = batch["attention_mask"].sum().float()
-            computed = torch.tensor(float(rows * length), device=dev)
-            computed_sq = torch.tensor(float(rows * length ** 2), device=dev)
+    def add(self, out, counts: tuple[int, int, int, int]) -> None:
+        """One micro batch's outputs and its ``packing.token_counts`` (read on the host before the batch
+        went to the device). Nothing here waits for the device: the outputs are summed where they are,
+        and the counts stay host numbers (a ``torch.tensor(x, device="cuda")`` per micro batch would make
+        the host wait for the GPU's queue each time)."""
         values = torch.stack([
             out.mlm_loss.detach().float() * out.mlm_count, out.mlm_correct.float(), out.mlm_count.float(),
             out.nsp_loss.detach().float() * out.nsp_count, out.nsp_correct.float(), out.nsp_count.float(),
-            torch.tensor(float(rows), device=dev), real, computed, computed_sq, torch.zeros((), device=dev),
         ])
         self._sums = values if self._sums is None else self._sums + values
+        for i, n in enumerate(counts):
+            self._host[i] += n
 
     def add_data_wait(self, seconds: float) -> None:
         """Time this rank spent waiting for the loader's next batch (``throughput/data_wait_fraction``)."""
@@ -100,9 +95,9 @@ class Metrics:
         ``scalars`` are what the trainer knows (``optim/lr``, ``optim/grad_norm``, ``train/phase``, ...);
         this adds losses, accuracies, throughput, model FLOP/s, memory and CPU use over the interval.
         """
-        sums = self._sums if self._sums is not None else torch.zeros(len(_SUMS))
-        sums = sums.detach().cpu().clone()
-        sums[_SUMS.index("data_wait_s")] = self._data_wait
+        sums = self._sums if self._sums is not None else torch.zeros(6)
+        sums = torch.cat([sums.detach().cpu().double(), torch.tensor([*self._host, self._data_wait],
+                                                                     dtype=torch.float64)])
         sums = all_reduce_sum(sums)
         s = dict(zip(_SUMS, sums.tolist()))
         elapsed = time.perf_counter() - self._t0
@@ -145,6 +140,7 @@ class Metrics:
                     self.writer.add_scalar(tag, value, step)
                 self.writer.flush()
         self._sums = None
+        self._host = [0.0] * 4
         self._data_wait = 0.0
         self._steps_in_interval = 0
         self._t0 = time.perf_counter()

@@ -168,6 +168,17 @@ def real_tokens(batch: Mapping[str, torch.Tensor | int]) -> int:
     return int(batch["attention_mask"].sum())
 
 
+def token_counts(batch: Mapping[str, torch.Tensor | int]) -> tuple[int, int, int, int]:
+    """(samples, real tokens, computed tokens, sum of squared attention spans) of a batch on the host,
+    read before it goes to the device, so that counting never waits for the device."""
+    if "cu_seqlens" in batch:
+        lengths = batch["cu_seqlens"].diff().long()
+        real = int(batch["input_ids"].numel())
+        return len(batch["next_sentence_label"]), real, real, int(lengths.square().sum())
+    rows, width = batch["input_ids"].shape
+    return rows, int(batch["attention_mask"].sum()), rows * width, rows * width ** 2
+
+
 def computed_tokens(batch: Mapping[str, torch.Tensor | int]) -> int:
     """Token positions the encoder's token-wise layers compute for a padded or unpadded batch."""
     return int(batch["input_ids"].numel())

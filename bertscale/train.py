@@ -34,7 +34,7 @@ from bertscale.hf_format import load_state_dict_into
 from bertscale.loader import PretrainingLoader
 from bertscale.metrics import Metrics, device_peak_tflops
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
-from bertscale.packing import real_tokens, unpad
+from bertscale.packing import token_counts, unpad
 from bertscale.rundir import RunDir
 from bertscale.schedule import lr_at, phase_spans
 from bertscale.state import RunState
@@ -173,10 +173,11 @@ class Trainer:
             poison = _fault_active("nan-loss", step, self.dist.rank)
             self.engine.poison_weights = _fault_active("nan-weights", step, self.dist.rank)
             for batch in self._micro_batches(batches):
-                tokens += real_tokens(batch)  # counted on the host, before the copy: no device sync
+                counts = token_counts(batch)  # on the host, before the copy: counting never waits for the device
+                tokens += counts[1]
                 batch = self.engine.to_device(batch)
                 out = self.engine.train_micro_batch(batch, poison=poison)
-                self.metrics.add(out, batch)
+                self.metrics.add(out, counts)
             self.state.global_step += 1
             self.state.samples_seen += phase.global_batch
             # one small all-reduce per step: every rank takes the same stop decision at the same step,
