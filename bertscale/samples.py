@@ -2,6 +2,10 @@
 
 The logic follows the original BERT data generator: chunks of consecutive sentences up to a
 target length, split at a sentence boundary; half of the time B comes from another document.
+One departure: Google's generator makes every one-sentence chunk a random-B pair, so a corpus of
+short documents (docstrings, abstracts, one-paragraph pages) came out 72-73 % random-B; here such
+a chunk takes the coin like any other and, when it says IsNext, is split inside its sentence (A is
+the sentence's start, B its continuation), which keeps the labels near 50 % on any corpus.
 """
 
 from __future__ import annotations
@@ -152,7 +156,8 @@ def build_samples(
     from ``negatives``, a ``Documents`` source in which ``documents[k]`` is document
     ``first_index + k`` (never its own B): the whole corpus's split when building shards. Without
     it they come from the other ``documents``. With a single document to draw from, every sample
-    is a real continuation; a lone one-sentence chunk is then split inside the sentence. A sentence
+    is a real continuation. A one-sentence chunk whose pair is a continuation is split inside the
+    sentence (a single-token sentence can only take a random B). A sentence
     longer than half the token budget is first cut into pieces that fit, so that no text is lost to
     truncation. With ``sentence_order`` B always follows A in the text and half of the pairs are
     swapped (label ``SWAPPED``) instead of taking a random B.
@@ -184,7 +189,8 @@ def build_samples(
             if i == len(doc) - 1 or length >= target:
                 a_end = 1 + rng.below(len(chunk) - 1) if len(chunk) >= 2 else 1
                 a = np.concatenate(chunk[:a_end])
-                if can_draw and (len(chunk) == 1 or rng.random() < 0.5):
+                lone_token = len(chunk) == 1 and len(a) < 2  # nothing to split: only a random B pairs it
+                if can_draw and (lone_token or rng.random() < 0.5):
                     b = _random_b(negatives, own, max(1, target - len(a)), limit, rng)
                     label = IS_RANDOM
                     i -= len(chunk) - a_end  # unused sentences go back to the document

@@ -94,6 +94,10 @@ def test_label_balance_and_text_coverage():
     labels = np.array([s.nsp_label for s in samples])
     assert len(samples) > 500
     assert 0.45 < labels.mean() < 0.56
+    # short documents (one or two sentences, like docstrings): still balanced (Google's rule gave ~72 %)
+    short = random_documents(rng, 3000, max_sents=2, max_len=12)
+    short_labels = np.array([s.nsp_label for s in build_samples(short, 128, rng, CLS, SEP)])
+    assert len(short_labels) > 1000 and 0.44 < short_labels.mean() < 0.56, short_labels.mean()
     # put-back of unused sentences: the A segments cover most of the corpus text
     a_tokens = sum(s.a_len - 2 for s in samples)
     pos_b_tokens = sum(len(s.ids) - s.a_len - 1 for s in samples if s.nsp_label == IS_NEXT)
@@ -121,10 +125,16 @@ def test_edge_cases():
     out = list(build_samples([[np.arange(5, 12)]], 32, rng, CLS, SEP))
     assert len(out) == 1 and out[0].ids.tolist() == [CLS, *range(5, 5 + out[0].a_len - 2), SEP,
                                                      *range(5 + out[0].a_len - 2, 12), SEP]
-    # one-sentence documents only: all negatives
+    # one-sentence documents only: a coin each; a continuation is the sentence split inside itself
     docs = [[np.arange(5 + 10 * i, 10 + 10 * i)] for i in range(10)]
     out = list(build_samples(docs, 32, rng, CLS, SEP))
-    assert len(out) == 10 and all(s.nsp_label == IS_RANDOM for s in out)
+    assert len(out) == 10 and {s.nsp_label for s in out} == {IS_NEXT, IS_RANDOM}
+    for s in out:
+        a, b = segments(s)
+        assert (b[0] == a[-1] + 1) == (s.nsp_label == IS_NEXT)
+    # single-token sentences can only be paired with a random B
+    docs = [[np.array([5 + i])] for i in range(10)]
+    assert all(s.nsp_label == IS_RANDOM for s in build_samples(docs, 32, rng, CLS, SEP))
     # a sentence far longer than seq_len
     docs = [[np.arange(5, 1000)], [np.arange(1000, 1010), np.arange(1010, 3000)]]
     for _ in range(20):
