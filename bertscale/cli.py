@@ -70,11 +70,16 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bertscale.evaluate import evaluate
+    from bertscale.evaluate import evaluate, evaluate_text
 
-    results = evaluate(args.model, args.data, split=args.split, batch_size=args.batch_size,
-                       max_batches=args.max_batches, seed=args.seed, mask_prob=args.mask_prob,
-                       max_predictions=args.max_predictions, whole_word_masking=args.whole_word_masking)
+    if args.text:
+        results = evaluate_text(args.model, args.text, seq_len=args.seq_len, batch_size=args.batch_size,
+                                seed=args.seed, mask_prob=args.mask_prob, max_predictions=args.max_predictions,
+                                whole_word_masking=args.whole_word_masking)
+    else:
+        results = evaluate(args.model, args.data, split=args.split, batch_size=args.batch_size,
+                           max_batches=args.max_batches, seed=args.seed, mask_prob=args.mask_prob,
+                           max_predictions=args.max_predictions, whole_word_masking=args.whole_word_masking)
     print(json.dumps(results))
     return 0
 
@@ -173,16 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("eval", formatter_class=fmt, help="MLM/NSP accuracy of a converted model",
-                       description="Masked-LM loss and accuracy and NSP accuracy of a converted model on held-out "
-                                   "shards, beside what always predicting the most frequent token (MLM) or pair "
-                                   "label (NSP) scores; prints one JSON line. Masks are made as training makes them.")
+                       description="Masked-LM loss and accuracy of a converted model on held-out shards (--data, "
+                                   "with NSP accuracy) or raw text files (--text, no shards needed), beside what "
+                                   "always predicting the most frequent token (accuracy) or the targets' unigram "
+                                   "distribution (loss) scores on the same positions, and the majority pair label "
+                                   "(NSP); prints one JSON line. eval_mlm_accuracy counts only the positions "
+                                   "replaced by [MASK]; eval_mlm_accuracy_all_positions also counts the 10% of "
+                                   "targets left unchanged and the 10% replaced at random, as Google's "
+                                   "masked_lm_accuracy does. Masks are made as training makes them, from --seed.")
     p.add_argument("--model", required=True, help="directory written by `bertscale convert`")
-    p.add_argument("--data", required=True,
-                   help="directory written by `bertscale shards`, or a URL prefix serving one (http(s)://, gs://, "
-                        "s3://, pipe:CMD with {} for the file)")
-    p.add_argument("--split", default="valid", choices=["valid", "train"], help="which split to evaluate")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data",
+                        help="directory written by `bertscale shards`, or a URL prefix serving one (http(s)://, "
+                             "gs://, s3://, pipe:CMD with {} for the file)")
+    source.add_argument("--text", nargs="+", metavar="PATH",
+                        help="held-out .txt/.jsonl(.gz) files or directories, read as `bertscale shards` reads "
+                             "them; each document is cut into consecutive windows of --seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=128, help="with --text: tokens per window, [CLS] and [SEP] included")
+    p.add_argument("--split", default="valid", choices=["valid", "train"], help="with --data: which split")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
-    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--max-batches", type=int, default=None, help="with --data: stop after this many batches")
     p.add_argument("--seed", type=int, default=0, help="masking seed")
     p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of tokens masked, as in training")
     p.add_argument("--max-predictions", type=int, default=None,
