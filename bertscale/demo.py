@@ -109,8 +109,6 @@ def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8
 def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out", vocab_size: int = 8000,
              steps1: int = 800, steps2: int = 60, ranks: int = 2) -> dict:
     """Run the whole pipeline; returns (and the CLI prints) the summary dict. Run again, it continues."""
-    from bertscale.convert import convert_checkpoint
-    from bertscale.evaluate import evaluate
     from launcher.launch import pretrain
 
     start = time.perf_counter()
@@ -122,6 +120,18 @@ def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out
                                          ranks=ranks, steps1=steps1, steps2=steps2), encoding="utf-8")
     log.info("[4/6] pretraining with %d DeepSpeed ranks, both phases (config %s)", ranks, config)
     run_dir = pretrain(str(config))
+    summary = convert_and_evaluate(out, run_dir)
+    summary.update(train_steps=steps1 + steps2, seconds=round(time.perf_counter() - start, 1))
+    return summary
+
+
+def convert_and_evaluate(out: str | os.PathLike, run_dir: Path) -> dict:
+    """Steps 5-6: convert the run's final checkpoint to out/hf and evaluate it on out/data128's held-out
+    split; returns the summary (every figure beside its baseline on the same positions)."""
+    from bertscale.convert import convert_checkpoint
+    from bertscale.evaluate import evaluate
+
+    out = Path(out)
     log.info("[5/6] converting the final checkpoint to Hugging Face weights")
     hf_dir = convert_checkpoint(run_dir / "checkpoints", out / "hf")
     log.info("[6/6] evaluating %s on held-out data", hf_dir)
@@ -132,7 +142,5 @@ def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out
              results["baseline_mlm_accuracy"], results["eval_mlm_accuracy_all_positions"],
              results["baseline_mlm_accuracy_all_positions"], results["eval_nsp_accuracy"],
              results["baseline_nsp_accuracy"])
-    summary = {**{k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},
-               "train_steps": steps1 + steps2, "seconds": round(time.perf_counter() - start, 1),
-               "hf_model": str(hf_dir), "tensorboard": str(run_dir / "tensorboard")}
-    return summary
+    return {**{k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},
+            "hf_model": str(hf_dir), "tensorboard": str(run_dir / "tensorboard")}
