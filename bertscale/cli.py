@@ -31,7 +31,7 @@ def _shards(args: argparse.Namespace) -> int:
                           samples_per_shard=args.samples_per_shard, seed=args.seed,
                           valid_fraction=args.valid_fraction, short_seq_prob=args.short_seq_prob,
                           workers=args.workers, sentence_order=args.sentence_order,
-                          show_progress=not args.no_progress)
+                          show_progress=not args.no_progress, documents=args.documents)
     manifests = {args.seq_len[0]: result} if len(args.seq_len) == 1 else result
     for seq_len, out in shard_dirs(args.out, args.seq_len).items():
         print("\n".join(describe_build(manifests[seq_len], out)))
@@ -104,6 +104,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bertscale.corpus import DOCUMENT_MODES
+
     parser = argparse.ArgumentParser(
         prog="bertscale", epilog=EPILOG,
         description="Distributed BERT pretraining: tokenizer -> shards -> DeepSpeed ZeRO + LAMB -> Hugging Face.")
@@ -130,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "hold exactly --samples-per-shard samples whatever the number of input files, "
                                    "and do not depend on --workers. Rerunning an interrupted build continues it; "
                                    "rerunning a finished one does nothing. Text files hold documents separated by "
-                                   "blank lines; jsonl files hold one document per line in a 'text' field; a "
+                                   "blank lines (--documents file: one document per file, for text written in "
+                                   "paragraphs); jsonl files hold one document per line in a 'text' field; a "
                                    "damaged .gz is used up to the damage, named in a warning and in index.json.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
     p.add_argument("--tokenizer", required=True, help="directory written by `bertscale tokenizer`")
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter random target length")
     p.add_argument("--sentence-order", action="store_true",
                    help="sentence-order prediction (swapped segments) instead of next-sentence prediction")
+    p.add_argument("--documents", default="blank-lines", choices=DOCUMENT_MODES,
+                   help="how a .txt file splits into documents: at blank lines (Google's one-sentence-per-line "
+                        "format; a corpus that looks written in paragraphs gets a warning) or one per file")
     p.add_argument("--workers", type=int, default=None, help="build processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_shards)

@@ -76,8 +76,10 @@ def default_ds_config() -> Path:
     raise FileNotFoundError("ds_configs/zero2_bf16.json not found beside the bertscale package")
 
 
-def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8000) -> list[str]:
+def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8000,
+                 documents: str = "blank-lines") -> list[str]:
     """Steps 1-3: corpus, tokenizer, shards at 128 and 512 under out; returns the corpus files.
+    ``documents`` says how the corpus's .txt files split into documents (``corpus.DOCUMENT_MODES``).
 
     What is already there from the same corpus and options is reused (the tokenizer is
     reproducible and a finished shard build is not redone), so a second demo continues its run.
@@ -102,7 +104,7 @@ def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8
     log.info("[3/6] building shards at seq_len 128 and 512 in one pass over the text")
     build_shards(corpus, out / "tokenizer", seq_len=[128, 512],
                  out_dirs={128: out / "data128", 512: out / "data512"},
-                 samples_per_shard={128: 1000, 512: 500}, seed=1234, valid_fraction=0.03)
+                 samples_per_shard={128: 1000, 512: 500}, seed=1234, valid_fraction=0.03, documents=documents)
     return corpus
 
 
