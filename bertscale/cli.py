@@ -75,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.text:
         results = evaluate_text(args.model, args.text, seq_len=args.seq_len, batch_size=args.batch_size,
                                 seed=args.seed, mask_prob=args.mask_prob, max_predictions=args.max_predictions,
-                                whole_word_masking=args.whole_word_masking)
+                                whole_word_masking=args.whole_word_masking, documents=args.documents)
     else:
         results = evaluate(args.model, args.data, split=args.split, batch_size=args.batch_size,
                            max_batches=args.max_batches, seed=args.seed, mask_prob=args.mask_prob,
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out .txt/.jsonl(.gz) files or directories, read as `bertscale shards` reads "
                              "them; each document is cut into consecutive windows of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=128, help="with --text: tokens per window, [CLS] and [SEP] included")
+    p.add_argument("--documents", default="blank-lines", choices=DOCUMENT_MODES,
+                   help="with --text: how a .txt file splits into documents, as for `bertscale shards`")
     p.add_argument("--split", default="valid", choices=["valid", "train"], help="with --data: which split")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
     p.add_argument("--max-batches", type=int, default=None, help="with --data: stop after this many batches")

@@ -147,13 +147,14 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: s
 
 
 def text_windows(paths: Sequence[str | os.PathLike], model_dir: str | os.PathLike, seq_len: int,
-                 stats: CorpusStats | None = None) -> Iterator[np.ndarray]:
+                 stats: CorpusStats | None = None, documents: str = "blank-lines") -> Iterator[np.ndarray]:
     """``[CLS] piece... [SEP]`` id arrays of at most ``seq_len``: each document (read as ``bertscale
-    shards`` reads it) tokenized whole and cut into consecutive windows; the last may be shorter."""
+    shards --documents`` reads it) tokenized whole and cut into consecutive windows; the last may be
+    shorter."""
     info = tokenizer_info(model_dir)
     tok = load_tokenizer(model_dir)
     width = seq_len - 2
-    for doc in iter_documents(paths, stats):
+    for doc in iter_documents(paths, stats, documents):
         ids = np.concatenate([np.asarray(e.ids, dtype=np.int64)
                               for e in tok.encode_batch(doc, add_special_tokens=False)])
         for start in range(0, len(ids), width):
@@ -186,11 +187,11 @@ def _text_batches(windows: Iterator[np.ndarray], info: TokenizerInfo, masker: Ma
 @torch.inference_mode()
 def evaluate_text(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], seq_len: int = 128,
                   batch_size: int = 32, seed: int = 0, mask_prob: float = 0.15, max_predictions: int | None = None,
-                  whole_word_masking: bool = False) -> dict[str, float]:
+                  whole_word_masking: bool = False, documents: str = "blank-lines") -> dict[str, float]:
     """Masked-LM figures of a converted model on raw text files, without building shards.
 
-    Documents are read as for ``bertscale shards`` (.txt: blank lines between documents; .jsonl: a
-    ``text`` field per line), each cut into consecutive windows of ``seq_len`` tokens and masked as
+    Documents are read as for ``bertscale shards`` (.txt: blank lines between documents, or one
+    document per file with ``documents="file"``; .jsonl: a ``text`` field per line), each cut into consecutive windows of ``seq_len`` tokens and masked as
     training masks (``max_predictions`` defaults to training's cap for ``seq_len``). The same
     files, seed and options give the same figures.
     """
@@ -207,7 +208,8 @@ def evaluate_text(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     forward = _model_forward(model)
     stats = CorpusStats()
     windows = 0
-    for batch in _text_batches(text_windows(paths, model_dir, seq_len, stats), info, masker, batch_size):
+    for batch in _text_batches(text_windows(paths, model_dir, seq_len, stats, documents), info, masker,
+                               batch_size):
         tally.score(forward, batch)
         windows += len(batch["input_ids"])
     results = _report(tally, ", ".join(str(p) for p in paths))

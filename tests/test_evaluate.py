@@ -95,6 +95,8 @@ def test_text_eval_of_the_copy_model_is_deterministic_and_counts_only_mask(copy_
     again = evaluate_text(copy_model, [corpus_file], seq_len=64, batch_size=7, seed=3)
     assert again == pytest.approx(r, rel=1e-6)  # batching changes only float summation order
     assert {k: v for k, v in again.items() if "loss" not in k} == {k: v for k, v in r.items() if "loss" not in k}
+    whole_file = evaluate_text(copy_model, [corpus_file], seq_len=64, batch_size=16, seed=3, documents="file")
+    assert whole_file["eval_documents"] == 1 and whole_file["eval_sequences"] < r["eval_sequences"]
     other = evaluate_text(copy_model, [corpus_file], seq_len=64, batch_size=16, seed=4)
     assert other["eval_mlm_accuracy_all_positions"] != r["eval_mlm_accuracy_all_positions"]
 
