@@ -31,7 +31,7 @@ def _shards(args: argparse.Namespace) -> int:
                           samples_per_shard=args.samples_per_shard, seed=args.seed,
                           valid_fraction=args.valid_fraction, short_seq_prob=args.short_seq_prob,
                           workers=args.workers, sentence_order=args.sentence_order,
-                          show_progress=not args.no_progress)
+                          show_progress=not args.no_progress, documents=args.documents)
     manifests = {args.seq_len[0]: result} if len(args.seq_len) == 1 else result
     for seq_len, out in shard_dirs(args.out, args.seq_len).items():
         print("\n".join(describe_build(manifests[seq_len], out)))
@@ -70,11 +70,16 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bertscale.evaluate import evaluate
+    from bertscale.evaluate import evaluate, evaluate_text
 
-    results = evaluate(args.model, args.data, split=args.split, batch_size=args.batch_size,
-                       max_batches=args.max_batches, seed=args.seed, mask_prob=args.mask_prob,
-                       max_predictions=args.max_predictions, whole_word_masking=args.whole_word_masking)
+    if args.text:
+        results = evaluate_text(args.model, args.text, seq_len=args.seq_len, batch_size=args.batch_size,
+                                seed=args.seed, mask_prob=args.mask_prob, max_predictions=args.max_predictions,
+                                whole_word_masking=args.whole_word_masking, documents=args.documents)
+    else:
+        results = evaluate(args.model, args.data, split=args.split, batch_size=args.batch_size,
+                           max_batches=args.max_batches, seed=args.seed, mask_prob=args.mask_prob,
+                           max_predictions=args.max_predictions, whole_word_masking=args.whole_word_masking)
     print(json.dumps(results))
     return 0
 
@@ -99,6 +104,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bertscale.corpus import DOCUMENT_MODES
+
     parser = argparse.ArgumentParser(
         prog="bertscale", epilog=EPILOG,
         description="Distributed BERT pretraining: tokenizer -> shards -> DeepSpeed ZeRO + LAMB -> Hugging Face.")
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "hold exactly --samples-per-shard samples whatever the number of input files, "
                                    "and do not depend on --workers. Rerunning an interrupted build continues it; "
                                    "rerunning a finished one does nothing. Text files hold documents separated by "
-                                   "blank lines; jsonl files hold one document per line in a 'text' field; a "
+                                   "blank lines (--documents file: one document per file, for text written in "
+                                   "paragraphs); jsonl files hold one document per line in a 'text' field; a "
                                    "damaged .gz is used up to the damage, named in a warning and in index.json.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
     p.add_argument("--tokenizer", required=True, help="directory written by `bertscale tokenizer`")
@@ -138,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter random target length")
     p.add_argument("--sentence-order", action="store_true",
                    help="sentence-order prediction (swapped segments) instead of next-sentence prediction")
+    p.add_argument("--documents", default="blank-lines", choices=DOCUMENT_MODES,
+                   help="how a .txt file splits into documents: at blank lines (Google's one-sentence-per-line "
+                        "format; a corpus that looks written in paragraphs gets a warning) or one per file")
     p.add_argument("--workers", type=int, default=None, help="build processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_shards)
@@ -173,16 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("eval", formatter_class=fmt, help="MLM/NSP accuracy of a converted model",
-                       description="Masked-LM loss and accuracy and NSP accuracy of a converted model on held-out "
-                                   "shards, beside what always predicting the most frequent token (MLM) or pair "
-                                   "label (NSP) scores; prints one JSON line. Masks are made as training makes them.")
+                       description="Masked-LM loss and accuracy of a converted model on held-out shards (--data, "
+                                   "with NSP accuracy) or raw text files (--text, no shards needed), beside what "
+                                   "always predicting the most frequent token (accuracy) or the targets' unigram "
+                                   "distribution (loss) scores on the same positions, and the majority pair label "
+                                   "(NSP); prints one JSON line. eval_mlm_accuracy counts only the positions "
+                                   "replaced by [MASK]; eval_mlm_accuracy_all_positions also counts the 10% of "
+                                   "targets left unchanged and the 10% replaced at random, as Google's "
+                                   "masked_lm_accuracy does. Masks are made as training makes them, from --seed.")
     p.add_argument("--model", required=True, help="directory written by `bertscale convert`")
-    p.add_argument("--data", required=True,
-                   help="directory written by `bertscale shards`, or a URL prefix serving one (http(s)://, gs://, "
-                        "s3://, pipe:CMD with {} for the file)")
-    p.add_argument("--split", default="valid", choices=["valid", "train"], help="which split to evaluate")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data",
+                        help="directory written by `bertscale shards`, or a URL prefix serving one (http(s)://, "
+                             "gs://, s3://, pipe:CMD with {} for the file)")
+    source.add_argument("--text", nargs="+", metavar="PATH",
+                        help="held-out .txt/.jsonl(.gz) files or directories, read as `bertscale shards` reads "
+                             "them; each document is cut into consecutive windows of --seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=128, help="with --text: tokens per window, [CLS] and [SEP] included")
+    p.add_argument("--documents", default="blank-lines", choices=DOCUMENT_MODES,
+                   help="with --text: how a .txt file splits into documents, as for `bertscale shards`")
+    p.add_argument("--split", default="valid", choices=["valid", "train"], help="with --data: which split")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
-    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--max-batches", type=int, default=None, help="with --data: stop after this many batches")
     p.add_argument("--seed", type=int, default=0, help="masking seed")
     p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of tokens masked, as in training")
     p.add_argument("--max-predictions", type=int, default=None,

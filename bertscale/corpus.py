@@ -1,7 +1,9 @@
 """Reading raw text corpora: documents as lists of sentences.
 
-Supported inputs: ``.txt`` / ``.txt.gz`` (documents separated by blank lines) and
-``.jsonl`` / ``.jsonl.gz`` (one JSON object per line with a ``text`` field).
+Supported inputs: ``.txt`` / ``.txt.gz`` and ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line
+with a ``text`` field, one document each). A ``.txt`` file is read in one of ``DOCUMENT_MODES``:
+``blank-lines`` (Google's one-sentence-per-line dumps: blank lines separate documents) or ``file``
+(the whole file is one document, its paragraphs consecutive text; for corpora written in paragraphs).
 Everything streams line by line; nothing loads a whole file into memory.
 """
 
@@ -29,6 +31,12 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
 _BINARY_PROBE_BYTES = 8192
 _MAX_LINE_WARNINGS = 5
+
+DOCUMENT_MODES = ("blank-lines", "file")
+"""How a .txt file splits into documents: at blank lines, or not at all (one document per file)."""
+PARAGRAPH_WORDS = 30
+"""A median blank-line document shorter than this many words (or of one line) is a paragraph, not a document."""
+_LAYOUT_PROBE_DOCUMENTS = 2000
 
 # Split after . ! ? (and closing quotes/brackets) when whitespace follows; after CJK full stops
 # (。！？ and their closing quotes/brackets) unconditionally, since CJK text has no spaces.
@@ -209,24 +217,24 @@ def _sentences_of_text(text: str) -> list[str]:
     return out
 
 
-def _txt_documents(path: Path, stats: CorpusStats) -> Iterator[list[str]]:
+def _txt_documents(path: Path, stats: CorpusStats, documents: str = "blank-lines") -> Iterator[list[str]]:
     doc: list[str] = []
     blank_seen = False
     for line in _decoded_lines(path, stats):
         if not line.strip():
             blank_seen = True
             continue
-        if blank_seen:
+        if blank_seen and documents == "blank-lines":
             if doc:
                 yield doc
             doc = []
-            blank_seen = False
+        blank_seen = False
         doc.extend(split_sentences(line))
     if doc:
         yield doc
 
 
-def _jsonl_documents(path: Path, stats: CorpusStats) -> Iterator[list[str]]:
+def _jsonl_documents(path: Path, stats: CorpusStats, documents: str = "blank-lines") -> Iterator[list[str]]:
     warnings = 0
     for lineno, line in enumerate(_decoded_lines(path, stats), start=1):
         if not line.strip():
@@ -249,8 +257,17 @@ def _jsonl_documents(path: Path, stats: CorpusStats) -> Iterator[list[str]]:
             stats.empty_documents += 1
 
 
-def file_documents(path: str | os.PathLike, stats: CorpusStats | None = None) -> Iterator[list[str]]:
-    """Stream the documents of one corpus file (binary files refused with their name).
+def check_document_mode(documents: str) -> str:
+    """``documents`` if it is one of ``DOCUMENT_MODES``, else a ValueError naming them."""
+    if documents not in DOCUMENT_MODES:
+        raise ValueError(f"documents must be one of {', '.join(DOCUMENT_MODES)}, got {documents!r}")
+    return documents
+
+
+def file_documents(path: str | os.PathLike, stats: CorpusStats | None = None,
+                   documents: str = "blank-lines") -> Iterator[list[str]]:
+    """Stream the documents of one corpus file (binary files refused with their name); ``documents``
+    (one of ``DOCUMENT_MODES``) says how a .txt file splits into documents.
 
     A file that gives no documents (empty, or unreadable from its start) is recorded in
     ``stats.skipped_files`` with the reason.
@@ -262,7 +279,7 @@ def file_documents(path: str | os.PathLike, stats: CorpusStats | None = None) ->
         return
     reader = _jsonl_documents if _suffix_of(path) in JSONL_SUFFIXES else _txt_documents
     found = 0
-    for doc in reader(path, stats):
+    for doc in reader(path, stats, check_document_mode(documents)):
         stats.documents += 1
         stats.sentences += len(doc)
         found += 1
@@ -272,7 +289,7 @@ def file_documents(path: str | os.PathLike, stats: CorpusStats | None = None) ->
 
 
 def iter_documents(
-    paths: Sequence[str | os.PathLike], stats: CorpusStats | None = None
+    paths: Sequence[str | os.PathLike], stats: CorpusStats | None = None, documents: str = "blank-lines"
 ) -> Iterator[list[str]]:
     """Stream documents (lists of non-empty sentences) from txt/jsonl files or directories."""
     stats = stats if stats is not None else CorpusStats()
@@ -280,12 +297,55 @@ def iter_documents(
     refuse_binary_files(files)
     yielded = 0
     for path in files:
-        for doc in file_documents(path, stats):
+        for doc in file_documents(path, stats, documents):
             yielded += 1
             yield doc
     if yielded == 0:
         names = ", ".join(str(p) for p in files[:10]) + (" ..." if len(files) > 10 else "")
         raise ValueError(f"corpus inputs yielded no documents: {names}; are the files empty?")
+
+
+def paragraph_layout(files: Sequence[Path]) -> str | None:
+    """A warning when the .txt files read at blank lines give paragraphs rather than documents: the
+    median of their first documents is one line or under ``PARAGRAPH_WORDS`` words. None otherwise."""
+    lines, words = [], []
+    for path in files:
+        if _suffix_of(path) not in TEXT_SUFFIXES:
+            continue
+        for doc in _txt_lines_per_document(path):
+            lines.append(len(doc))
+            words.append(sum(len(line.split()) for line in doc))
+            if len(lines) >= _LAYOUT_PROBE_DOCUMENTS:
+                break
+        if len(lines) >= _LAYOUT_PROBE_DOCUMENTS:
+            break
+    if not lines:
+        return None
+    median_lines, median_words = sorted(lines)[len(lines) // 2], sorted(words)[len(words) // 2]
+    if median_lines > 1 and median_words >= PARAGRAPH_WORDS:
+        return None
+    return (f"read with blank lines between documents, the median document of the .txt inputs is "
+            f"{median_lines} line(s) and {median_words} words (first {len(lines)} documents): blank lines "
+            f"here separate paragraphs, not documents, so samples stay short and pairs cross topics. If each "
+            f"file is one document written in paragraphs, use --documents file")
+
+
+def _txt_lines_per_document(path: Path) -> Iterator[list[str]]:
+    """The non-blank lines of each blank-line-separated block of a .txt file (errors left to the reader)."""
+    doc: list[str] = []
+    try:
+        with _open_binary(path) as f:
+            for raw in f:
+                line = raw.decode("utf-8", errors="replace")
+                if line.strip():
+                    doc.append(line)
+                elif doc:
+                    yield doc
+                    doc = []
+    except _DAMAGE:  # the reader names the damage when the build reads the file
+        pass
+    if doc:
+        yield doc
 
 
 # --- the embedded default corpus -------------------------------------------------------------

@@ -48,7 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bertscale import docstore
-from bertscale.corpus import CorpusStats, expand_inputs, file_documents, refuse_binary_files
+from bertscale.corpus import (CorpusStats, check_document_mode, expand_inputs, file_documents, paragraph_layout,
+                              refuse_binary_files)
 from bertscale.files import ExclusiveLock, require_writable_dir, write_atomic
 from bertscale.samples import build_samples
 from bertscale.shard_format import (FORMAT, KEY_DIGITS, SPLITS, ShardFile, UstarWriter, ids_dtype, sample_members,
@@ -257,7 +258,7 @@ def _tokenize_group(job: dict, state: _ProcessState) -> dict:
 
     def documents() -> Iterator[tuple[tuple[int, int], list[str]]]:
         for file_index, path in job["files"]:
-            for doc_index, doc in enumerate(file_documents(path, stats)):
+            for doc_index, doc in enumerate(file_documents(path, stats, job["documents"])):
                 yield (file_index, doc_index), doc
 
     pending = 0
@@ -485,6 +486,7 @@ def build_shards(
     workers: int | None = None,
     sentence_order: bool = False,
     out_dirs: Mapping[int, str | os.PathLike] | None = None,
+    documents: str = "blank-lines",
 ) -> dict:
     """Tokenize the corpus once, build sentence-pair samples and write train/valid shards.
 
@@ -492,7 +494,9 @@ def build_shards(
     go to out_dir/seq{L}, or to ``out_dirs[L]``; returns {seq_len: manifest}). ``workers``
     processes (default: one per core) share the work; the result does not depend on their number.
     ``sentence_order`` makes negatives swapped segments (ALBERT's SOP) instead of random B's. A
-    directory already built from the same inputs and options is left as it is.
+    directory already built from the same inputs and options is left as it is. ``documents`` (one of
+    ``corpus.DOCUMENT_MODES``) says how .txt files split into documents; in ``blank-lines`` mode a corpus
+    that looks written in paragraphs is named in a warning at the start, suggesting ``file``.
     """
     lens = [int(seq_len)] if isinstance(seq_len, (int, np.integer)) else [int(x) for x in seq_len]
     if not lens or len(set(lens)) != len(lens):
@@ -513,6 +517,7 @@ def build_shards(
         targets = shard_dirs(out_dir, lens)
     else:
         raise ValueError("give out_dir (or out_dirs per sequence length)")
+    check_document_mode(documents)
     files = expand_inputs(inputs)
     info = tokenizer_info(tokenizer_dir)
     load_tokenizer(tokenizer_dir)  # fail here, not in a worker, when tokenizer.json is missing
@@ -523,21 +528,21 @@ def build_shards(
         for L in sorted(targets):
             locks.enter_context(ExclusiveLock(targets[L] / LOCK_FILE, f"shard directory {targets[L]}"))
         return _build_locked(files, tokenizer_dir, info, targets, per_shard, seed, valid_fraction, short_seq_prob,
-                             sentence_order, workers, show_progress)
+                             sentence_order, workers, show_progress, documents)
 
 
 def _build_locked(files: list[Path], tokenizer_dir, info: TokenizerInfo, targets: dict[int, Path],
                   per_shard: dict[int, int], seed: int, valid_fraction: float, short_seq_prob: float,
-                  sentence_order: bool, workers: int | None, show_progress: bool) -> dict:
+                  sentence_order: bool, workers: int | None, show_progress: bool, documents: str) -> dict:
     start = time.perf_counter()
     lens = sorted(targets)
     dtype = ids_dtype(info.vocab_size)
     identities = [_file_identity(f) for f in files]
     store_params = {"version": _STORE_VERSION, "inputs": _digest(identities), "tokenizer": info.fingerprint,
-                    "seed": seed, "valid_fraction": valid_fraction, "dtype": dtype.name}
+                    "seed": seed, "valid_fraction": valid_fraction, "dtype": dtype.name, "documents": documents}
     params = {"seed": seed, "valid_fraction": valid_fraction, "short_seq_prob": short_seq_prob,
               "sentence_order": sentence_order, "dtype": dtype.name, "tokenizer_fingerprint": info.fingerprint,
-              "format": FORMAT}
+              "format": FORMAT, "documents": documents}
     builds = {L: {"inputs": store_params["inputs"], "files": len(files), "params": params,
                   "samples_per_shard": per_shard[L]} for L in lens}
     done = {L: m for L in lens if (m := _up_to_date(targets[L], builds[L])) is not None}
@@ -545,6 +550,9 @@ def _build_locked(files: list[Path], tokenizer_dir, info: TokenizerInfo, targets
         log.info("%s is up to date (built from the same inputs and options); nothing to do", targets[L])
     todo = [L for L in lens if L not in done]
     if todo:
+        layout = paragraph_layout(files) if documents == "blank-lines" else None
+        if layout is not None:
+            log.warning("%s", layout)
         owned = {L: _claim(targets[L]) for L in todo}
         n_workers = max(1, workers or os.cpu_count() or 1)
         bars = _Progress(show_progress)
@@ -606,7 +614,7 @@ def _tokenize(files, identities, tokenizer_dir, home: Path, dtype, store_params:
                 continue
             jobs.append({"files": [(i, str(files[i])) for i in members], "prefix": str(prefix), "key": key,
                          "tokenizer_dir": str(tokenizer_dir), "dtype": dtype.name, "seed": seed,
-                         "valid_fraction": valid_fraction, "group": g,
+                         "valid_fraction": valid_fraction, "group": g, "documents": store_params["documents"],
                          "threads": None if workers == 1 else len(groups) < workers,
                          "what": f"{files[members[0]]}" + (f" (and {len(members) - 1} more files)"
                                                             if len(members) > 1 else "")})
@@ -746,6 +754,7 @@ def _finish(target: Path, seq_len: int, built: dict, owned: set[str], build: dic
         "short_seq_prob": params["short_seq_prob"],
         "valid_fraction": params["valid_fraction"],
         "pair_task": "sop" if params["sentence_order"] else "nsp",
+        "documents": params["documents"],
         "samples_per_shard": per_shard,
         "splits": built,
         "corpus": corpus.__dict__,

@@ -30,6 +30,7 @@ from bertscale.files import WriteError, write_failure
 from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_ds_config,
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
                               zero_stage)
+from bertscale.evaluate import EvalTally
 from bertscale.hf_format import load_state_dict_into
 from bertscale.loader import PretrainingLoader
 from bertscale.metrics import Metrics, device_peak_tflops
@@ -322,7 +323,8 @@ class Trainer:
                 if last is not None else "there is no complete checkpoint yet")
 
     def evaluate(self, max_batches: int) -> dict[str, float]:
-        """Held-out MLM/NSP metrics; batches are split over ranks (every rank runs the same count)."""
+        """Held-out MLM/NSP metrics and their baselines (``evaluate.EvalTally``: [MASK]-only figures
+        beside all-positions ones); batches are split over ranks (every rank runs the same count)."""
         world, rank = self.dist.world_size, self.dist.rank
         # masked as the training batches are (the loader's own settings, whole-word masking included)
         batches = list(self.loader.eval_batches(batch_size=self.phase.micro_batch, max_batches=max_batches))
@@ -332,18 +334,11 @@ class Trainer:
             mine = [(b, True) for b in batches[rank:usable:world]]
         else:  # fewer batches than ranks: all run them all, rank 0 counts
             mine = [(b, rank == 0) for b in batches]
-        sums = torch.zeros(6)
+        tally = EvalTally(self.tokenizer.vocab_size, self.tokenizer.mask_id)
         for batch, counted in mine:
-            out = self.engine.eval_batch(self.engine.to_device(batch))
-            if not counted:
-                continue
-            sums += torch.stack([out.mlm_loss.float() * out.mlm_count, out.mlm_correct.float(),
-                                 out.mlm_count.float(), out.nsp_loss.float() * out.nsp_count,
-                                 out.nsp_correct.float(), out.nsp_count.float()]).cpu()
-        all_reduce_sum(sums)
-        mlm_n, nsp_n = max(sums[2].item(), 1), max(sums[5].item(), 1)
-        return {"mlm_loss": sums[0].item() / mlm_n, "mlm_accuracy": sums[1].item() / mlm_n,
-                "nsp_loss": sums[3].item() / nsp_n, "nsp_accuracy": sums[4].item() / nsp_n}
+            tally.score(lambda b: self.engine.eval_batch(self.engine.to_device(b)), batch, counted)
+        all_reduce_sum(tally.sums)
+        return tally.results()
 
 
 class StopRequest:

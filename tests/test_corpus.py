@@ -2,9 +2,11 @@ import gzip
 import json
 import logging
 
+import numpy as np
 import pytest
 
 from bertscale.corpus import CorpusStats, iter_documents, split_sentences, write_stdlib_corpus
+from bertscale.shard_format import load_manifest
 
 
 def test_split_sentences_latin_and_cjk():
@@ -140,3 +142,60 @@ def test_tokenizer_training_survives_a_damaged_gz(tmp_path, capsys):
                      "--out", str(tmp_path / "tok")]) == 0
     captured = capsys.readouterr()
     assert "wrote tokenizer" in captured.out and "Traceback" not in captured.err
+
+
+def _same_text_two_layouts(tmp_path, n_docs: int = 60):
+    """One set of documents written twice: a one-sentence-per-line dump with blank lines between
+    documents, and one file per document with blank lines between paragraphs of 1-3 sentences."""
+    from conftest import make_words
+
+    rng = np.random.default_rng(5)
+    words = make_words(rng, 200)
+    dump = tmp_path / "dump.txt"
+    folder = tmp_path / "paragraphs"
+    folder.mkdir()
+    with open(dump, "w", encoding="utf-8") as d:
+        for i in range(n_docs):
+            sentences = [" ".join(rng.choice(words, size=int(rng.integers(5, 12)))).capitalize() + "."
+                         for _ in range(int(rng.integers(8, 15)))]
+            d.write("\n".join(sentences) + "\n\n")
+            cuts = np.cumsum(rng.integers(1, 4, size=len(sentences)))
+            paragraphs = [" ".join(sentences[a:b]) for a, b in zip([0, *cuts], cuts) if a < len(sentences)]
+            (folder / f"doc{i:03d}.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return dump, folder
+
+
+def _mean_length(manifest: dict) -> float:
+    report = manifest["report"]
+    return report["tokens"]["train"] / report["samples"]["train"]
+
+
+def test_paragraph_files_read_as_one_document_each_match_the_dump_and_the_wrong_mode_is_named(
+        tmp_path, tokenizer_dir, caplog):
+    from bertscale.shards import build_shards
+
+    dump, folder = _same_text_two_layouts(tmp_path)
+
+    def build(inputs, name, documents):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bertscale"):
+            manifest = build_shards([inputs], tokenizer_dir, seq_len=128, out_dir=tmp_path / name,
+                                    samples_per_shard=100, seed=1, valid_fraction=0.0, workers=1,
+                                    show_progress=False, documents=documents)
+        return manifest, [r.getMessage() for r in caplog.records if "--documents file" in r.getMessage()]
+
+    as_dump, dump_warnings = build(dump, "dump", "blank-lines")
+    as_files, file_warnings = build(folder, "files", "file")
+    wrong, wrong_warnings = build(folder, "wrong", "blank-lines")
+    print({k: round(_mean_length(m), 1) for k, m in (("dump", as_dump), ("file", as_files), ("wrong", wrong))})
+    # the right mode for each layout gives the same documents, so comparable samples
+    assert as_dump["report"]["documents"] == as_files["report"]["documents"] == 60
+    assert abs(_mean_length(as_files) / _mean_length(as_dump) - 1) < 0.1
+    # paragraphs read as documents: many tiny documents, short samples, and a warning saying so
+    assert wrong["report"]["documents"] > 3 * 60
+    assert _mean_length(wrong) < 0.7 * _mean_length(as_files)
+    assert len(wrong_warnings) == 1 and "median document" in wrong_warnings[0]
+    assert not dump_warnings and not file_warnings
+    # index.json records how the shards were built
+    assert load_manifest(tmp_path / "files")["documents"] == "file"
+    assert load_manifest(tmp_path / "dump")["documents"] == "blank-lines"
