@@ -153,7 +153,7 @@ def test_pretrain_help_config_prints_every_section(capsys):
     assert out == describe() + "\n"
     headers = [line for line in out.splitlines() if line.startswith("[")]
     assert headers == ["[run]", "[model]", "[distributed]", "[optimizer]", "[train]", "[data]", "[[phases]]"]
-    assert "  master_port = 29500    # TCP port of the rendezvous on node 0." in out
+    assert "  master_port = None    # TCP port of the rendezvous on node 0. Unset: a single-node run picks a free" in out
 
 
 def test_pretrain_dry_run_through_the_cli(tmp_path, tokenizer_dir, shard_dir, capsys):
