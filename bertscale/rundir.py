@@ -5,6 +5,7 @@
     OUT/.deepspeed_env[.nodeR]   variables the deepspeed launcher exports to remote ranks
     OUT/hostfile.no_ssh.nodeR    the hostfile DeepSpeed's --no_ssh mode sizes the job from
     OUT/.lock                    held by the launcher training in this directory (node 0's)
+    OUT/train.log[.nodeR]        the console's lines of every attempt, appended (``bertscale.console``)
     OUT/checkpoints/             one directory per checkpoint (see ``bertscale.checkpoint``)
     OUT/tensorboard/             TensorBoard events (rank 0)
     OUT/failures/rank-NNNNN.txt  a failed rank's traceback and one-line summary, for people
@@ -64,6 +65,11 @@ class RunDir:
     @property
     def exits(self) -> Path:
         return self.root / "exits"
+
+    @property
+    def train_log(self) -> Path:
+        """What this node's launcher showed on the console, every attempt appended (``bertscale.console``)."""
+        return self.node_file("train.log")
 
     @property
     def config(self) -> Path:

@@ -30,6 +30,7 @@ import psutil
 from bertscale import checkpoint as ckpt
 from bertscale.config import (ConfigError, PhaseSection, RunConfig, accumulation_steps, load_config,
                               resolve_paths)
+from bertscale.console import RunLog
 from bertscale.rundir import RunDir
 
 log = logging.getLogger("bertscale.launcher")
@@ -409,17 +410,59 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
         if dry_run:
             _print_plan(cfg, plans, source, worker_environment(cfg, accelerator), port)
             return run_dir.root
-        _run_phases(cfg, plans, source, accelerator, port)
+        with RunLog(run_dir.train_log, "bertscale pretrain") as run_log:
+            try:
+                log.info("%s", "\n".join(run_summary(cfg, plans, accelerator)))
+                _run_phases(cfg, plans, source, accelerator, run_log, port)
+            except BaseException as exc:  # the record ends with how the run ended, as the console does
+                run_log.note(f"{'stopped' if isinstance(exc, RunStopped) else 'error'}: {exc}")
+                raise
+            run_log.note(f"every phase finished; checkpoints in {run_dir.checkpoints}")
         return run_dir.root
     finally:
         if lock is not None:
             lock.release()
 
 
+def run_summary(cfg: RunConfig, plans: list[PhasePlan], accelerator: str) -> list[str]:
+    """The run in a few lines: the model and its parameter count, ranks, and per phase the samples and tokens
+    it trains on and how many epochs of its shards' training split that is."""
+    import torch
+
+    from bertscale.engine import load_ds_config, zero_stage
+    from bertscale.model import BertForPreTraining
+    from bertscale.shard_format import load_manifest
+    from bertscale.tokenizer import tokenizer_info
+    from bertscale.train import model_config
+
+    config = model_config(cfg, tokenizer_info(cfg.model.tokenizer).vocab_size)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        parameters = sum(p.numel() for p in BertForPreTraining(config).parameters())
+    stage = zero_stage(load_ds_config(cfg.distributed.deepspeed_config))
+    lines = [f"run {cfg.run.name!r} in {cfg.run.out_dir}: model {cfg.model.preset} with {parameters:,} parameters "
+             f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary {config.vocab_size}); "
+             f"{plans[0].world_size if plans else '?'} ranks on {accelerator}, ZeRO stage {stage}, optimizer "
+             f"{cfg.optimizer.name}"]
+    for p in plans:
+        phase = p.phase
+        samples = phase.steps * phase.global_batch
+        train = load_manifest(phase.data)["splits"].get("train", {})
+        have = train.get("samples") or 0
+        real = f", about {samples * train['tokens'] / have:,.0f} real tokens" if have and train.get("tokens") else ""
+        epochs = f"{samples / have:.2f} epochs of the {have:,} training samples in {phase.data}" if have else \
+            f"no training samples in {phase.data}"
+        lines.append(f"  {phase.name}: {phase.steps:,} steps x global batch {phase.global_batch} = "
+                     f"{samples:,} samples at seq_len {phase.seq_len} ({samples * phase.seq_len:,} token "
+                     f"positions{real}): {epochs}{' (complete: skipped)' if p.complete else ''}")
+    return lines
+
+
 def _print_plan(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointInfo | None,
                 env: dict[str, str], port: int | None) -> None:
     print("# resolved configuration")
     print(json.dumps(cfg.to_dict(), indent=2))
+    accelerator = detect_accelerator(cfg.distributed.accelerator)
+    print("\n".join(f"# {line.strip()}" for line in run_summary(cfg, plans, accelerator)))
     if port is not None:
         print(f"# master port {port}: free now; a run picks its own free port when distributed.master_port is unset")
     if source is not None:
@@ -432,7 +475,7 @@ def _print_plan(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointI
 
 
 def _run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointInfo | None,
-                accelerator: str, port: int | None = None) -> None:
+                accelerator: str, run_log: RunLog, port: int | None = None) -> None:
     """Start each unfinished phase in turn. ``port``: a master port picked for this run (not configured);
     if another process takes it before rank 0 listens, the phase is started once more on a fresh one."""
     if port is None:
@@ -477,7 +520,8 @@ def _run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointI
                 started = time.time()
                 watch = _RankWatch()
                 returncode = _run_deepspeed(forwarder, watch, p.command,
-                                            {**os.environ, **env, "DS_ENV_FILE": str(env_file)}, run_dir.root)
+                                            {**os.environ, **env, "DS_ENV_FILE": str(env_file)}, run_dir.root,
+                                            run_log)
                 exits = run_dir.exits_since(started - 1.0)
                 failed = [r for r in exits.values() if r["status"] == "error"]
                 if returncode == 0 and not failed:
@@ -497,10 +541,13 @@ def _run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointI
 
 
 def _run_deepspeed(forwarder: _Forwarder, watch: "_RankWatch", command: list[str], env: dict[str, str],
-                   cwd: Path) -> int:
-    """Run one deepspeed launch to its end, watching its ranks; its exit status."""
+                   cwd: Path, run_log: RunLog) -> int:
+    """Run one deepspeed launch to its end, watching its ranks, its output relayed through ``run_log`` (the
+    console and train.log, without third-party noise); its exit status."""
     forwarder.child = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=_die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run_log.relay(forwarder.child.stdout, sys.stdout)
+    run_log.relay(forwarder.child.stderr, sys.stderr)
     try:
         while forwarder.child.poll() is None:
             watch.sample(forwarder.child.pid)
@@ -510,10 +557,12 @@ def _run_deepspeed(forwarder: _Forwarder, watch: "_RankWatch", command: list[str
         # timeout): the ranks run in their own session and must not be left running behind us
         forwarder.kill()
         forwarder.child.wait()
+        run_log.drain(timeout=1.0)
         raise
     returncode = forwarder.child.returncode
     forwarder.child = None
     watch.sample(None)
+    run_log.drain()
     return returncode
 
 
