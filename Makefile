@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Extra demo options: make demo ARGS="--set train.log_interval=5 --steps1 200"
+ARGS ?=
+
 demo: $(STAMP)
-	$(BIN)/bertscale demo --out demo_out
+	$(BIN)/bertscale demo --out demo_out $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

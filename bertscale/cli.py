@@ -98,7 +98,8 @@ def _finetune(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from bertscale.demo import run_demo
 
-    summary = run_demo(args.corpus, args.out, steps1=args.steps1, steps2=args.steps2, ranks=args.ranks)
+    summary = run_demo(args.corpus, args.out, steps1=args.steps1, steps2=args.steps2, ranks=args.ranks,
+                       overrides=args.set)
     print(json.dumps(summary))
     return 0
 
@@ -159,12 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "launcher. Re-running the same command continues from the latest complete "
                                    "checkpoint. Exit status 0: every phase finished, or SIGTERM/SIGINT stopped the "
                                    "run (the ranks save first); 1: a rank failed (named) or the run was refused; a "
-                                   "second launcher on the same run.out_dir is refused.")
+                                   "second launcher on the same run.out_dir is refused. The console's lines are "
+                                   "appended to OUT/train.log. With distributed.master_port unset, a single-node "
+                                   "run picks a free port.")
     p.add_argument("--config", help="run configuration (TOML); see configs/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set train.log_interval=5 --set phases.phase1.steps=100")
-    p.add_argument("--dry-run", action="store_true", help="check everything (DeepSpeed JSON, data, resume) and print each phase's deepspeed "
-                        "command and batch plan, starting nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything (DeepSpeed JSON, data, resume) and print the model's parameter count, each "
+                        "phase's samples, tokens and epochs of its shards, its deepspeed command and batch plan, "
+                        "starting nothing")
     p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto: continue from the latest complete checkpoint of run.out_dir; never: start fresh "
                         "(refused if run.out_dir has checkpoints); PATH: continue from that checkpoint")
@@ -255,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps1", type=int, default=800, help="optimizer steps at seq_len 128")
     p.add_argument("--steps2", type=int, default=60, help="optimizer steps at seq_len 512")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes or GPUs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the demo's run configuration (OUT/demo.toml) as `pretrain --set` does, "
+                        "e.g. --set train.log_interval=5 --set distributed.master_port=29600")
     p.set_defaults(func=_demo)
     return parser
 

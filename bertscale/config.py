@@ -91,8 +91,8 @@ class DistributedSection:
     """This node's rank with no_ssh."""
     master_addr: str | None = None
     """Address of node 0 (required with no_ssh)."""
-    master_port: int = 29500
-    """TCP port of the rendezvous on node 0."""
+    master_port: int | None = None
+    """TCP port of the rendezvous on node 0. Unset: a single-node run picks a free port itself (and logs it); a multi-node run uses 29500."""
     threads_per_rank: int | None = None
     """torch intra-op threads per rank on CPU (default: cores / local ranks)."""
     timeout_minutes: float = 10.0
@@ -394,7 +394,7 @@ _RANGES = [
     ("model", "pad_vocab_multiple", 1, None, False, False, True),
     ("distributed", "num_gpus", 1, None, False, False, True),
     ("distributed", "num_nodes", 1, None, False, False, False),
-    ("distributed", "master_port", 1, 65535, False, False, False),
+    ("distributed", "master_port", 1, 65535, False, False, True),
     ("distributed", "threads_per_rank", 1, None, False, False, True),
     ("distributed", "timeout_minutes", 0, None, True, False, False),
     ("optimizer", "eps", 0, None, True, False, False),

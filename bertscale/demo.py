@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from bertscale.files import write_atomic
+
 log = logging.getLogger("bertscale.demo")
 
 # The demo's run configuration: a scaled-down copy of the two-phase BERT recipe.
@@ -108,20 +110,34 @@ def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8
     return corpus
 
 
+def write_demo_config(out: Path, ranks: int, steps1: int, steps2: int, overrides: list[str]) -> Path:
+    """OUT/demo.toml, the demo's run configuration; ``overrides`` are checked against it here (a typo in
+    a key fails at once, not after the data is built) and applied when the run loads it."""
+    from bertscale.config import load_config
+
+    config = out / "demo.toml"
+    write_atomic(config, DEMO_CONFIG.format(out=out.as_posix(), ds_config=default_ds_config().as_posix(),
+                                            ranks=ranks, steps1=steps1, steps2=steps2))
+    load_config(config, overrides)
+    return config
+
+
 def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out", vocab_size: int = 8000,
-             steps1: int = 800, steps2: int = 60, ranks: int = 2) -> dict:
-    """Run the whole pipeline; returns (and the CLI prints) the summary dict. Run again, it continues."""
+             steps1: int = 800, steps2: int = 60, ranks: int = 2, overrides: list[str] | None = None) -> dict:
+    """Run the whole pipeline; returns (and the CLI prints) the summary dict. Run again, it continues.
+
+    ``overrides``: ``KEY=VALUE`` settings applied to the demo's run configuration as ``pretrain --set``
+    applies them (e.g. ``train.log_interval=5``); checked before any data is built."""
     from launcher.launch import pretrain
 
     start = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    config = write_demo_config(out, ranks, steps1, steps2, overrides or [])
     prepare_data(out, corpus, vocab_size)
-    config = out / "demo.toml"
-    config.write_text(DEMO_CONFIG.format(out=out.as_posix(), ds_config=default_ds_config().as_posix(),
-                                         ranks=ranks, steps1=steps1, steps2=steps2), encoding="utf-8")
-    log.info("[4/6] pretraining with %d DeepSpeed ranks, both phases (config %s)", ranks, config)
-    run_dir = pretrain(str(config))
+    log.info("[4/6] pretraining with %d DeepSpeed ranks, both phases (config %s%s)", ranks, config,
+             "".join(f" --set {o}" for o in overrides or []))
+    run_dir = pretrain(str(config), overrides)
     summary = convert_and_evaluate(out, run_dir)
     summary.update(train_steps=steps1 + steps2, seconds=round(time.perf_counter() - start, 1))
     return summary

@@ -11,7 +11,9 @@
   names the owner; a crashed owner's lock is released by the kernel, so nothing is left stuck.
 
 Files get the permissions of the process's umask (readable by the group, like any other output),
-not the 0600 of ``tempfile``.
+not the 0600 that ``tempfile`` and some writers (safetensors) give their files.
+
+- ``open_log(path)``: a text file opened for appending, one line at a time (``OUT/train.log``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,34 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterator
+from typing import TextIO
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (another thread creating a
+    file meanwhile would otherwise get a mask of 0)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: Path) -> None:
+    """Widen a file its writer created private (safetensors makes 0600) to what ``open`` gives a new file."""
+    mode = path.stat().st_mode
+    wanted = (mode & 0o777) | (0o666 & ~_umask())
+    if stat.S_ISREG(mode) and mode & 0o777 != wanted:
+        os.chmod(path, wanted)
 
 
 def _temporary_name(path: Path) -> Path:
@@ -48,6 +75,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _temporary_name(path)
     try:
         yield tmp
+        _as_umask_allows(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -74,6 +102,17 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, sync: bool = Tru
                 f.flush()
                 os.fsync(f.fileno())
     return path
+
+
+def open_log(path: str | os.PathLike) -> TextIO:
+    """``path`` opened for appending text, flushed line by line, so a reader (``tail -f``, a person after a
+    crash) sees every finished line. The directory is created if needed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8", buffering=1)
+    except OSError as exc:
+        raise _describe_os_error(exc, path) from exc
 
 
 class WriteError(OSError):

@@ -5,17 +5,19 @@
     OUT/.deepspeed_env[.nodeR]   variables the deepspeed launcher exports to remote ranks
     OUT/hostfile.no_ssh.nodeR    the hostfile DeepSpeed's --no_ssh mode sizes the job from
     OUT/.lock                    held by the launcher training in this directory (node 0's)
+    OUT/train.log[.nodeR]        the console's lines of every attempt, appended (``bertscale.console``)
     OUT/checkpoints/             one directory per checkpoint (see ``bertscale.checkpoint``)
     OUT/tensorboard/             TensorBoard events (rank 0)
     OUT/failures/rank-NNNNN.txt  a failed rank's traceback and one-line summary, for people
-    OUT/exits/rank-NNNNN.json    how each rank ended (ok, stopped, error; when; whether it lost a peer),
-                                 for the launcher to name the rank that failed first
+    OUT/exits/rank-NNNNN.json    how each rank ended (ok, stopped, error; when; whether it lost a peer or
+                                 found its port taken), for the launcher to name the rank that failed first
 
 Everything is written through ``bertscale.files``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from bertscale.files import ExclusiveLock, WriteError, write_atomic
 
+_ADDRESS_IN_USE = re.compile(r"EADDRINUSE|[Aa]ddress already in use")
 _PEER_LOST = re.compile(
     r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|Socket Timeout|timeout after|"
     r"NCCL communicator was aborted|ncclRemoteError|ncclSystemError|DistNetworkError|DistStoreError")
@@ -64,6 +67,11 @@ class RunDir:
         return self.root / "exits"
 
     @property
+    def train_log(self) -> Path:
+        """What this node's launcher showed on the console, every attempt appended (``bertscale.console``)."""
+        return self.node_file("train.log")
+
+    @property
     def config(self) -> Path:
         """The run's own record of its resolved configuration (``tools/run_summary.py`` reads it)."""
         return self.root / "run_config.json"
@@ -97,7 +105,8 @@ class RunDir:
                   "status": status}
         report = None
         if exc is not None:
-            record.update(summary=summarize(exc), peer_lost=lost_a_peer(exc))
+            in_use = address_in_use(exc)
+            record.update(summary=summarize(exc), peer_lost=lost_a_peer(exc) and not in_use, address_in_use=in_use)
             report = "".join(traceback.format_exception(exc)) + f"rank {rank} on {record['host']}: {record['summary']}\n"
         try:
             if report is not None:
@@ -135,6 +144,18 @@ def summarize(exc: BaseException) -> str:
     """One line: the exception's class and message (the last line of its traceback)."""
     text = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+def address_in_use(exc: BaseException) -> bool:
+    """Whether this rank failed to listen on a port another process holds (rank 0 opening the rendezvous
+    on the master port): a cause of its own, not a lost peer, though torch raises it as a DistNetworkError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) == errno.EADDRINUSE or _ADDRESS_IN_USE.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def lost_a_peer(exc: BaseException) -> bool:

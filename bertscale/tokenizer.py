@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,8 @@ def _train(inputs, lowercase: bool, vocab_size: int, min_frequency: int, pieces:
         min_frequency=min_frequency,
         special_tokens=SPECIAL_TOKENS + pieces,  # pre-assigned ids: see the module docstring
         continuing_subword_prefix=CONTINUATION,
-        show_progress=show_progress,
+        # off the terminal the Rust progress bar leaves only blank lines in logs and pipes
+        show_progress=show_progress and sys.stderr.isatty(),
     )
     tok.train_from_iterator(_sentence_batches(inputs), trainer=trainer)
     return tok.get_vocab(with_added_tokens=True)

@@ -453,9 +453,13 @@ def watch_launcher(interval: float = 1.0) -> None:
     def watch() -> None:
         while alive():
             time.sleep(interval)
-        print(f"rank {os.environ.get('RANK', '?')}: the bertscale launcher (pid {pid}) is gone; stopping",
-              file=sys.stderr, flush=True)
-        os._exit(1)
+        try:
+            print(f"rank {os.environ.get('RANK', '?')}: the bertscale launcher (pid {pid}) is gone; stopping",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # our output went through the launcher (bertscale.console): that pipe died with it
+        finally:
+            os._exit(1)
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 

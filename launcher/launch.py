@@ -2,6 +2,7 @@
 then start every phase through the real `deepspeed` launcher.
 
 One node:             deepspeed --num_gpus N --master_port P --module bertscale.train ...
+                      (P: distributed.master_port, or a free port picked per run when unset)
 Many nodes, hostfile: deepspeed --hostfile H --num_nodes K --launcher pdsh ...
 Many nodes, no ssh:   deepspeed --no_ssh --node_rank R --master_addr A --num_nodes K ... (run on each node)
 
@@ -29,11 +30,15 @@ import psutil
 from bertscale import checkpoint as ckpt
 from bertscale.config import (ConfigError, PhaseSection, RunConfig, accumulation_steps, load_config,
                               resolve_paths)
+from bertscale.console import RunLog
 from bertscale.rundir import RunDir
 
 log = logging.getLogger("bertscale.launcher")
 
 DEFAULT_CPU_RANKS = 2
+DEFAULT_MASTER_PORT = 29500
+"""The rendezvous port of a multi-node run whose configuration names none (DeepSpeed's and torch's default):
+every node must agree on it, so it cannot be picked per node the way a single-node run picks one."""
 CPU_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 """For CPU ranks: glibc serves every allocation from its heap and never hands freed memory back, so the
 activations and optimizer temporaries of one step reuse the pages of the last one. By default every
@@ -141,9 +146,13 @@ def deepspeed_executable() -> str:
     return found
 
 
-def deepspeed_command(cfg: RunConfig, phase: PhaseSection, config_path: Path, accelerator: str) -> list[str]:
+def deepspeed_command(cfg: RunConfig, phase: PhaseSection, config_path: Path, accelerator: str,
+                      port: int | None = None) -> list[str]:
+    """The deepspeed launcher's command line for one phase; ``port`` (one picked for this run) wins over
+    distributed.master_port."""
     d = cfg.distributed
-    cmd = [deepspeed_executable(), "--log_level", "warning", "--master_port", str(d.master_port)]
+    port = port or d.master_port or DEFAULT_MASTER_PORT
+    cmd = [deepspeed_executable(), "--log_level", "warning", "--master_port", str(port)]
     if d.no_ssh:
         hostfile = d.hostfile or str(node_file(cfg, "hostfile.no_ssh"))
         cmd += ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(d.node_rank),
@@ -177,19 +186,42 @@ def worker_environment(cfg: RunConfig, accelerator: str) -> dict[str, str]:
     return env
 
 
+def standalone(cfg: RunConfig) -> bool:
+    """A single-node run that hosts its own rendezvous (no hostfile, no --no_ssh): like torchrun
+    --standalone, it may pick its master port itself."""
+    d = cfg.distributed
+    return not d.hostfile and not d.no_ssh and d.num_nodes == 1
+
+
+def free_port() -> int:
+    """A TCP port no process holds right now (the OS picks it); another may take it before rank 0 listens,
+    which the launcher notices and retries once (``_run_phases``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def pick_port(cfg: RunConfig) -> int | None:
+    """A free master port for a standalone run whose configuration names none, else None (the configured
+    port, or DEFAULT_MASTER_PORT for many nodes)."""
+    return free_port() if cfg.distributed.master_port is None and standalone(cfg) else None
+
+
 def check_port(cfg: RunConfig) -> None:
     """On the node that hosts the rendezvous, refuse a master port another process holds."""
     d = cfg.distributed
     hosts_rendezvous = (d.node_rank in (None, 0)) and (not d.hostfile or d.no_ssh)
     if not hosts_rendezvous:
         return
+    port = d.master_port or DEFAULT_MASTER_PORT
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like the rendezvous store: TIME_WAIT is fine
         try:
-            sock.bind(("", d.master_port))
+            sock.bind(("", port))
         except OSError:
-            raise ConfigError(f"distributed.master_port {d.master_port} is in use on this machine (another run?); "
-                              f"pick a free one, e.g. --set distributed.master_port={d.master_port + 1}") from None
+            hint = (" or leave it unset: a single-node run then picks a free port itself" if standalone(cfg) else "")
+            raise ConfigError(f"distributed.master_port {port} is in use on this machine (another run?); "
+                              f"pick a free one, e.g. --set distributed.master_port={port + 1}{hint}") from None
 
 
 def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
@@ -251,8 +283,9 @@ def resume_source(cfg: RunConfig, resume: str) -> ckpt.CheckpointInfo | None:
         raise ConfigError(f"--resume {resume}: {exc}") from None
 
 
-def plan(cfg: RunConfig, source: ckpt.CheckpointInfo | None = None) -> list[PhasePlan]:
-    """One entry per phase; a phase is complete if the run (or the resume source) finished it."""
+def plan(cfg: RunConfig, source: ckpt.CheckpointInfo | None = None, port: int | None = None) -> list[PhasePlan]:
+    """One entry per phase; a phase is complete if the run (or the resume source) finished it. ``port``: the
+    master port picked for this run (``pick_port``), if any."""
     accelerator = detect_accelerator(cfg.distributed.accelerator)
     world = world_size(cfg, accelerator)
     config_path = node_file(cfg, "run_config.json")
@@ -262,7 +295,7 @@ def plan(cfg: RunConfig, source: ckpt.CheckpointInfo | None = None) -> list[Phas
         done = ckpt.final_of_phase(root, index) is not None or (
             source is not None and (source.phase_index > index or (source.phase_index == index and source.phase_complete)))
         plans.append(PhasePlan(phase, index, world, accumulation_steps(phase, world),
-                               deepspeed_command(cfg, phase, config_path, accelerator), done))
+                               deepspeed_command(cfg, phase, config_path, accelerator, port), done))
     return plans
 
 
@@ -366,7 +399,8 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
     lock = run_dir.lock() if not dry_run and cfg.distributed.node_rank in (None, 0) else None
     try:
         source = resume_source(cfg, resume)
-        plans = plan(cfg, source)
+        port = pick_port(cfg)
+        plans = plan(cfg, source, port)
         first = next((p for p in plans if not p.complete), None)
         explicit = source is not None and resume not in ("auto", "never")
         if explicit and first is not None:
@@ -374,19 +408,63 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
         if first is not None:
             check_resume(cfg, first, accelerator, str(source.path) if explicit else None)
         if dry_run:
-            _print_plan(cfg, plans, source, worker_environment(cfg, accelerator))
+            _print_plan(cfg, plans, source, worker_environment(cfg, accelerator), port)
             return run_dir.root
-        _run_phases(cfg, plans, source, accelerator)
+        with RunLog(run_dir.train_log, "bertscale pretrain") as run_log:
+            try:
+                log.info("%s", "\n".join(run_summary(cfg, plans, accelerator)))
+                _run_phases(cfg, plans, source, accelerator, run_log, port)
+            except BaseException as exc:  # the record ends with how the run ended, as the console does
+                run_log.note(f"{'stopped' if isinstance(exc, RunStopped) else 'error'}: {exc}")
+                raise
+            run_log.note(f"every phase finished; checkpoints in {run_dir.checkpoints}")
         return run_dir.root
     finally:
         if lock is not None:
             lock.release()
 
 
+def run_summary(cfg: RunConfig, plans: list[PhasePlan], accelerator: str) -> list[str]:
+    """The run in a few lines: the model and its parameter count, ranks, and per phase the samples and tokens
+    it trains on and how many epochs of its shards' training split that is."""
+    import torch
+
+    from bertscale.engine import load_ds_config, zero_stage
+    from bertscale.model import BertForPreTraining
+    from bertscale.shard_format import load_manifest
+    from bertscale.tokenizer import tokenizer_info
+    from bertscale.train import model_config
+
+    config = model_config(cfg, tokenizer_info(cfg.model.tokenizer).vocab_size)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        parameters = sum(p.numel() for p in BertForPreTraining(config).parameters())
+    stage = zero_stage(load_ds_config(cfg.distributed.deepspeed_config))
+    lines = [f"run {cfg.run.name!r} in {cfg.run.out_dir}: model {cfg.model.preset} with {parameters:,} parameters "
+             f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary {config.vocab_size}); "
+             f"{plans[0].world_size if plans else '?'} ranks on {accelerator}, ZeRO stage {stage}, optimizer "
+             f"{cfg.optimizer.name}"]
+    for p in plans:
+        phase = p.phase
+        samples = phase.steps * phase.global_batch
+        train = load_manifest(phase.data)["splits"].get("train", {})
+        have = train.get("samples") or 0
+        real = f", about {samples * train['tokens'] / have:,.0f} real tokens" if have and train.get("tokens") else ""
+        epochs = f"{samples / have:.2f} epochs of the {have:,} training samples in {phase.data}" if have else \
+            f"no training samples in {phase.data}"
+        lines.append(f"  {phase.name}: {phase.steps:,} steps x global batch {phase.global_batch} = "
+                     f"{samples:,} samples at seq_len {phase.seq_len} ({samples * phase.seq_len:,} token "
+                     f"positions{real}): {epochs}{' (complete: skipped)' if p.complete else ''}")
+    return lines
+
+
 def _print_plan(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointInfo | None,
-                env: dict[str, str]) -> None:
+                env: dict[str, str], port: int | None) -> None:
     print("# resolved configuration")
     print(json.dumps(cfg.to_dict(), indent=2))
+    accelerator = detect_accelerator(cfg.distributed.accelerator)
+    print("\n".join(f"# {line.strip()}" for line in run_summary(cfg, plans, accelerator)))
+    if port is not None:
+        print(f"# master port {port}: free now; a run picks its own free port when distributed.master_port is unset")
     if source is not None:
         print(f"# resuming from {source.path} (global step {source.global_step})")
     for p in plans:
@@ -397,8 +475,14 @@ def _print_plan(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointI
 
 
 def _run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointInfo | None,
-                accelerator: str) -> None:
-    check_port(cfg)
+                accelerator: str, run_log: RunLog, port: int | None = None) -> None:
+    """Start each unfinished phase in turn. ``port``: a master port picked for this run (not configured);
+    if another process takes it before rank 0 listens, the phase is started once more on a fresh one."""
+    if port is None:
+        check_port(cfg)
+    else:
+        log.info("master port %d: a free port picked for this single-node run (set distributed.master_port to "
+                 "choose one)", port)
     run_dir = RunDir.of(cfg)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     if cfg.distributed.no_ssh and not cfg.distributed.hostfile:
@@ -429,32 +513,57 @@ def _run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointI
             log.info("phase %s: %d steps at seq_len %d on %d ranks (micro batch %d x accumulation %d)",
                      p.phase.name, p.phase.steps, p.phase.seq_len, p.world_size, p.phase.micro_batch,
                      p.accumulation)
-            log.info("$ %s", shlex.join(p.command))
-            started = time.time()
-            watch = _RankWatch()
-            forwarder.child = subprocess.Popen(
-                p.command, env={**os.environ, **env, "DS_ENV_FILE": str(env_file)}, cwd=run_dir.root,
-                start_new_session=True, preexec_fn=_die_with_parent)
-            try:
-                while forwarder.child.poll() is None:
-                    watch.sample(forwarder.child.pid)
-                    time.sleep(0.1)
-            except BaseException:
-                # interrupted from inside this process (an embedding program's exception, a test's
-                # timeout): the ranks run in their own session and must not be left running behind us
-                forwarder.kill()
-                forwarder.child.wait()
-                raise
-            returncode = forwarder.child.returncode
-            forwarder.child = None
-            watch.sample(None)
-            exits = run_dir.exits_since(started - 1.0)
-            failed = [r for r in exits.values() if r["status"] == "error"]
-            if returncode != 0 or failed:
+            if port is not None:  # the port this run uses now (a retry of an earlier phase may have changed it)
+                p.command[p.command.index("--master_port") + 1] = str(port)
+            for attempt in (1, 2):
+                log.info("$ %s", shlex.join(p.command))
+                started = time.time()
+                watch = _RankWatch()
+                returncode = _run_deepspeed(forwarder, watch, p.command,
+                                            {**os.environ, **env, "DS_ENV_FILE": str(env_file)}, run_dir.root,
+                                            run_log)
+                exits = run_dir.exits_since(started - 1.0)
+                failed = [r for r in exits.values() if r["status"] == "error"]
+                if returncode == 0 and not failed:
+                    break
+                taken = any(r.get("address_in_use") for r in failed)
+                if taken and port is not None and attempt == 1 and not forwarder.signalled:
+                    # the port was free when picked; another process bound it before rank 0 listened
+                    old, port = port, free_port()
+                    p.command[p.command.index("--master_port") + 1] = str(port)
+                    log.warning("master port %d was taken by another process before rank 0 could listen on it; "
+                                "starting phase %s again on port %d", old, p.phase.name, port)
+                    continue
                 raise RunFailed(failure_message(p, returncode, exits, watch.vanished, run_dir))
             if ckpt.final_of_phase(run_dir.checkpoints, p.index) is None:
                 latest = ckpt.latest(run_dir.checkpoints)
                 raise RunStopped(latest.global_step if latest else None, latest.path if latest else None)
+
+
+def _run_deepspeed(forwarder: _Forwarder, watch: "_RankWatch", command: list[str], env: dict[str, str],
+                   cwd: Path, run_log: RunLog) -> int:
+    """Run one deepspeed launch to its end, watching its ranks, its output relayed through ``run_log`` (the
+    console and train.log, without third-party noise); its exit status."""
+    forwarder.child = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True,
+                                       preexec_fn=_die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run_log.relay(forwarder.child.stdout, sys.stdout)
+    run_log.relay(forwarder.child.stderr, sys.stderr)
+    try:
+        while forwarder.child.poll() is None:
+            watch.sample(forwarder.child.pid)
+            time.sleep(0.1)
+    except BaseException:
+        # interrupted from inside this process (an embedding program's exception, a test's
+        # timeout): the ranks run in their own session and must not be left running behind us
+        forwarder.kill()
+        forwarder.child.wait()
+        run_log.drain(timeout=1.0)
+        raise
+    returncode = forwarder.child.returncode
+    forwarder.child = None
+    watch.sample(None)
+    run_log.drain()
+    return returncode
 
 
 def failure_message(p: PhasePlan, returncode: int, exits: dict[int, dict], vanished: dict[int, float],
@@ -471,7 +580,12 @@ def failure_message(p: PhasePlan, returncode: int, exits: dict[int, dict], vanis
     killed = sorted((t, rank) for rank, t in vanished.items() if rank not in exits)
     lost = sorted((r for r in exits.values() if r["status"] == "error" and r.get("peer_lost")),
                   key=lambda r: r["time"])
-    lines = [f"rank {r['rank']} ({r['host']}): {r['summary']}  [{r['report']}]" for r in errors]
+    port = p.command[p.command.index("--master_port") + 1] if "--master_port" in p.command else "?"
+    lines = [f"rank {r['rank']} ({r['host']}): could not listen on master port {port}: another process holds it "
+             f"(address already in use). Leave distributed.master_port unset on a single node (a free port is "
+             f"picked per run) or choose another port  [{r['report']}]"
+             if r.get("address_in_use") else f"rank {r['rank']} ({r['host']}): {r['summary']}  [{r['report']}]"
+             for r in errors]
     lines += [f"rank {rank}: killed without a word (SIGKILL, the out-of-memory killer, or a crash in native code)"
               for _, rank in killed]
     lines += [f"rank {r['rank']} ({r['host']}): lost its connection to a failed rank ({r['summary']})" for r in lost]
@@ -479,10 +593,11 @@ def failure_message(p: PhasePlan, returncode: int, exits: dict[int, dict], vanis
         lines.insert(0, f"no rank reported an error of its own (the deepspeed launcher exited with {returncode}): "
                         f"a rank on another node was killed, or a node was lost")
     latest = ckpt.latest(run_dir.checkpoints)
-    where = (f"the latest complete checkpoint is {latest.path} (global step {latest.global_step})"
-             if latest else "there is no complete checkpoint yet")
+    where = (f"the latest complete checkpoint is {latest.path} (global step {latest.global_step}). Fix the cause "
+             f"and re-run the same command to continue from it." if latest else
+             "there is no complete checkpoint yet. Fix the cause and re-run the same command to start again.")
     return (f"phase {p.phase.name!r} failed: {lines[0]}" + "".join(f"\n  then {line}" for line in lines[1:])
-            + f"\n{where}. Fix the cause and re-run the same command to continue from it.")
+            + f"\n{where}")
 
 
 class _RankWatch:

@@ -153,7 +153,7 @@ def test_pretrain_help_config_prints_every_section(capsys):
     assert out == describe() + "\n"
     headers = [line for line in out.splitlines() if line.startswith("[")]
     assert headers == ["[run]", "[model]", "[distributed]", "[optimizer]", "[train]", "[data]", "[[phases]]"]
-    assert "  master_port = 29500    # TCP port of the rendezvous on node 0." in out
+    assert "  master_port = None    # TCP port of the rendezvous on node 0. Unset: a single-node run picks a free" in out
 
 
 def test_pretrain_dry_run_through_the_cli(tmp_path, tokenizer_dir, shard_dir, capsys):
@@ -181,6 +181,18 @@ steps = 4
         in captured.out
     assert "--module bertscale.train" in captured.out and "--phase short" in captured.out
     assert "training finished" not in captured.out and captured.err == ""
+    # what the run amounts to, counted here independently: parameters, samples, tokens, epochs of the shards
+    from bertscale.model import BertForPreTraining, preset_config
+    from bertscale.shard_format import load_manifest
+    from bertscale.tokenizer import tokenizer_info
+
+    model = BertForPreTraining(preset_config("tiny", vocab_size=tokenizer_info(tokenizer_dir).vocab_size))
+    parameters = sum(p.numel() for p in model.parameters())
+    train = load_manifest(shard_dir)["splits"]["train"]
+    assert f"model tiny with {parameters:,} parameters" in captured.out
+    assert (f"# short: 3 steps x global batch 8 = 24 samples at seq_len 64 (1,536 token positions, about "
+            f"{24 * train['tokens'] / train['samples']:,.0f} real tokens): {24 / train['samples']:.2f} epochs of the "
+            f"{train['samples']:,} training samples in {shard_dir}") in captured.out
     # the same config at a seq_len the shards were not built for is one error line, not a traceback
     assert main(["pretrain", "--config", str(config), "--dry-run", "--set", "phases.0.seq_len=128"]) == 1
     err = capsys.readouterr().err

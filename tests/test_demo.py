@@ -1,6 +1,8 @@
-"""`bertscale demo`: a second run continues instead of failing (11.3), and its model is judged by stock
-`transformers` on held-out text (15.4)."""
+"""`bertscale demo`: a second run continues instead of failing (11.3), it trains whatever holds port 29500
+(14.1), and its model is judged by stock `transformers` on held-out text (15.4)."""
 
+import json
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -10,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from bertscale import checkpoint as ckpt
+from bertscale.cli import main
 from bertscale.shard_format import load_manifest
 from bertscale.tokenizer import tokenizer_info
 from conftest import write_generated_corpus
+from launcher import launch
 
 
 def test_a_second_demo_reuses_the_tokenizer_and_shards_it_made(tmp_path):
@@ -70,10 +75,9 @@ def write_topic_corpus(path, n_docs: int, seed: int):
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     """The demo's pipeline and recipe (DEMO_CONFIG: tiny BERT, two ranks, both phases), scaled down to a
-    small corpus and 150 + 2 steps, on a free port; returns (out dir, its summary, a held-out text file)."""
-    from bertscale.demo import DEMO_CONFIG, convert_and_evaluate, default_ds_config, prepare_data
+    small corpus and 150 + 2 steps (the launcher picks a free port); returns (out dir, its summary, a held-out text file)."""
+    from bertscale.demo import convert_and_evaluate, prepare_data, write_demo_config
     from launcher.launch import pretrain
-    from runs import free_port
 
     tmp = tmp_path_factory.mktemp("judged_demo")
     train = write_topic_corpus(tmp / "train.txt", n_docs=1500, seed=1)
@@ -81,10 +85,7 @@ def demo_model(tmp_path_factory):
     out = tmp / "demo"
     out.mkdir()
     prepare_data(out, [str(train)], vocab_size=300)
-    config = out / "demo.toml"
-    config.write_text(DEMO_CONFIG.format(out=out.as_posix(), ds_config=default_ds_config().as_posix(), ranks=2,
-                                         steps1=150, steps2=2), encoding="utf-8")
-    run_dir = pretrain(str(config), [f"distributed.master_port={free_port()}"])
+    run_dir = pretrain(str(write_demo_config(out, ranks=2, steps1=150, steps2=2, overrides=[])))  # a free port
     return out, convert_and_evaluate(out, run_dir), held_out
 
 
@@ -143,3 +144,48 @@ def test_eval_on_raw_text_agrees_with_eval_on_shards_of_the_same_documents(demo_
     assert abs(on_text["eval_mlm_accuracy"] - on_shards["eval_mlm_accuracy"]) < 0.03
     assert abs(on_text["baseline_mlm_accuracy"] - on_shards["baseline_mlm_accuracy"]) < 0.04
     assert on_text["eval_mlm_accuracy"] > on_text["baseline_mlm_accuracy"] + JUDGE_MARGIN
+def _listen(port: int) -> socket.socket | None:
+    """A socket listening on ``port`` on every address, or None if another process already holds it."""
+    sock = socket.socket()
+    try:
+        sock.bind(("", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+@pytest.mark.slow
+def test_demo_trains_while_port_29500_is_held_and_its_picked_port_is_taken(tmp_path, monkeypatch):
+    """`make demo ARGS=...` scaled down, with 29500 held by another socket and the first port the launcher
+    picks taken before rank 0 can listen on it (a real bind race): the demo still trains, on a port it picked
+    again, and applies its --set overrides."""
+    corpus = str(write_generated_corpus(tmp_path / "corpus.txt", n_docs=150, seed=2))
+    out = tmp_path / "demo"
+    default = _listen(29500)  # None: another process holds it already, which serves as well
+    raced = _listen(0)
+    raced_port = raced.getsockname()[1]
+    picks = iter([raced_port])
+    real_free_port = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda: next(picks, None) or real_free_port())
+    try:
+        code = main(["demo", "--corpus", corpus, "--out", str(out), "--steps1", "2", "--steps2", "1",
+                     "--set", "train.log_interval=1", "--set", "model.num_hidden_layers=1",
+                     "--set", "phases.phase1.micro_batch=16", "--set", "phases.phase2.micro_batch=8"])
+    finally:
+        raced.close()
+        if default is not None:
+            default.close()
+    assert code == 0
+    assert next(picks, None) is None  # the launcher did pick the raced port first
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["train"]["log_interval"] == 1 and saved["model"]["num_hidden_layers"] == 1
+    final = ckpt.final_of_phase(out / "checkpoints", 1)
+    assert final is not None and final.global_step == 3
+    log = (out / "train.log").read_text()
+    assert f"master port {raced_port}: a free port picked for this single-node run" in log
+    # one retry: phase 2 started on the port phase 1's retry picked, not the taken one
+    assert log.count(f"master port {raced_port} was taken by another process") == 1
+    assert "was taken by another process" not in log.split("phase phase2:")[1]
+    assert (out / "hf" / "model.safetensors").stat().st_mode & 0o044 == 0o044  # group and others may read it

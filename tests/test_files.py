@@ -27,6 +27,27 @@ def test_written_files_follow_the_umask_not_0600(tmp_path):
     assert (tmp_path / "x").stat().st_mode & 0o777 == 0o644
 
 
+def _safetensors_under_umask(path, mask: int) -> int:
+    """Save a safetensors file through atomic_output under ``mask``; its permission bits."""
+    from safetensors.torch import save_file
+    import torch
+
+    old = os.umask(mask)
+    try:
+        with atomic_output(path) as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(old)
+    return path.stat().st_mode & 0o777
+
+
+def test_files_a_writer_makes_private_become_group_readable(tmp_path):
+    """safetensors creates its file 0600 (model.safetensors was unreadable to the group); atomic_output gives
+    it the umask's permissions, and a private umask stays private."""
+    assert _safetensors_under_umask(tmp_path / "model.safetensors", 0o022) == 0o644
+    assert _safetensors_under_umask(tmp_path / "private.safetensors", 0o077) == 0o600
+
+
 def test_atomic_output_keeps_the_old_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "model.pt"
     target.write_text("complete")

@@ -200,6 +200,9 @@ def test_a_rank_killed_in_the_final_evaluation_fails_the_run_and_is_named(traine
     assert "training finished" not in output
     assert "bertscale pretrain: error: phase 'phase1' failed: rank 1: killed without a word" in output
     assert "then rank 0" in output and "lost its connection" in output
+    log = (out / "train.log").read_text()  # the record has what the console had: warnings, the failure
+    assert changed.split("] ", 1)[-1] in log
+    assert "error: phase 'phase1' failed: rank 1: killed without a word" in log
 
 
 # ---------------------------------------------------------------- 3 and 4. one run per directory, no orphans

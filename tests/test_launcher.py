@@ -19,7 +19,7 @@ from bertscale.config import ConfigError, DistributedSection, PhaseSection, RunC
 from bertscale.rundir import RunDir
 from bertscale.tokenizer import train_tokenizer, tokenizer_info
 from launcher.launch import (CPU_MALLOC_TUNABLES, check_port, deepspeed_command, deepspeed_executable, failure_message, no_ssh_hostfile,
-                             node_file, parse_hostfile, plan, preflight, pretrain, resume_source, worker_environment,
+                             node_file, parse_hostfile, pick_port, plan, preflight, pretrain, resume_source, worker_environment,
                              world_size)
 from runs import build_data, write_config
 
@@ -265,6 +265,48 @@ def test_failure_message_of_a_killed_rank_names_it_not_the_survivor(tmp_path):
     message = failure_message(plan(cfg)[0], 1, run.exits_since(since), {1: since + 1.0}, run)
     assert message.startswith("phase 'phase1' failed: rank 1: killed without a word")
     assert "then rank 0" in message
+
+
+def test_a_taken_master_port_is_reported_as_such_not_as_a_lost_peer(tmp_path):
+    """Rank 0 opening the rendezvous on a port another process holds (torch raises it as a DistNetworkError,
+    like a lost peer): the failure says the port is taken, and with no checkpoint it does not offer one."""
+    import torch.distributed as dist
+
+    cfg = make_cfg(tmp_path, master_port=29613)
+    run = RunDir.of(cfg)
+    since = time.time()
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(dist.DistNetworkError) as info:
+            dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    _failed(run, 0, info.value)
+    _failed(run, 1, RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4711"))
+    exits = run.exits_since(since)
+    assert exits[0]["address_in_use"] and not exits[0]["peer_lost"]
+    assert exits[1]["peer_lost"] and not exits[1]["address_in_use"]
+    message = failure_message(plan(cfg)[0], 1, exits, {}, run)
+    assert message.startswith(f"phase 'phase1' failed: rank 0 ({exits[0]['host']}): could not listen on master "
+                              f"port 29613: another process holds it (address already in use)")
+    assert "no rank reported an error" not in message
+    assert message.endswith("there is no complete checkpoint yet. Fix the cause and re-run the same command to "
+                            "start again.")
+
+
+def test_an_unset_master_port_is_picked_free_on_one_node_only(tmp_path):
+    one = make_cfg(tmp_path)
+    port = pick_port(one)
+    assert port is not None
+    with socket.socket() as probe:
+        probe.bind(("", port))  # free when picked
+    cmd = plan(one, port=port)[0].command
+    assert cmd[cmd.index("--master_port") + 1] == str(port)
+    assert pick_port(make_cfg(tmp_path, master_port=29614)) is None  # a configured port is kept
+    no_ssh = make_cfg(tmp_path, no_ssh=True, node_rank=0, num_nodes=2, master_addr="127.0.0.1")
+    assert pick_port(no_ssh) is None  # every node must agree on it: DeepSpeed's default, 29500
+    cmd = deepspeed_command(no_ssh, no_ssh.phases[0], Path("c.json"), "cpu")
+    assert cmd[cmd.index("--master_port") + 1] == "29500"
 
 
 # ---------------------------------------------------------------- resume and plan

@@ -74,6 +74,27 @@ def test_rerun_skips_finished_phases(trained, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
+def test_train_log_keeps_the_console_without_noise_and_grows_with_each_attempt(trained):
+    tmp, out = trained
+    first = (out / "train.log").read_text()
+    assert "model tiny with " in first and " parameters (1 layers, hidden " in first  # the configuration summary
+    assert "  phase1: 6 steps x global batch 16 = 96 samples at seq_len 128" in first
+    assert "phase phase1: 6 steps at seq_len 128 on 2 ranks" in first and "phase phase2: 2 steps" in first
+    assert "[rank 0] step 2/8 phase1 | loss " in first and "[rank 0] step 8/8 phase2 | loss " in first
+    assert "[rank 0] phase phase2: starting from the final weights of phase1" in first
+    assert f"saved checkpoint {out / 'checkpoints' / ckpt.tag_for(8)}" in first
+    assert "[rank 0] eval at step 8:" in first and "every phase finished" in first
+    for noise in ("untested optimizer", "Processing zero checkpoint", "Unable to find hostfile",
+                  "Reconstructed fp32 state dict", "Loading checkpoint shards"):
+        assert noise not in first, noise
+    assert "\n\n" not in first
+    header = "==== bertscale pretrain: "
+    pretrain(str(tmp / "run.toml"))
+    second = (out / "train.log").read_text()
+    assert second.startswith(first) and second.count(header) == first.count(header) + 1  # appended
+    assert "phase phase1 already complete; skipping" in second[len(first):]
+
+
 def test_converted_model_loads_in_transformers_with_identical_logits(trained):
     transformers = pytest.importorskip("transformers")
     tmp, out = trained

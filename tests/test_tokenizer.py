@@ -107,3 +107,16 @@ def test_a_smaller_vocabulary_than_asked_is_reported(corpus_file, tmp_path, caps
     out = capsys.readouterr().out
     size = tokenizer_info(tmp_path / "t").vocab_size
     assert size < 30522 and f"the vocabulary has {size} entries, fewer than the 30522 asked" in out
+
+
+def test_training_off_a_terminal_prints_no_blank_lines(corpus_file, tmp_path):
+    """The tokenizers library's progress bar, off a terminal, printed only blank lines into logs (the demo)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bertscale.tokenizer import train_tokenizer; "
+            "train_tokenizer([sys.argv[1]], vocab_size=200, out_dir=sys.argv[2])")
+    done = subprocess.run([sys.executable, "-c", code, str(corpus_file), str(tmp_path / "tok")],
+                          capture_output=True, text=True, check=True)
+    assert (tmp_path / "tok" / "vocab.txt").is_file()
+    assert not [line for line in (done.stdout + done.stderr).splitlines() if not line.strip()]
