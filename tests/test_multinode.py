@@ -121,7 +121,9 @@ def test_lost_node_fails_within_timeout_and_rerun_resumes(tmp_path):
 # --- two hosts with their own addresses: network namespaces joined by a veth pair -----------------
 # Addresses from 198.18.0.0/15 (reserved for network benchmark tests); they exist only inside the
 # namespaces this test creates and removes.
-HOSTS = {"bsnode0": ("198.18.0.1", "bsveth0"), "bsnode1": ("198.18.0.2", "bsveth1")}
+# Namespace and device names are machine-wide: the pid keeps two test sessions on one machine apart.
+_TAG = os.getpid() % 100000
+HOSTS = {f"bs{_TAG}n0": ("198.18.0.1", f"bs{_TAG}v0"), f"bs{_TAG}n1": ("198.18.0.2", f"bs{_TAG}v1")}
 
 
 def _ip(*args: str) -> None:
@@ -155,7 +157,7 @@ def two_hosts():
 
 
 def start_hosts(config: Path, hosts: dict, logs: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
-    master = hosts["bsnode0"][0]
+    master = next(iter(hosts.values()))[0]
     procs = []
     for rank, (ns, (_, dev)) in enumerate(hosts.items()):
         cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}",
@@ -177,7 +179,8 @@ def test_two_hosts_in_network_namespaces_and_one_cut_off(two_hosts, tmp_path):
     while ckpt.latest(root) is None or ckpt.latest(root).global_step < 5:
         assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "node0.log").read_text()
         time.sleep(0.5)
-    _ip("-n", "bsnode1", "link", "set", "bsveth1", "down")  # host 1 drops off the network
+    ns1, (_, dev1) = list(two_hosts.items())[1]
+    _ip("-n", ns1, "link", "set", dev1, "down")  # host 1 drops off the network
     t0 = time.monotonic()
     codes = wait_all(procs, timeout=240)
     assert codes[0] != 0 and codes[1] != 0
@@ -185,7 +188,7 @@ def test_two_hosts_in_network_namespaces_and_one_cut_off(two_hosts, tmp_path):
     assert "failed" in (tmp_path / "node0.log").read_text()
     resumed_from = ckpt.latest(root).global_step
 
-    _ip("-n", "bsnode1", "link", "set", "bsveth1", "up")  # back on the network: the same commands resume
+    _ip("-n", ns1, "link", "set", dev1, "up")  # back on the network: the same commands resume
     codes = wait_all(start_hosts(config, two_hosts, tmp_path, settings), timeout=300)
     log0 = (tmp_path / "node0.log").read_text()
     assert codes == [0, 0], log0
