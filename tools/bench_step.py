@@ -190,7 +190,7 @@ def bench(preset: str = "mini", seq_len: int = 128, batch: int | None = None, pr
     if dtype != torch.float32:
         ours = ours.to(dtype)  # DeepSpeed bf16: the module itself runs in bf16
     data = {k: v.to(dev) for k, v in make_batch(batch, seq_len, VOCAB, seed).items()}
-    masked_per_seq = float((data["labels"] != -100).sum()) / batch
+    masked_per_seq = float((data["labels"] != IGNORE_INDEX).sum()) / batch
     tokens = batch * seq_len
 
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, foreach=True)
