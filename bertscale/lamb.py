@@ -103,8 +103,11 @@ class Lamb(torch.optim.Optimizer):
         local.finish(None)
         shared.finish(self._reduce)
         for group, params, updates, ratio_slots in steps:
-            for norms, first, count in ratio_slots:
-                norms.scale(first, count, group["max_trust_ratio"])
+            # a group's pieces are contiguous in each _Norms: one ratio computation and one scaling each
+            for norms in {id(n): n for n, _, _ in ratio_slots}.values():
+                spans = [(first, first + count) for n, first, count in ratio_slots if n is norms]
+                start, end = spans[0][0], spans[-1][1]
+                norms.scale(start, end - start, group["max_trust_ratio"])
             torch._foreach_add_(params, updates, alpha=-group["lr"])
         return loss
 
