@@ -186,9 +186,10 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}, {PT_WEIGHTS_FILE} or their .index.json{hint}")
 
 
-def read_hf_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_hf_weights(model_dir: str | os.PathLike, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face directory by its modern name: safetensors, or ``pytorch_model.bin``
-    loaded weights-only (``bertscale.safe_load``: a pickle asking for code is refused, naming the file)."""
+    loaded weights-only (``bertscale.safe_load``: a pickle asking for code is refused, naming the file).
+    ``shapes_only``: tensors on the meta device (names and shapes, no data read from safetensors)."""
     from bertscale import safe_load
 
     state: dict[str, torch.Tensor] = {}
@@ -196,9 +197,10 @@ def read_hf_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    state[key] = f.get_tensor(key)
+                    state[key] = (torch.empty(f.get_slice(key).get_shape(), device="meta") if shapes_only
+                                  else f.get_tensor(key))
         else:
-            loaded = safe_load.load(path)
+            loaded = safe_load.load(path, map_location="meta" if shapes_only else "cpu")
             if not isinstance(loaded, dict):
                 raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a state dict of tensors")
             state.update(loaded)
@@ -255,6 +257,19 @@ def architectures(model_dir: str | os.PathLike) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return [str(a) for a in found] if isinstance(found, list) else []
+
+
+def check_pretrained(model_dir: str | os.PathLike, config: BertConfig) -> list[str]:
+    """What ``load_pretrained_into`` would refuse (the same ValueError), from the weights' names and shapes
+    only; returns the keys it would start fresh."""
+    state = read_hf_weights(model_dir, shapes_only=True)
+    expected = expected_shapes(config)
+    fresh = [k for k in expected if k.startswith(FRESH_HEADS) and k not in state]
+    try:
+        check_state_dict({**state, **{k: torch.empty(expected[k], device="meta") for k in fresh}}, config)
+    except ValueError as exc:
+        raise ValueError(f"cannot start from {model_dir}: {exc}") from None
+    return fresh
 
 
 def load_pretrained_into(model: BertForPreTraining, model_dir: str | os.PathLike) -> list[str]:

@@ -34,7 +34,7 @@ from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_d
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
                               zero_stage)
 from bertscale.evaluate import EvalTally
-from bertscale.hf_format import architectures, load_pretrained_into, load_state_dict_into, read_hf_config
+from bertscale.hf_format import architectures, check_pretrained, load_pretrained_into, load_state_dict_into, read_hf_config
 from bertscale.loader import PretrainingLoader
 from bertscale.metrics import Metrics, device_peak_tflops
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
@@ -85,6 +85,10 @@ def _init_from_problems(cfg: RunConfig, config: BertConfig, vocab_size: int) -> 
     if config.vocab_size != vocab_size:
         problems.append(f"{source / 'config.json'}: vocab_size {config.vocab_size}, but the tokenizer "
                         f"({m.tokenizer}) has {vocab_size} tokens; a model and its tokenizer must agree")
+    try:
+        check_pretrained(source, config)  # names and shapes only: a rank reads the weights themselves
+    except (OSError, ValueError) as exc:
+        problems.append(str(exc))
     for i, phase in enumerate(cfg.phases):
         if phase.seq_len > config.max_position_embeddings:
             problems.append(f"phases[{i}] ({phase.name}).seq_len {phase.seq_len} is longer than max_position_embeddings "
@@ -109,11 +113,13 @@ def initial_model(cfg: RunConfig, config: BertConfig, accelerator: str, init_fro
 
 def initial_weights(cfg: RunConfig) -> str:
     """Where the first phase of a fresh run takes its weights from, in words (``--dry-run``)."""
-    if not cfg.model.init_from:
+    m = cfg.model
+    if not m.init_from:
         return f"random (seed {cfg.run.seed})"
-    kinds = architectures(cfg.model.init_from)
-    return (f"{'/'.join(kinds) or 'Hugging Face BERT'} in {cfg.model.init_from} (heads it lacks start fresh; "
-            f"a resumed run continues from its checkpoint instead)")
+    fresh = check_pretrained(m.init_from, model_config(cfg, tokenizer_info(m.tokenizer).vocab_size))
+    return (f"{'/'.join(architectures(m.init_from)) or 'Hugging Face BERT'} in {m.init_from}; "
+            + (f"not in it, initialised fresh: {', '.join(fresh)}" if fresh else "every weight from it")
+            + " (a resumed run continues from its checkpoint instead)")
 
 
 def perf_options(cfg: RunConfig, accelerator: str) -> PerfOptions:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bertscale.config import ConfigError, from_dict, resolve_paths, validate
-from bertscale.hf_format import read_hf_weights
+from bertscale.hf_format import check_pretrained, read_hf_config, read_hf_weights
 from bertscale.tokenizer import tokenizer_info, train_tokenizer
 from bertscale.train import initial_model, model_config
 from runs import REPO, free_port
@@ -127,6 +127,8 @@ def test_pytorch_bin_and_tensorflow_names_load_safely(maskedlm_dir, tmp_path):
         shutil.copy(maskedlm_dir / name, legacy / name)
     torch.save(old, legacy / "pytorch_model.bin")
     assert {k: v.tolist() for k, v in read_hf_weights(legacy).items()} == {k: v.tolist() for k, v in state.items()}
+    assert check_pretrained(legacy, read_hf_config(legacy)) == [  # the launcher's check: shapes, on meta
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight", "cls.seq_relationship.bias"]
 
     class Payload:  # a pickle that asks for a class: loading it could run code
         def __reduce__(self):
@@ -157,6 +159,18 @@ def test_config_our_model_cannot_represent_is_refused_naming_the_key(maskedlm_di
     assert str(changed) in str(refused.value)
 
 
+def test_weights_that_do_not_fit_are_refused_before_any_rank_reads_them(maskedlm_dir, tokenizer_dir, shard_dir,
+                                                                        tmp_path):
+    headless = tmp_path / "headless"  # a BertModel: no "bert." prefix, no MLM head to continue training
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig.from_pretrained(maskedlm_dir)).save_pretrained(headless)
+    transformers.BertTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json")).save_pretrained(headless)
+    cfg = resolve_paths(from_dict(run_config(headless, shard_dir)))
+    with pytest.raises(ConfigError, match=r"(?s)cannot start from .*headless.*missing keys: bert\.embeddings.*"
+                                          r"headless BertModel checkpoint"):
+        model_config(cfg, tokenizer_info(tokenizer_dir).vocab_size)
+
+
 def test_conflicting_preset_or_tokenizer_is_refused_naming_both(maskedlm_dir, shard_dir, corpus_file, tmp_path):
     errors = validate(from_dict(run_config(maskedlm_dir, shard_dir, preset="tiny", num_hidden_layers=2)))
     assert any("model.preset = 'tiny', model.num_hidden_layers = 2 and model.init_from" in e for e in errors), errors
@@ -179,7 +193,8 @@ def test_shards_of_another_tokenizer_are_refused_and_dry_run_names_the_weights(
         pretrain(str(config), dry_run=True)
     pretrain(str(config), [f"model.init_from={maskedlm_dir}"], dry_run=True)
     printed = capsys.readouterr().out
-    assert f"# initial weights: BertForMaskedLM in {maskedlm_dir}" in printed
+    assert (f"# initial weights: BertForMaskedLM in {maskedlm_dir}; not in it, initialised fresh: "
+            f"bert.pooler.dense.weight, bert.pooler.dense.bias, cls.seq_relationship.weight") in printed
     assert f"model from {maskedlm_dir} with" in printed
 
 
