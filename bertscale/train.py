@@ -111,6 +111,12 @@ def initial_model(cfg: RunConfig, config: BertConfig, accelerator: str, init_fro
     return model, fresh
 
 
+def init_from_for(cfg: RunConfig, phase_index: int, plan: ckpt.ResumePlan) -> str:
+    """The Hugging Face directory phase ``phase_index`` starts from: ``model.init_from`` for the first phase of
+    a fresh run, else "" (a resumed phase continues its checkpoint, a later phase the previous one's weights)."""
+    return cfg.model.init_from if phase_index == 0 and plan.resume is None and plan.previous is None else ""
+
+
 def initial_weights(cfg: RunConfig) -> str:
     """Where the first phase of a fresh run takes its weights from, in words (``--dry-run``)."""
     m = cfg.model
@@ -164,8 +170,7 @@ class Trainer:
         shape = run_shape(cfg, accelerator, dist.world_size, self.tokenizer)
         self.vocab_rows = shape.vocab_rows
         plan = ckpt.plan_resume(cfg, self.phase_index, shape, resume_from)
-        # init_from: the first phase of a fresh run only; later phases and resumes start from checkpoints
-        init_from = cfg.model.init_from if self.phase_index == 0 and plan.resume is None else ""
+        init_from = init_from_for(cfg, self.phase_index, plan)
         model, fresh = initial_model(cfg, self.model_config, accelerator, init_from)
         if init_from:
             self._log0(f"phase {self.phase.name}: starting from the Hugging Face weights in {init_from}; "

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertscale.config import ConfigError, from_dict, resolve_paths, validate
+from bertscale import checkpoint as ckpt
+from bertscale.config import ConfigError, from_dict, load_config, resolve_paths, validate
 from bertscale.hf_format import check_pretrained, read_hf_config, read_hf_weights
 from bertscale.tokenizer import tokenizer_info, train_tokenizer
-from bertscale.train import initial_model, model_config
+from bertscale.train import init_from_for, initial_model, model_config
 from runs import REPO, free_port
 
 transformers = pytest.importorskip("transformers")
@@ -171,6 +172,11 @@ def test_weights_that_do_not_fit_are_refused_before_any_rank_reads_them(maskedlm
         model_config(cfg, tokenizer_info(tokenizer_dir).vocab_size)
 
 
+def test_shipped_continued_pretraining_config_is_valid():
+    cfg = load_config(REPO / "configs" / "bert_continued.toml")
+    assert cfg.model.init_from and cfg.model.preset is None and not cfg.model.tokenizer
+
+
 def test_conflicting_preset_or_tokenizer_is_refused_naming_both(maskedlm_dir, shard_dir, corpus_file, tmp_path):
     errors = validate(from_dict(run_config(maskedlm_dir, shard_dir, preset="tiny", num_hidden_layers=2)))
     assert any("model.preset = 'tiny', model.num_hidden_layers = 2 and model.init_from" in e for e in errors), errors
@@ -220,6 +226,14 @@ def test_maskedlm_starts_a_run_and_its_export_is_step_zero_of_the_next(maskedlm_
     for key in ("bert.encoder.layer.0.attention.self.query.weight", "bert.embeddings.word_embeddings.weight"):
         moved = (trained[key] - start[key]).abs().max().item()
         assert 0 < moved < 1e-3, (key, moved)
+
+    # init_from is the first phase of a fresh run only: resuming this checkpoint, or a phase starting from it,
+    # takes the checkpoint's weights
+    saved = ckpt.latest(checkpoints)
+    cfg = resolve_paths(load_config(config))
+    assert init_from_for(cfg, 0, ckpt.ResumePlan()) == str(maskedlm_dir)
+    assert init_from_for(cfg, 0, ckpt.ResumePlan(resume=saved)) == ""
+    assert init_from_for(cfg, 1, ckpt.ResumePlan(previous=saved)) == ""
 
     exported = tmp_path / "hf"
     assert main(["convert", "--checkpoint", str(checkpoints), "--out", str(exported)]) == 0
