@@ -34,7 +34,8 @@ from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_d
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
                               zero_stage)
 from bertscale.evaluate import EvalTally
-from bertscale.hf_format import architectures, check_pretrained, load_pretrained_into, load_state_dict_into, read_hf_config
+from bertscale.hf_format import (architectures, check_pretrained, load_pretrained_into, load_state_dict_into,
+                                 read_hf_config)
 from bertscale.loader import PretrainingLoader
 from bertscale.metrics import Metrics, device_peak_tflops
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
@@ -74,7 +75,7 @@ def _init_from_problems(cfg: RunConfig, config: BertConfig, vocab_size: int) -> 
     that is not the tokenizer's, positions shorter than a phase."""
     m, problems = cfg.model, []
     source = Path(m.init_from)
-    if Path(m.tokenizer) != source:
+    if m.tokenizer and Path(m.tokenizer) != source:
         try:
             own = tokenizer_info(source).fingerprint
         except (OSError, ValueError):

@@ -240,7 +240,9 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
     try:
         info = tokenizer_info(cfg.model.tokenizer)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.tokenizer: {exc}") from None
+        own = cfg.model.init_from and cfg.model.tokenizer == cfg.model.init_from
+        raise ConfigError(f"model.tokenizer: {exc}" + (" (model.init_from's directory has no tokenizer of its own: set "
+                          "model.tokenizer to the one its model was trained with)" if own else "")) from None
     try:
         model_config(cfg, info.vocab_size)  # model.init_from: its config against the tokenizer and the phases
     except ConfigError as exc:

@@ -172,6 +172,19 @@ def test_weights_that_do_not_fit_are_refused_before_any_rank_reads_them(maskedlm
         model_config(cfg, tokenizer_info(tokenizer_dir).vocab_size)
 
 
+def test_directory_without_a_tokenizer_needs_model_tokenizer(maskedlm_dir, tokenizer_dir, shard_dir, tmp_path):
+    from launcher.launch import pretrain
+
+    bare = tmp_path / "bare"  # weights and config only
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(maskedlm_dir / name, bare / name)
+    config = write_toml(tmp_path / "run.toml", bare, shard_dir)
+    with pytest.raises(ConfigError, match="model.init_from's directory has no tokenizer of its own: set model.tokenizer"):
+        pretrain(str(config), dry_run=True)
+    pretrain(str(config), [f"model.tokenizer={tokenizer_dir}"], dry_run=True)
+
+
 def test_shipped_continued_pretraining_config_is_valid():
     cfg = load_config(REPO / "configs" / "bert_continued.toml")
     assert cfg.model.init_from and cfg.model.preset is None and not cfg.model.tokenizer
