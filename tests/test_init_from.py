@@ -98,12 +98,15 @@ def test_transformers_directory_reads_as_its_tokenizer(maskedlm_dir, tokenizer_d
     assert tokenizer_info(maskedlm_dir) == tokenizer_info(tokenizer_dir)
 
 
-def test_maskedlm_weights_load_with_fresh_heads(maskedlm_dir, shard_dir):
-    cfg = resolve_paths(from_dict(run_config(maskedlm_dir, shard_dir)))
+@pytest.mark.parametrize("pad", [None, 64])  # 64: CUDA's default tensor-core padding of the vocabulary rows
+def test_maskedlm_weights_load_with_fresh_heads(maskedlm_dir, shard_dir, pad):
+    cfg = resolve_paths(from_dict(run_config(maskedlm_dir, shard_dir, pad_vocab_multiple=pad)))
     assert not validate(cfg) and cfg.model.tokenizer == str(maskedlm_dir)  # its tokenizer is the run's
     config = model_config(cfg, tokenizer_info(cfg.model.tokenizer).vocab_size)
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (32, 1, 64)
     model, fresh = initial_model(cfg, config, "cpu", cfg.model.init_from)
+    rows = model.bert.embeddings.word_embeddings.num_embeddings
+    assert rows == (-(-config.vocab_size // pad) * pad if pad else config.vocab_size)
     assert sorted(fresh) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight",
                              "cls.seq_relationship.bias", "cls.seq_relationship.weight"]
     theirs = transformers.BertForMaskedLM.from_pretrained(maskedlm_dir).eval()
