@@ -39,12 +39,21 @@ class RunSection:
     """Seeds weights, shard order, shuffling and masking."""
 
 
+ARCHITECTURE_OVERRIDES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+"""``[model]`` keys that override the preset's shape."""
+
+
 @dataclass
 class ModelSection:
-    preset: str = "base"
-    """Model size: tiny, mini, small, base or large (see bertscale/model.py)."""
+    preset: str | None = None
+    """Model size: tiny, mini, small, base or large (see bertscale/model.py); unset: base (or init_from's model)."""
     tokenizer: str = ""
-    """Directory written by `bertscale tokenizer` (tokenizer.json, vocab.txt)."""
+    """Directory written by `bertscale tokenizer` (tokenizer.json, vocab.txt); unset with init_from: init_from's."""
+    init_from: str = ""
+    """A local Hugging Face BertForPreTraining or BertForMaskedLM directory (config.json, model.safetensors or
+    pytorch_model.bin, tokenizer files) to continue pretraining from: its architecture and tokenizer become the
+    run's (no preset or size overrides), heads it lacks (NSP) start fresh. Used by the first phase of a fresh
+    run only: a resumed run continues from its checkpoint."""
     num_hidden_layers: int | None = None
     """Override the preset's number of layers."""
     hidden_size: int | None = None
@@ -452,10 +461,18 @@ def validate(cfg: RunConfig) -> list[str]:
 
     for section, key, *bounds in _RANGES:
         _check_ranges(e, section, getattr(cfg, section), [(key, *bounds)])
-    if cfg.model.preset not in PRESETS:
-        e.append(f"model.preset: {cfg.model.preset!r} is not a preset{_suggest(cfg.model.preset, list(PRESETS))}")
-    if not cfg.model.tokenizer:
+    m = cfg.model
+    if m.preset is not None and m.preset not in PRESETS:
+        e.append(f"model.preset: {m.preset!r} is not a preset{_suggest(m.preset, list(PRESETS))}")
+    if not m.tokenizer and not m.init_from:
         e.append("model.tokenizer: set it to the directory written by `bertscale tokenizer`")
+    if m.init_from:
+        # the init_from model's config.json is the architecture: anything else that sets it is a contradiction
+        shaped = [k for k in ("preset", *ARCHITECTURE_OVERRIDES) if getattr(m, k) is not None]
+        if shaped:
+            e.append(f"{', '.join(f'model.{k} = {getattr(m, k)!r}' for k in shaped)} and model.init_from = "
+                     f"{m.init_from!r} both set the architecture; the init_from model's config.json decides it: "
+                     f"remove {', '.join(f'model.{k}' for k in shaped)} (or init_from)")
     if not cfg.run.out_dir:
         e.append("run.out_dir: set it to the directory for checkpoints and logs, e.g. runs/bert")
     if not cfg.distributed.deepspeed_config:
@@ -532,7 +549,10 @@ def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
 
     cfg = dataclasses.replace(cfg)
     cfg.run = dataclasses.replace(cfg.run, out_dir=absolute(cfg.run.out_dir))
-    cfg.model = dataclasses.replace(cfg.model, tokenizer=absolute(cfg.model.tokenizer))
+    init_from = absolute(cfg.model.init_from)
+    # with init_from, its directory's tokenizer is the run's unless one is named (checked to be the same one)
+    cfg.model = dataclasses.replace(cfg.model, init_from=init_from,
+                                    tokenizer=absolute(cfg.model.tokenizer) or init_from)
     cfg.distributed = dataclasses.replace(
         cfg.distributed,
         deepspeed_config=deepspeed_json(cfg.distributed.deepspeed_config),

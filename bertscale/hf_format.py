@@ -4,6 +4,8 @@ Our parameter names are Hugging Face's, so conversion is a key-for-key copy. Lik
 ``transformers`` v5 ``save_pretrained``, we do not write the tied MLM decoder
 (``cls.predictions.decoder.weight`` is the word embedding, ``cls.predictions.decoder.bias``
 is ``cls.predictions.bias``); ``from_pretrained`` re-ties them and reports nothing missing.
+Reading takes what ``transformers`` writes too (``read_hf_config``, ``read_hf_weights``: sharded
+safetensors, a weights-only ``pytorch_model.bin``, TensorFlow-era LayerNorm names), for ``model.init_from``.
 This module never imports ``transformers``.
 """
 
@@ -154,23 +156,134 @@ def save_hf(
     return out
 
 
-def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    single, index = model_dir / WEIGHTS_FILE, model_dir / WEIGHTS_INDEX_FILE
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-    else:
-        other = [p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".h5", ".msgpack")]
-        hint = f" (found {', '.join(other)}; re-save it with safetensors)" if other else ""
-        raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}{hint}")
+PT_WEIGHTS_FILE = "pytorch_model.bin"
+PT_WEIGHTS_INDEX_FILE = "pytorch_model.bin.index.json"
+
+FRESH_HEADS = ("bert.pooler.", "cls.seq_relationship.")
+"""What a ``BertForMaskedLM`` directory lacks (the pooler and the NSP head); ``load_pretrained_into``
+starts these from the model's own initialisation."""
+
+_LEGACY_SUFFIXES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
+"""Names of checkpoints converted from Google's TensorFlow BERT (``bert-base-uncased`` on the Hub), which
+``transformers`` renames on load."""
+_BUFFERS = ("bert.embeddings.position_ids",)
+"""Buffers older ``transformers`` versions saved with the weights: no parameters, not loaded."""
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of a Hugging Face directory, safetensors first, sharded or not."""
+    for single, index in ((WEIGHTS_FILE, WEIGHTS_INDEX_FILE), (PT_WEIGHTS_FILE, PT_WEIGHTS_INDEX_FILE)):
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            try:
+                weight_map = json.loads((model_dir / index).read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{model_dir / index}: not a weight index ({exc})") from None
+            return [model_dir / name for name in sorted(set(weight_map.values()))]
+    other = [p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".h5", ".msgpack")]
+    hint = f" (found {', '.join(other)}; re-save it with safetensors)" if other else ""
+    raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}, {PT_WEIGHTS_FILE} or their .index.json{hint}")
+
+
+def read_hf_weights(model_dir: str | os.PathLike, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory by its modern name: safetensors, or ``pytorch_model.bin``
+    loaded weights-only (``bertscale.safe_load``: a pickle asking for code is refused, naming the file).
+    ``shapes_only``: tensors on the meta device (names and shapes, no data read from safetensors)."""
+    from bertscale import safe_load
+
     state: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
-    return state
+    for path in _weight_files(Path(model_dir)):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    state[key] = (torch.empty(f.get_slice(key).get_shape(), device="meta") if shapes_only
+                                  else f.get_tensor(key))
+        else:
+            loaded = safe_load.load(path, map_location="meta" if shapes_only else "cpu")
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a state dict of tensors")
+            state.update(loaded)
+    renamed = {}
+    for key, tensor in state.items():
+        if key in _BUFFERS:
+            continue
+        for old, new in _LEGACY_SUFFIXES.items():
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        renamed[key] = tensor
+    return renamed
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> BertConfig:
+    """The ``BertConfig`` of a Hugging Face BERT directory; refuses, naming the file and every key, what our
+    model cannot represent (another model type, relative positions, an activation we lack, a decoder,
+    untied output embeddings)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model directory {d} does not exist")
+    path = d / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{d} has no {CONFIG_FILE}; is this a Hugging Face model directory?")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    problems = []
+    if hf.get("model_type", "bert") != "bert":
+        problems.append(f"model_type {hf['model_type']!r}: not a BERT model")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position_embedding_type {hf['position_embedding_type']!r}: bertscale models "
+                        f"absolute positions only")
+    for key in ("is_decoder", "add_cross_attention"):
+        if hf.get(key):
+            problems.append(f"{key} true: bertscale trains bidirectional encoders without cross-attention")
+    if hf.get("tie_word_embeddings", True) is False:
+        problems.append("tie_word_embeddings false: bertscale ties the MLM decoder to the word embeddings")
+    if not problems:
+        try:
+            return BertConfig.from_hf_dict(hf)
+        except (ValueError, TypeError) as exc:
+            problems.append(str(exc).replace("invalid BertConfig:\n  - ", "").replace("\n  - ", "; "))
+    raise ValueError(f"{path}: bertscale cannot represent this model: " + "; ".join(problems))
+
+
+def architectures(model_dir: str | os.PathLike) -> list[str]:
+    """The ``architectures`` a Hugging Face ``config.json`` names (``BertForMaskedLM``, ...), for messages."""
+    try:
+        found = json.loads((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(a) for a in found] if isinstance(found, list) else []
+
+
+def check_pretrained(model_dir: str | os.PathLike, config: BertConfig) -> list[str]:
+    """What ``load_pretrained_into`` would refuse (the same ValueError), from the weights' names and shapes
+    only; returns the keys it would start fresh."""
+    state = read_hf_weights(model_dir, shapes_only=True)
+    expected = expected_shapes(config)
+    fresh = [k for k in expected if k.startswith(FRESH_HEADS) and k not in state]
+    try:
+        check_state_dict({**state, **{k: torch.empty(expected[k], device="meta") for k in fresh}}, config)
+    except ValueError as exc:
+        raise ValueError(f"cannot start from {model_dir}: {exc}") from None
+    return fresh
+
+
+def load_pretrained_into(model: BertForPreTraining, model_dir: str | os.PathLike) -> list[str]:
+    """Load a Hugging Face ``BertForPreTraining`` or ``BertForMaskedLM`` directory into ``model`` (strictly,
+    as ``load_state_dict_into``), except that heads a ``BertForMaskedLM`` lacks (``FRESH_HEADS``) keep the
+    model's own initialisation. Returns the keys that did."""
+    state = read_hf_weights(model_dir)
+    own = model.state_dict()
+    fresh = [k for k in own if k.startswith(FRESH_HEADS) and k not in state]
+    try:
+        load_state_dict_into(model, {**state, **{k: own[k] for k in fresh}})
+    except ValueError as exc:
+        raise ValueError(f"cannot start from {model_dir}: {exc}") from None
+    return fresh
 
 
 def load_state_dict_into(model: BertForPreTraining, state_dict: dict[str, torch.Tensor]) -> None:
@@ -191,16 +304,8 @@ def load_hf(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """Read a Hugging Face BERT directory (ours or ``transformers``') into our ``BertForPreTraining``
     (built with ``perf``, e.g. a padded vocabulary)."""
     d = Path(model_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"model directory {d} does not exist")
-    config_path = d / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{d} has no {CONFIG_FILE}; is this a Hugging Face model directory?")
-    hf = json.loads(config_path.read_text())
-    if hf.get("model_type", "bert") != "bert":
-        raise ValueError(f"{config_path} describes a {hf['model_type']!r} model, not 'bert'")
-    config = BertConfig.from_hf_dict(hf)
-    state = _read_safetensors(d)
+    config = read_hf_config(d)
+    state = read_hf_weights(d)
     # BertModel / BertForMaskedLM checkpoints lack heads; name what is missing rather than guess.
     model = BertForPreTraining(config, perf)
     try:

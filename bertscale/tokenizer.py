@@ -225,22 +225,47 @@ class TokenizerInfo:
         return (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
 
 
+def _vocab_bytes(d: Path) -> bytes:
+    """The bytes of ``vocab.txt``, one token per line in id order. A directory that ``transformers`` v5
+    saved holds ``tokenizer.json`` only: the same bytes are rebuilt from its WordPiece vocabulary, so the
+    fingerprint names the vocabulary whichever file holds it (shards built with our tokenizer match)."""
+    if (d / "vocab.txt").is_file():
+        return (d / "vocab.txt").read_bytes()
+    path = d / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no vocab.txt in {d} (nor a tokenizer.json); train a tokenizer with `bertscale tokenizer ... --out {d}`"
+        )
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        vocab = model["vocab"] if model.get("type") == "WordPiece" else None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a readable tokenizer file ({exc})") from None
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{path}: the model is {model.get('type')!r}, not BERT's WordPiece; bertscale trains "
+                         f"WordPiece vocabularies only")
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise ValueError(f"{path}: the WordPiece ids are not 0..{len(tokens) - 1} without gaps")
+    return "".join(t + "\n" for t in tokens).encode("utf-8")
+
+
 def tokenizer_info(dir: str | os.PathLike) -> TokenizerInfo:
-    """Read vocab and config of a tokenizer directory written by ``train_tokenizer``."""
+    """Read vocab and config of a tokenizer directory written by ``train_tokenizer`` (or by ``transformers``:
+    ``tokenizer.json`` without ``vocab.txt``)."""
     d = Path(dir)
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        if not (d / name).is_file():
-            raise FileNotFoundError(
-                f"no {name} in {d}; train a tokenizer with `bertscale tokenizer ... --out {d}`"
-            )
-    vocab_bytes = (d / "vocab.txt").read_bytes()
+    vocab_bytes = _vocab_bytes(d)
+    if not (d / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer_config.json in {d}; train a tokenizer with `bertscale tokenizer ... --out {d}`"
+        )
     tokens = vocab_bytes.decode("utf-8").split("\n")
     if tokens and tokens[-1] == "":
         tokens.pop()
     ids = {t: i for i, t in enumerate(tokens)}
     missing = [t for t in SPECIAL_TOKENS if t not in ids]
     if missing:
-        raise ValueError(f"{d / 'vocab.txt'} lacks special tokens {missing}; retrain the tokenizer")
+        raise ValueError(f"the vocabulary of {d} lacks special tokens {missing}; retrain the tokenizer")
     lowercase = bool(json.loads((d / "tokenizer_config.json").read_text()).get("do_lower_case", True))
     digest = hashlib.sha256(vocab_bytes + f"\nlowercase={int(lowercase)}".encode()).hexdigest()
     return TokenizerInfo(
@@ -257,12 +282,15 @@ def tokenizer_info(dir: str | os.PathLike) -> TokenizerInfo:
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
-    """Copy the tokenizer files (e.g. next to an exported model)."""
+    """Copy the tokenizer files there are (e.g. next to an exported model); ``tokenizer_info`` must be able to
+    read the copy (``tokenizer_config.json`` and ``vocab.txt`` or ``tokenizer.json``)."""
     src, dst = Path(src_dir), Path(dst_dir)
-    missing = [n for n in TOKENIZER_FILES if not (src / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"tokenizer directory {src} lacks {missing}; retrain with train_tokenizer")
+    present = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if "tokenizer_config.json" not in present or not {"vocab.txt", "tokenizer.json"} & set(present):
+        raise FileNotFoundError(f"tokenizer directory {src} has only {present or 'none of ' + str(list(TOKENIZER_FILES))}; "
+                                f"it needs tokenizer_config.json and vocab.txt or tokenizer.json (retrain with "
+                                f"`bertscale tokenizer`)")
     dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
+    for name in present:
         with atomic_output(dst / name) as tmp:
             shutil.copyfile(src / name, tmp)

@@ -3,12 +3,14 @@
     deepspeed ... --module bertscale.train --config OUT/run_config.json --phase phase1
 
 Where it starts: the latest complete checkpoint of this phase if there is one (re-running
-the command continues), else the final weights of the previous phase, else fresh weights.
+the command continues), else the final weights of the previous phase, else (the first phase of a
+fresh run) ``model.init_from``'s Hugging Face weights or fresh ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import os
@@ -25,13 +27,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bertscale import checkpoint as ckpt
 from bertscale import safe_load
-from bertscale.config import RunConfig, accumulation_steps, load_config, max_predictions
+from bertscale.config import (ARCHITECTURE_OVERRIDES, ConfigError, RunConfig, accumulation_steps, load_config,
+                              max_predictions)
 from bertscale.files import WriteError, write_failure
 from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_ds_config,
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
                               zero_stage)
 from bertscale.evaluate import EvalTally
-from bertscale.hf_format import load_state_dict_into
+from bertscale.hf_format import (architectures, check_pretrained, load_pretrained_into, load_state_dict_into,
+                                 read_hf_config)
 from bertscale.loader import PretrainingLoader
 from bertscale.metrics import Metrics, device_peak_tflops
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
@@ -44,13 +48,85 @@ from bertscale.tokenizer import TokenizerInfo, tokenizer_info
 log = logging.getLogger("bertscale.train")
 
 
+DEFAULT_PRESET = "base"
+"""The model size of a run that names no ``model.preset`` and no ``model.init_from``."""
+
+
 def model_config(cfg: RunConfig, vocab_size: int) -> BertConfig:
+    """The run's architecture: ``model.init_from``'s ``config.json`` (checked against the tokenizer and the
+    phases), else the preset with ``[model]``'s overrides; ``model.dropout`` applies to both."""
     m = cfg.model
-    overrides = {k: getattr(m, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                            "intermediate_size") if getattr(m, k) is not None}
-    if m.dropout is not None:
-        overrides.update(hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
-    return preset_config(m.preset, vocab_size=vocab_size, **overrides)
+    dropout = {} if m.dropout is None else {"hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout}
+    if m.init_from:
+        try:
+            config = read_hf_config(m.init_from)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.init_from: {exc}") from None
+        problems = _init_from_problems(cfg, config, vocab_size)
+        if problems:
+            raise ConfigError(f"model.init_from {m.init_from} cannot start this run:\n  " + "\n  ".join(problems))
+        return dataclasses.replace(config, **dropout)
+    overrides = {k: getattr(m, k) for k in ARCHITECTURE_OVERRIDES if getattr(m, k) is not None}
+    return preset_config(m.preset or DEFAULT_PRESET, vocab_size=vocab_size, **overrides, **dropout)
+
+
+def _init_from_problems(cfg: RunConfig, config: BertConfig, vocab_size: int) -> list[str]:
+    """What keeps ``init_from``'s model from training this run: another tokenizer than its own, a vocabulary
+    that is not the tokenizer's, positions shorter than a phase."""
+    m, problems = cfg.model, []
+    source = Path(m.init_from)
+    if m.tokenizer and Path(m.tokenizer) != source:
+        try:
+            own = tokenizer_info(source).fingerprint
+        except (OSError, ValueError):
+            own = None  # the directory has no tokenizer of its own: model.tokenizer is the run's
+        if own is not None and own != tokenizer_info(m.tokenizer).fingerprint:
+            problems.append(f"model.tokenizer {m.tokenizer} is not the tokenizer of model.init_from {source} (another "
+                            f"vocabulary): the model was trained with its own; remove model.tokenizer")
+    if config.vocab_size != vocab_size:
+        problems.append(f"{source / 'config.json'}: vocab_size {config.vocab_size}, but the tokenizer "
+                        f"({m.tokenizer}) has {vocab_size} tokens; a model and its tokenizer must agree")
+    try:
+        check_pretrained(source, config)  # names and shapes only: a rank reads the weights themselves
+    except (OSError, ValueError) as exc:
+        problems.append(str(exc))
+    for i, phase in enumerate(cfg.phases):
+        if phase.seq_len > config.max_position_embeddings:
+            problems.append(f"phases[{i}] ({phase.name}).seq_len {phase.seq_len} is longer than max_position_embeddings "
+                            f"{config.max_position_embeddings} of {source / 'config.json'}")
+    return problems
+
+
+def model_name(cfg: RunConfig) -> str:
+    """The model in words for logs and ``--dry-run``: its preset, or where ``init_from`` takes it from."""
+    return f"from {cfg.model.init_from}" if cfg.model.init_from else (cfg.model.preset or DEFAULT_PRESET)
+
+
+def initial_model(cfg: RunConfig, config: BertConfig, accelerator: str, init_from: str = "",
+                  ) -> tuple[BertForPreTraining, list[str]]:
+    """Step 0's model: seeded fresh weights of ``config``, or those of the Hugging Face directory ``init_from``
+    with the heads it lacks (a ``BertForMaskedLM``'s pooler and NSP head) fresh; returns the fresh keys too."""
+    torch.manual_seed(cfg.run.seed)
+    model = BertForPreTraining(config, perf_options(cfg, accelerator))
+    fresh = load_pretrained_into(model, init_from) if init_from else []
+    return model, fresh
+
+
+def init_from_for(cfg: RunConfig, phase_index: int, plan: ckpt.ResumePlan) -> str:
+    """The Hugging Face directory phase ``phase_index`` starts from: ``model.init_from`` for the first phase of
+    a fresh run, else "" (a resumed phase continues its checkpoint, a later phase the previous one's weights)."""
+    return cfg.model.init_from if phase_index == 0 and plan.resume is None and plan.previous is None else ""
+
+
+def initial_weights(cfg: RunConfig) -> str:
+    """Where the first phase of a fresh run takes its weights from, in words (``--dry-run``)."""
+    m = cfg.model
+    if not m.init_from:
+        return f"random (seed {cfg.run.seed})"
+    fresh = check_pretrained(m.init_from, model_config(cfg, tokenizer_info(m.tokenizer).vocab_size))
+    return (f"{'/'.join(architectures(m.init_from)) or 'Hugging Face BERT'} in {m.init_from}; "
+            + (f"not in it, initialised fresh: {', '.join(fresh)}" if fresh else "every weight from it")
+            + " (a resumed run continues from its checkpoint instead)")
 
 
 def perf_options(cfg: RunConfig, accelerator: str) -> PerfOptions:
@@ -92,11 +168,14 @@ class Trainer:
         self.state = RunState(global_step=self.span.start, phase_index=self.phase_index)
         self.stopped = False
 
-        torch.manual_seed(cfg.run.seed)
         shape = run_shape(cfg, accelerator, dist.world_size, self.tokenizer)
         self.vocab_rows = shape.vocab_rows
-        model = BertForPreTraining(self.model_config, perf_options(cfg, accelerator))
         plan = ckpt.plan_resume(cfg, self.phase_index, shape, resume_from)
+        init_from = init_from_for(cfg, self.phase_index, plan)
+        model, fresh = initial_model(cfg, self.model_config, accelerator, init_from)
+        if init_from:
+            self._log0(f"phase {self.phase.name}: starting from the Hugging Face weights in {init_from}; "
+                       + (f"not in it, initialised fresh: {', '.join(fresh)}" if fresh else "every weight from it"))
         if plan.previous is not None:
             previous = plan.previous
             load_state_dict_into(model, consolidated_state_dict(previous.path.parent, previous.tag))

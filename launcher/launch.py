@@ -230,6 +230,7 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
     from bertscale.engine import load_ds_config
     from bertscale.shard_format import load_manifest
     from bertscale.tokenizer import tokenizer_info
+    from bertscale.train import model_config
 
     problems = []
     try:
@@ -239,7 +240,13 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
     try:
         info = tokenizer_info(cfg.model.tokenizer)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.tokenizer: {exc}") from None
+        own = cfg.model.init_from and cfg.model.tokenizer == cfg.model.init_from
+        raise ConfigError(f"model.tokenizer: {exc}" + (" (model.init_from's directory has no tokenizer of its own: set "
+                          "model.tokenizer to the one its model was trained with)" if own else "")) from None
+    try:
+        model_config(cfg, info.vocab_size)  # model.init_from: its config against the tokenizer and the phases
+    except ConfigError as exc:
+        problems.append(str(exc))
     for phase in cfg.phases:
         try:
             accumulation_steps(phase, world)
@@ -433,13 +440,13 @@ def run_summary(cfg: RunConfig, plans: list[PhasePlan], accelerator: str) -> lis
     from bertscale.model import BertForPreTraining
     from bertscale.shard_format import load_manifest
     from bertscale.tokenizer import tokenizer_info
-    from bertscale.train import model_config
+    from bertscale.train import model_config, model_name
 
     config = model_config(cfg, tokenizer_info(cfg.model.tokenizer).vocab_size)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         parameters = sum(p.numel() for p in BertForPreTraining(config).parameters())
     stage = zero_stage(load_ds_config(cfg.distributed.deepspeed_config))
-    lines = [f"run {cfg.run.name!r} in {cfg.run.out_dir}: model {cfg.model.preset} with {parameters:,} parameters "
+    lines = [f"run {cfg.run.name!r} in {cfg.run.out_dir}: model {model_name(cfg)} with {parameters:,} parameters "
              f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary {config.vocab_size}); "
              f"{plans[0].world_size if plans else '?'} ranks on {accelerator}, ZeRO stage {stage}, optimizer "
              f"{cfg.optimizer.name}"]
@@ -467,6 +474,10 @@ def _print_plan(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointI
         print(f"# master port {port}: free now; a run picks its own free port when distributed.master_port is unset")
     if source is not None:
         print(f"# resuming from {source.path} (global step {source.global_step})")
+    else:
+        from bertscale.train import initial_weights
+
+        print(f"# initial weights: {initial_weights(cfg)}")
     for p in plans:
         print(f"# phase {p.phase.name}: seq_len {p.phase.seq_len}, {p.phase.steps} steps, world size "
               f"{p.world_size}, micro batch {p.phase.micro_batch} x accumulation {p.accumulation} = "
