@@ -17,7 +17,7 @@ from bertscale.cli import main
 from bertscale.shard_format import load_manifest
 from bertscale.tokenizer import tokenizer_info
 from conftest import write_generated_corpus
-from launcher import launch
+from launcher import ports
 
 
 def test_a_second_demo_reuses_the_tokenizer_and_shards_it_made(tmp_path):
@@ -167,8 +167,8 @@ def test_demo_trains_while_port_29500_is_held_and_its_picked_port_is_taken(tmp_p
     raced = _listen(0)
     raced_port = raced.getsockname()[1]
     picks = iter([raced_port])
-    real_free_port = launch.free_port
-    monkeypatch.setattr(launch, "free_port", lambda: next(picks, None) or real_free_port())
+    real_free_port = ports.free_port
+    monkeypatch.setattr(ports, "free_port", lambda: next(picks, None) or real_free_port())
     try:
         code = main(["demo", "--corpus", corpus, "--out", str(out), "--steps1", "2", "--steps2", "1",
                      "--set", "train.log_interval=1", "--set", "model.num_hidden_layers=1",
