@@ -74,9 +74,9 @@ def write_topic_corpus(path, n_docs: int, seed: int):
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    """The demo's pipeline and recipe (DEMO_CONFIG: tiny BERT, two ranks, both phases), scaled down to a
+    """The demo's pipeline and recipe (demo_config: tiny BERT, two ranks, both phases), scaled down to a
     small corpus and 150 + 2 steps (the launcher picks a free port); returns (out dir, its summary, a held-out text file)."""
-    from bertscale.demo import convert_and_evaluate, prepare_data, write_demo_config
+    from bertscale.demo import convert_and_evaluate, demo_run_config, prepare_data
     from launcher.launch import pretrain
 
     tmp = tmp_path_factory.mktemp("judged_demo")
@@ -85,7 +85,7 @@ def demo_model(tmp_path_factory):
     out = tmp / "demo"
     out.mkdir()
     prepare_data(out, [str(train)], vocab_size=300)
-    run_dir = pretrain(str(write_demo_config(out, ranks=2, steps1=150, steps2=2, overrides=[])))  # a free port
+    run_dir = pretrain(demo_run_config(out, ranks=2, steps1=150, steps2=2, overrides=[]))  # a free port
     return out, convert_and_evaluate(out, run_dir), held_out
 
 
