@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "second launcher on the same run.out_dir is refused. The console's lines are "
                                    "appended to OUT/train.log. With distributed.master_port unset, a single-node "
                                    "run picks a free port.")
-    p.add_argument("--config", help="run configuration (TOML); see configs/")
+    p.add_argument("--config", help="run configuration (TOML, or a run's resolved OUT/run_config.json); see configs/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set train.log_interval=5 --set phases.phase1.steps=100")
     p.add_argument("--dry-run", action="store_true",

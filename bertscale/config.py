@@ -76,7 +76,7 @@ class DistributedSection:
     deepspeed_config: str = "ds_configs/zero2_bf16.json"
     """Base DeepSpeed JSON (ZeRO stage, precision); batch sizes and clipping are filled in per phase. Relative: against the current directory, else the bertscale checkout's shipped ds_configs/."""
     accelerator: str = "auto"
-    """auto (CUDA when present, else CPU), cuda or cpu. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu and gloo."""
+    """auto (CUDA when present, else CPU), cuda or cpu. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu and gloo. A hostfile launch (not no_ssh) needs cuda or cpu said: the launching machine cannot see its nodes' devices."""
     num_gpus: int | None = None
     """Ranks per node: GPUs, or CPU processes on a CPU-only machine (default: all GPUs, or 2 CPU ranks)."""
     num_nodes: int = 1
