@@ -62,9 +62,13 @@ other variable (OMP_NUM_THREADS, GLIBC_TUNABLES, NCCL_*, ...) the user's file wi
 def worker_environment(cfg: RunConfig, accelerator: str) -> dict[str, str]:
     """The variables the launcher sets for every rank (before the user's .deepspeed_env is merged)."""
     env = {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": accelerator}
+    d = cfg.distributed
+    # a hostfile's nodes are other machines: their cores are not this one's, so each rank sets its own thread
+    # count from its node's cores at start (bertscale.train) unless threads_per_rank says it
+    remote = bool(d.hostfile) and not d.no_ssh
     if accelerator == "cpu":
-        per_rank = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_per_node(cfg, "cpu"))
-        env["OMP_NUM_THREADS"] = str(per_rank)
+        if d.threads_per_rank or not remote:
+            env["OMP_NUM_THREADS"] = str(d.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_per_node(cfg, "cpu")))
         if "GLIBC_TUNABLES" not in os.environ:  # a user's own setting wins
             env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
     return env

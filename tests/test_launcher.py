@@ -618,6 +618,9 @@ def test_a_hostfile_launch_refuses_auto_rather_than_decide_the_nodes_accelerator
     commands = [line for line in capsys.readouterr().out.splitlines() if "--module bertscale.train" in line]
     assert commands and all(c.startswith(f"PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda {deepspeed_executable()} ")
                             for c in commands)  # and no OMP_NUM_THREADS or allocator settings of this machine
+    pretrain(config, ["distributed.accelerator=cpu"], dry_run=True)  # CPU nodes: each rank counts its node's cores
+    commands = [line for line in capsys.readouterr().out.splitlines() if "--module bertscale.train" in line]
+    assert commands and not any("OMP_NUM_THREADS" in c for c in commands)
 
 
 def test_the_users_deepspeed_env_is_merged_and_ours_wins_only_where_we_must(data, tmp_path, monkeypatch, capsys):
