@@ -162,7 +162,8 @@ def estimate_phases(cfg: RunConfig, plans: list[PhasePlan], accelerator: str) ->
                      f"{timing.micro_batch_s:.3f} s forward+backward + {timing.optimizer_s:.3f} s optimizer step)"
                      f" per rank, {p.world_size} rank(s) in parallel")
     lines.append(f"  total: about {duration(total)}. An estimate, likely low: it leaves out data loading, "
-                 f"communication between ranks (gradient all-reduce, ZeRO gathers), warm-up and compilation, "
+                 f"communication between ranks (gradient all-reduce, ZeRO gathers), starting the ranks (tens of seconds "
+                 f"per phase), warm-up and compilation, "
                  f"evaluation and checkpoint saves, and other jobs sharing this machine")
     if cfg.distributed.hostfile and not cfg.distributed.no_ssh:
         lines.append("  measured on this machine, not on the hostfile's nodes: rerun --estimate on a node like them")
