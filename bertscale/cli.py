@@ -49,10 +49,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not args.config:
         print("bertscale pretrain: --config FILE is required (see configs/ and README.md)", file=sys.stderr)
         return 2
+    if args.estimate and not args.dry_run:
+        print("bertscale pretrain: --estimate goes with --dry-run (it times a step instead of training)",
+              file=sys.stderr)
+        return 2
     from launcher.launch import RunStopped, pretrain
 
     try:
-        out = pretrain(args.config, args.set, dry_run=args.dry_run, resume=args.resume)
+        out = pretrain(args.config, args.set, dry_run=args.dry_run, resume=args.resume, estimate=args.estimate)
     except RunStopped as stopped:  # a requested stop, not a failure: the ranks saved first
         print(f"bertscale pretrain: {stopped}")
         return 0
@@ -163,13 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "second launcher on the same run.out_dir is refused. The console's lines are "
                                    "appended to OUT/train.log. With distributed.master_port unset, a single-node "
                                    "run picks a free port.")
-    p.add_argument("--config", help="run configuration (TOML); see configs/")
+    p.add_argument("--config", help="run configuration (TOML, or a run's resolved OUT/run_config.json); see configs/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set train.log_interval=5 --set phases.phase1.steps=100")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything (DeepSpeed JSON, data, resume) and print the model's parameter count, each "
-                        "phase's samples, tokens and epochs of its shards, its deepspeed command and batch plan, "
-                        "starting nothing")
+                        "phase's samples, tokens and epochs of its shards, where the ranks' environment comes from "
+                        "(the launcher's variables merged with ~/.deepspeed_env), its deepspeed command and batch "
+                        "plan, starting nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: time one real step of the model per phase on this machine and print each "
+                        "phase's estimated time (an estimate: leaves out data loading, communication, warm-up)")
     p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto: continue from the latest complete checkpoint of run.out_dir; never: start fresh "
                         "(refused if run.out_dir has checkpoints); PATH: continue from that checkpoint")
@@ -261,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps2", type=int, default=60, help="optimizer steps at seq_len 512")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes or GPUs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the demo's run configuration (OUT/demo.toml) as `pretrain --set` does, "
+                   help="override a key of the demo's run configuration (kept as OUT/run_config.json) as `pretrain --set` does, "
                         "e.g. --set train.log_interval=5 --set distributed.master_port=29600")
     p.set_defaults(func=_demo)
     return parser

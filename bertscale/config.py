@@ -85,7 +85,7 @@ class DistributedSection:
     deepspeed_config: str = "ds_configs/zero2_bf16.json"
     """Base DeepSpeed JSON (ZeRO stage, precision); batch sizes and clipping are filled in per phase. Relative: against the current directory, else the bertscale checkout's shipped ds_configs/."""
     accelerator: str = "auto"
-    """auto (CUDA when present, else CPU), cuda or cpu. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu and gloo."""
+    """auto (CUDA when present, else CPU), cuda or cpu. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu and gloo. A hostfile launch (not no_ssh) needs cuda or cpu said: the launching machine cannot see its nodes' devices."""
     num_gpus: int | None = None
     """Ranks per node: GPUs, or CPU processes on a CPU-only machine (default: all GPUs, or 2 CPU ranks)."""
     num_nodes: int = 1
@@ -366,12 +366,21 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    return config_from_data(data, overrides, where=str(path))
+
+
+def config_from_data(data: dict | RunConfig, overrides: list[str] | None = None,
+                     where: str = "the run configuration given in code") -> RunConfig:
+    """A validated RunConfig from nested dicts as a TOML file parses to (or a RunConfig, re-checked), with
+    ``KEY=VALUE`` overrides applied; ``where`` names the source in the error."""
+    if isinstance(data, RunConfig):
+        data = data.to_dict()
     data = apply_overrides(data, overrides or [])
     errors: list[str] = []
     cfg = from_dict(data, errors)
     errors += validate(cfg)
     if errors:
-        raise ConfigError(f"invalid configuration in {path}:\n  " + "\n  ".join(errors))
+        raise ConfigError(f"invalid configuration in {where}:\n  " + "\n  ".join(errors))
     return cfg
 
 

@@ -10,6 +10,7 @@ attempt to its last without TensorBoard.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -18,7 +19,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import IO, TextIO
+
+from tqdm import tqdm
 
 from bertscale.files import open_log
 
@@ -35,9 +39,78 @@ NOISE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^Detected checkpoint of type zero stage "), "the same consolidation, per rank"),
     (re.compile(r"^Reconstructed fp32 state dict with "), "the same consolidation, per rank"),
     (re.compile(r"^Loading checkpoint shards: "), "the same consolidation's progress bar, per rank"),
+    (re.compile(r"\[real_accelerator\.py:\d+:get_accelerator\] Setting accelerator to CPU"),
+     "DeepSpeed finding no GPU where bertscale chose the CPU (conversion, CPU runs)"),
     (re.compile(r"^\s*$"), "blank lines"),
 )
 """Lines kept off the console and out of train.log, each with the reason it is not news to the user."""
+
+
+PROGRESS_SECONDS = 30.0
+"""The longest a training phase stays silent on the console: a progress line comes when no line (an interval
+line or another progress line) came for this long."""
+
+
+class Progress:
+    """Progress of one phase as plain lines, for the console and train.log, which are pipes (the launcher relays
+    the ranks' output), so a ``\\r`` bar would never be drawn: between the log interval's lines, a line every
+    ``every_s`` seconds with the step, the rate and the time left."""
+
+    def __init__(self, name: str, start: int, end: int, step: int, every_s: float = PROGRESS_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.name, self.start, self.end, self.every_s, self._clock = name, start, end, every_s, clock
+        self._first_step, self._first_time = step, clock()
+        self._last_line = self._first_time
+
+    def update(self, step: int, logged: bool = False) -> str | None:
+        """After ``step``: the progress line to print now, or None (``logged``: an interval line was just
+        printed, which restarts the wait)."""
+        now = self._clock()
+        if logged or now - self._last_line < self.every_s or step >= self.end:
+            if logged:
+                self._last_line = now
+            return None
+        self._last_line = now
+        done, total = step - self.start, self.end - self.start
+        rate = (step - self._first_step) / max(now - self._first_time, 1e-9)
+        left = f", about {duration((self.end - step) / rate)} left in the phase" if rate > 0 else ""
+        return f"{self.name}: step {done}/{total} ({100 * done / total:.0f}%), {rate:.2f} steps/s{left}"
+
+
+def progress_bar(**options) -> tqdm:
+    """A tqdm bar for long work in this process (tokenizing, shard building): drawn in place on a terminal; off
+    one (a pipe, a log file), where a ``\\r`` bar reads as one endless line, each state becomes a line of its
+    own, at most one per ``PROGRESS_SECONDS``, and the final one when the bar closes."""
+    if not sys.stderr.isatty():
+        options = {**options, "file": _Frames(sys.stderr), "mininterval": PROGRESS_SECONDS, "dynamic_ncols": False}
+    return tqdm(**options)
+
+
+class _Frames(io.TextIOBase):
+    """tqdm's output off a terminal: each frame drawn over the last (``\\r``) becomes a line."""
+
+    def __init__(self, out: TextIO):
+        self.out, self.last = out, ""
+
+    def write(self, text: str) -> int:
+        for frame in re.split(r"[\r\n]", text):
+            frame = frame.strip()
+            if frame and frame != self.last:
+                self.out.write(frame + "\n")
+                self.last = frame
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def duration(seconds: float) -> str:
+    """Seconds as "1h 05m", "3m 20s" or "4.2s"."""
+    if seconds < 59.95:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 def is_noise(line: str) -> bool:
@@ -48,6 +121,45 @@ def is_noise(line: str) -> bool:
 def last_frame(line: str) -> str:
     """What a line drawn over with carriage returns (a progress bar off a terminal) finally shows."""
     return line.rstrip("\r\n").rsplit("\r", 1)[-1]
+
+
+@contextlib.contextmanager
+def filtered_output() -> Iterator[None]:
+    """While it lasts, what this process writes to its standard output and error (``print``, tqdm bars, logging,
+    C libraries: file descriptors 1 and 2) passes through the noise filter, line by line, as the ranks' output
+    does (``RunLog.relay``); for third-party work run in this process, such as DeepSpeed's consolidation."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    pumps = []
+    try:
+        for fd, original in saved.items():
+            read, write = os.pipe()
+            os.dup2(write, fd)
+            os.close(write)
+            pumps.append(threading.Thread(target=_pump, args=(read, original), name=f"filter-{fd}", daemon=True))
+            pumps[-1].start()
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        for fd, original in saved.items():
+            os.dup2(original, fd)  # the pipe's last writer is gone: its pump reads to the end and stops
+        for pump in pumps:
+            pump.join(timeout=10.0)
+        for original in saved.values():
+            os.close(original)
+
+
+def _pump(read: int, out: int) -> None:
+    with open(read, "rb", closefd=True) as pipe:
+        for raw in iter(pipe.readline, b""):
+            line = last_frame(raw.decode("utf-8", errors="replace"))
+            if not is_noise(line):
+                with contextlib.suppress(OSError):
+                    os.write(out, (line + "\n").encode("utf-8"))
 
 
 class RunLog:

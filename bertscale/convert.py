@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bertscale import checkpoint as ckpt
+from bertscale.console import filtered_output
 from bertscale.engine import consolidated_state_dict
 from bertscale.files import WriteError, atomic_output, write_atomic, write_failure
 from bertscale.hf_format import check_state_dict, resize_vocab_rows, save_hf
@@ -42,7 +43,8 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     info = ckpt.resolve(checkpoint, tag)
     log.info("converting %s (global step %d, phase %s, ZeRO stage %s)", info.path, info.global_step,
              info.meta.get("phase"), info.meta.get("zero_stage"))
-    weights = consolidated_state_dict(info.path.parent, info.tag)  # weights-only loads (bertscale.safe_load)
+    with filtered_output():  # DeepSpeed's per-file chatter and progress bar (console.NOISE)
+        weights = consolidated_state_dict(info.path.parent, info.tag)  # weights-only loads (bertscale.safe_load)
     nonfinite = sorted(k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if nonfinite:
         raise ValueError(f"{info.path} holds non-finite weights ({', '.join(nonfinite[:5])}"

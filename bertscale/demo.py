@@ -12,61 +12,28 @@ import os
 import time
 from pathlib import Path
 
-from bertscale.files import write_atomic
+from bertscale.config import RunConfig, config_from_data
 
 log = logging.getLogger("bertscale.demo")
 
-# The demo's run configuration: a scaled-down copy of the two-phase BERT recipe.
-DEMO_CONFIG = """\
-# Written by `bertscale demo`; run it again with `bertscale pretrain --config {out}/demo.toml`.
-[run]
-name = "demo"
-out_dir = "{out}"
-seed = 1234
-
-[model]
-preset = "tiny"
-tokenizer = "{out}/tokenizer"
-
-[distributed]
-deepspeed_config = "{ds_config}"
-accelerator = "auto"
-num_gpus = {ranks}
-
-[optimizer]
-name = "lamb"
-weight_decay = 0.01
-grad_clip = 1.0
-
-[train]
-log_interval = 50
-save_interval = 200
-keep_last = 2
-num_workers = 0
-eval_batches = 8
-
-[[phases]]
-name = "phase1"
-seq_len = 128
-data = "{out}/data128"
-global_batch = 64
-micro_batch = 32
-steps = {steps1}
-lr = 1e-2
-warmup = 0.1
-decay_power = 0.5
-
-[[phases]]
-name = "phase2"
-seq_len = 512
-data = "{out}/data512"
-global_batch = 32
-micro_batch = 16
-steps = {steps2}
-lr = 5e-3
-warmup = 0.2
-decay_power = 0.5
-"""
+def demo_config(out: Path, ranks: int, steps1: int, steps2: int) -> dict:
+    """The demo's run configuration, a scaled-down copy of the two-phase BERT recipe, as the nested dict a
+    TOML file parses to (``pretrain`` takes it as it is; the run keeps it resolved in OUT/run_config.json)."""
+    out = out.as_posix()
+    phase = {"warmup": 0.1, "decay_power": 0.5}
+    return {
+        "run": {"name": "demo", "out_dir": out, "seed": 1234},
+        "model": {"preset": "tiny", "tokenizer": f"{out}/tokenizer"},
+        "distributed": {"deepspeed_config": default_ds_config().as_posix(), "accelerator": "auto", "num_gpus": ranks},
+        "optimizer": {"name": "lamb", "weight_decay": 0.01, "grad_clip": 1.0},
+        "train": {"log_interval": 50, "save_interval": 200, "keep_last": 2, "num_workers": 0, "eval_batches": 8},
+        "phases": [
+            {**phase, "name": "phase1", "seq_len": 128, "data": f"{out}/data128", "global_batch": 64,
+             "micro_batch": 32, "steps": steps1, "lr": 1e-2},
+            {**phase, "name": "phase2", "seq_len": 512, "data": f"{out}/data512", "global_batch": 32,
+             "micro_batch": 16, "steps": steps2, "lr": 5e-3, "warmup": 0.2},
+        ],
+    }
 
 
 def default_ds_config() -> Path:
@@ -110,16 +77,10 @@ def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8
     return corpus
 
 
-def write_demo_config(out: Path, ranks: int, steps1: int, steps2: int, overrides: list[str]) -> Path:
-    """OUT/demo.toml, the demo's run configuration; ``overrides`` are checked against it here (a typo in
-    a key fails at once, not after the data is built) and applied when the run loads it."""
-    from bertscale.config import load_config
-
-    config = out / "demo.toml"
-    write_atomic(config, DEMO_CONFIG.format(out=out.as_posix(), ds_config=default_ds_config().as_posix(),
-                                            ranks=ranks, steps1=steps1, steps2=steps2))
-    load_config(config, overrides)
-    return config
+def demo_run_config(out: Path, ranks: int, steps1: int, steps2: int, overrides: list[str]) -> RunConfig:
+    """The demo's run configuration (``demo_config``) with ``overrides`` applied and checked here, so a typo in
+    a key fails at once, not after the data is built."""
+    return config_from_data(demo_config(out, ranks, steps1, steps2), overrides, where="the demo's configuration")
 
 
 def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out", vocab_size: int = 8000,
@@ -133,11 +94,11 @@ def run_demo(corpus: list[str] | None = None, out: str | os.PathLike = "demo_out
     start = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    config = write_demo_config(out, ranks, steps1, steps2, overrides or [])
+    config = demo_run_config(out, ranks, steps1, steps2, overrides or [])
     prepare_data(out, corpus, vocab_size)
-    log.info("[4/6] pretraining with %d DeepSpeed ranks, both phases (config %s%s)", ranks, config,
-             "".join(f" --set {o}" for o in overrides or []))
-    run_dir = pretrain(str(config), overrides)
+    log.info("[4/6] pretraining with %d DeepSpeed ranks, both phases (the resolved configuration goes to %s; "
+             "`bertscale pretrain --config` it to run again)", ranks, out / "run_config.json")
+    run_dir = pretrain(config)
     summary = convert_and_evaluate(out, run_dir)
     summary.update(train_steps=steps1 + steps2, seconds=round(time.perf_counter() - start, 1))
     return summary

@@ -48,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bertscale import docstore
+from bertscale.console import progress_bar
 from bertscale.corpus import (CorpusStats, check_document_mode, expand_inputs, file_documents, paragraph_layout,
                               refuse_binary_files)
 from bertscale.files import ExclusiveLock, require_writable_dir, write_atomic
@@ -584,8 +585,8 @@ class _Progress:
             for bar in self.bars.values():
                 bar.close()
             unit = " tok" if kind == "tokens" else " samples"
-            self.bars[kind] = tqdm(desc="tokenize" if kind == "tokens" else "pair", unit=unit, unit_scale=True,
-                                   disable=not self.show, dynamic_ncols=True)
+            self.bars[kind] = progress_bar(desc="tokenize" if kind == "tokens" else "pair", unit=unit,
+                                           unit_scale=True, disable=not self.show, dynamic_ncols=True)
         self.bars[kind].update(n)
 
     def close(self) -> None:

@@ -22,13 +22,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bertscale import checkpoint as ckpt
 from bertscale import safe_load
 from bertscale.config import (ARCHITECTURE_OVERRIDES, ConfigError, RunConfig, accumulation_steps, load_config,
                               max_predictions)
+from bertscale.console import Progress
 from bertscale.files import WriteError, write_failure
 from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_ds_config,
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
@@ -235,13 +234,11 @@ class Trainer:
                    f"seq_len {phase.seq_len}, global batch {phase.global_batch} = micro {phase.micro_batch} x "
                    f"accumulation {self.accumulation} x world {self.dist.world_size}")
         batches = iter(self.loader)
-        # A bar per phase where a person watches (a terminal); logs and pipes get the interval lines only.
-        bar = tqdm(total=self.span.steps, initial=self.state.global_step - self.span.start, desc=phase.name,
-                   unit="step", dynamic_ncols=True, disable=self.dist.rank != 0 or not sys.stderr.isatty())
-        with bar, logging_redirect_tqdm():
-            self._train_loop(batches, bar)
+        # lines, not a bar: the launcher relays this output through a pipe, where a bar is never drawn
+        progress = Progress(phase.name, self.span.start, self.span.end, self.state.global_step)
+        self._train_loop(batches, progress)
 
-    def _train_loop(self, batches, bar) -> None:
+    def _train_loop(self, batches, progress: Progress) -> None:
         cfg, phase = self.cfg, self.phase
         p = cfg.phases
         while self.state.global_step < self.span.end:
@@ -266,10 +263,13 @@ class Trainer:
             self.state.tokens_seen += all_tokens
             self.metrics.step_done()
             self._count_bad_step(bad)
-            bar.update()
             last = self.state.global_step == self.span.end
-            if self.state.global_step % cfg.train.log_interval == 0 or last or stop:
+            logged = self.state.global_step % cfg.train.log_interval == 0 or last or stop
+            if logged:
                 self.metrics.log(self.state.global_step, phase.name, self._scalars(lr))
+            line = progress.update(self.state.global_step, logged)
+            if line is not None:
+                self._log0(line)
             if last:
                 self.state.phase_complete = True
                 self.save()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,48 +31,30 @@ def build_data(tmp: Path, n_docs: int = 300, seed: int = 11) -> dict[str, Path]:
     return {"corpus": corpus, "tokenizer": tok, "d128": tmp / "d128", "d512": tmp / "d512"}
 
 
-def write_config(tmp: Path, data: dict[str, Path], *, out: Path | None = None, stage: int = 2,
-                 ranks: int = 2, steps: tuple[int, int] = (6, 2), extra: str = "", name: str = "run.toml") -> Path:
-    """A two-phase run config for the tiny model on CPU (global batch 16 then 8, accumulation 2 at 2 ranks)."""
-    out = out or tmp / "run"
-    config = tmp / name
-    config.write_text(f"""
-[run]
-name = "test"
-out_dir = "{out}"
-seed = 7
-[model]
-preset = "tiny"
-tokenizer = "{data['tokenizer']}"
-num_hidden_layers = 1
-[distributed]
-deepspeed_config = "{REPO / 'ds_configs' / f'zero{stage}_bf16.json'}"
-accelerator = "cpu"
-num_gpus = {ranks}
-master_port = {free_port()}
-[train]
-log_interval = 2
-save_interval = 3
-keep_last = 2
-eval_batches = 2
-{extra}
-[[phases]]
-name = "phase1"
-seq_len = 128
-data = "{data['d128']}"
-global_batch = 16
-micro_batch = 4
-steps = {steps[0]}
-lr = 1e-3
-[[phases]]
-name = "phase2"
-seq_len = 512
-data = "{data['d512']}"
-global_batch = 8
-micro_batch = 2
-steps = {steps[1]}
-lr = 5e-4
-""")
+def run_config(tmp: Path, data: dict[str, Path], *, out: Path | None = None, stage: int = 2, ranks: int = 2,
+               steps: tuple[int, int] = (6, 2)) -> dict:
+    """A two-phase run config for the tiny model on CPU (global batch 16 then 8, accumulation 2 at 2 ranks), as
+    the nested dict ``pretrain`` takes (a TOML file parses to the same)."""
+    return {
+        "run": {"name": "test", "out_dir": str(out or tmp / "run"), "seed": 7},
+        "model": {"preset": "tiny", "tokenizer": str(data["tokenizer"]), "num_hidden_layers": 1},
+        "distributed": {"deepspeed_config": str(REPO / "ds_configs" / f"zero{stage}_bf16.json"), "accelerator": "cpu",
+                        "num_gpus": ranks, "master_port": free_port()},
+        "train": {"log_interval": 2, "save_interval": 3, "keep_last": 2, "eval_batches": 2},
+        "phases": [
+            {"name": "phase1", "seq_len": 128, "data": str(data["d128"]), "global_batch": 16, "micro_batch": 4,
+             "steps": steps[0], "lr": 1e-3},
+            {"name": "phase2", "seq_len": 512, "data": str(data["d512"]), "global_batch": 8, "micro_batch": 2,
+             "steps": steps[1], "lr": 5e-4},
+        ],
+    }
+
+
+def write_config(tmp: Path, data: dict[str, Path], *, name: str = "run.json", **options) -> Path:
+    """``run_config`` written where a command line can name it (``--config``): TMP/NAME as JSON, which
+    ``pretrain --config`` reads like TOML (a ``.toml`` name is written as ``.json``)."""
+    config = (tmp / name).with_suffix(".json")
+    config.write_text(json.dumps(run_config(tmp, data, **options), indent=2))
     return config
 
 

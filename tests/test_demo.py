@@ -17,7 +17,7 @@ from bertscale.cli import main
 from bertscale.shard_format import load_manifest
 from bertscale.tokenizer import tokenizer_info
 from conftest import write_generated_corpus
-from launcher import launch
+from launcher import ports
 
 
 def test_a_second_demo_reuses_the_tokenizer_and_shards_it_made(tmp_path):
@@ -74,9 +74,9 @@ def write_topic_corpus(path, n_docs: int, seed: int):
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    """The demo's pipeline and recipe (DEMO_CONFIG: tiny BERT, two ranks, both phases), scaled down to a
+    """The demo's pipeline and recipe (demo_config: tiny BERT, two ranks, both phases), scaled down to a
     small corpus and 150 + 2 steps (the launcher picks a free port); returns (out dir, its summary, a held-out text file)."""
-    from bertscale.demo import convert_and_evaluate, prepare_data, write_demo_config
+    from bertscale.demo import convert_and_evaluate, demo_run_config, prepare_data
     from launcher.launch import pretrain
 
     tmp = tmp_path_factory.mktemp("judged_demo")
@@ -85,7 +85,7 @@ def demo_model(tmp_path_factory):
     out = tmp / "demo"
     out.mkdir()
     prepare_data(out, [str(train)], vocab_size=300)
-    run_dir = pretrain(str(write_demo_config(out, ranks=2, steps1=150, steps2=2, overrides=[])))  # a free port
+    run_dir = pretrain(demo_run_config(out, ranks=2, steps1=150, steps2=2, overrides=[]))  # a free port
     return out, convert_and_evaluate(out, run_dir), held_out
 
 
@@ -167,8 +167,8 @@ def test_demo_trains_while_port_29500_is_held_and_its_picked_port_is_taken(tmp_p
     raced = _listen(0)
     raced_port = raced.getsockname()[1]
     picks = iter([raced_port])
-    real_free_port = launch.free_port
-    monkeypatch.setattr(launch, "free_port", lambda: next(picks, None) or real_free_port())
+    real_free_port = ports.free_port
+    monkeypatch.setattr(ports, "free_port", lambda: next(picks, None) or real_free_port())
     try:
         code = main(["demo", "--corpus", corpus, "--out", str(out), "--steps1", "2", "--steps2", "1",
                      "--set", "train.log_interval=1", "--set", "model.num_hidden_layers=1",

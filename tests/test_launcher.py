@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,10 +20,13 @@ from bertscale import checkpoint as ckpt
 from bertscale.config import ConfigError, DistributedSection, PhaseSection, RunConfig, load_config
 from bertscale.rundir import RunDir
 from bertscale.tokenizer import train_tokenizer, tokenizer_info
-from launcher.launch import (CPU_MALLOC_TUNABLES, check_port, deepspeed_command, deepspeed_executable, failure_message, no_ssh_hostfile,
-                             node_file, parse_hostfile, pick_port, plan, preflight, pretrain, resume_source, worker_environment,
-                             world_size)
-from runs import build_data, write_config
+from launcher.diagnose import failure_message
+from launcher.environment import CPU_MALLOC_TUNABLES, worker_environment
+from launcher.launch import pretrain
+from launcher.plan import (deepspeed_command, deepspeed_executable, no_ssh_hostfile, node_file, parse_hostfile, plan,
+                           preflight, resume_source, world_size)
+from launcher.ports import check_port, pick_port
+from runs import build_data, run_config, write_config
 
 
 def write(path: Path, text: str) -> Path:
@@ -572,11 +577,96 @@ def test_dry_run_refuses_a_bad_deepspeed_json_naming_file_and_key(data, tmp_path
 
 
 def test_the_default_deepspeed_json_is_found_from_another_directory(data, tmp_path, monkeypatch, capsys):
-    config = write_config(tmp_path, data, out=tmp_path / "run")
-    text = "\n".join(line for line in config.read_text().splitlines() if not line.startswith("deepspeed_config"))
-    config.write_text(text)  # the default: ds_configs/zero2_bf16.json, relative
+    config = run_config(tmp_path, data, out=tmp_path / "run")
+    del config["distributed"]["deepspeed_config"]  # the default: ds_configs/zero2_bf16.json, relative
     monkeypatch.chdir(tmp_path)  # not the checkout
-    pretrain(str(config), dry_run=True)
+    pretrain(config, dry_run=True)
     resolved = json.loads(capsys.readouterr().out.split("# resolved configuration\n", 1)[1].split("\n#", 1)[0])
     assert resolved["distributed"]["deepspeed_config"] == str(Path(__file__).resolve().parent.parent /
                                                               "ds_configs" / "zero2_bf16.json")
+
+
+# ---------------------------------------------------------------- config in code, multi-node environment, --estimate
+
+def test_pretrain_takes_a_run_config_or_its_dict_as_well_as_a_file(data, tmp_path, capsys):
+    config = run_config(tmp_path, data, out=tmp_path / "run")
+    config["distributed"]["master_port"] = 29999  # the same plan from every source
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config))
+    printed = []
+    for source in (str(path), config, load_config(path)):
+        assert pretrain(source, ["phases.phase2.steps=3"], dry_run=True) == tmp_path / "run"
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] == printed[2]
+    assert "# phase phase2: seq_len 512, 3 steps," in printed[0]
+    with pytest.raises(ConfigError, match=r"given in code:\n  train.log_intervall: unknown key"):
+        pretrain({**config, "train": {"log_intervall": 5}}, dry_run=True)
+
+
+def test_a_hostfile_launch_refuses_auto_rather_than_decide_the_nodes_accelerator_here(data, tmp_path, capsys):
+    """Launched from a CPU machine (this one), ``auto`` would have written DS_ACCELERATOR=cpu and
+    OMP_NUM_THREADS=1 into the environment file every (GPU) node gets."""
+    hosts = write(tmp_path / "hosts", "gpu-a slots=1\ngpu-b slots=1\n")
+    config = run_config(tmp_path, data, out=tmp_path / "run")
+    config["distributed"] = {**config["distributed"], "accelerator": "auto", "hostfile": str(hosts), "num_gpus": 1}
+    with pytest.raises(ConfigError) as info:
+        pretrain(config, dry_run=True)
+    assert "distributed.accelerator is 'auto'" in str(info.value) and str(hosts) in str(info.value)
+    assert "--set distributed.accelerator=cuda" in str(info.value)
+    assert "--module" not in capsys.readouterr().out
+    pretrain(config, ["distributed.accelerator=cuda"], dry_run=True)  # said explicitly: the nodes' own
+    commands = [line for line in capsys.readouterr().out.splitlines() if "--module bertscale.train" in line]
+    assert commands and all(c.startswith(f"PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda {deepspeed_executable()} ")
+                            for c in commands)  # and no OMP_NUM_THREADS or allocator settings of this machine
+    pretrain(config, ["distributed.accelerator=cpu"], dry_run=True)  # CPU nodes: each rank counts its node's cores
+    commands = [line for line in capsys.readouterr().out.splitlines() if "--module bertscale.train" in line]
+    assert commands and not any("OMP_NUM_THREADS" in c for c in commands)
+
+
+def test_the_users_deepspeed_env_is_merged_and_ours_wins_only_where_we_must(data, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("DS_ENV_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    write(home / ".deepspeed_env", "# the cluster's settings\nNCCL_SOCKET_IFNAME=ib0\nLD_LIBRARY_PATH=/opt/nccl/lib\n"
+                                   "OMP_NUM_THREADS=5\nDS_ACCELERATOR=cuda\n")
+    write(tmp_path / ".deepspeed_env", "NCCL_SOCKET_IFNAME=eth1\n")  # the current directory's, read after
+    pretrain(run_config(tmp_path, data, out=tmp_path / "run"), dry_run=True)
+    printed = capsys.readouterr().out
+    command = next(line for line in printed.splitlines() if "--phase phase1" in line)
+    assert command.startswith("PYTHONUNBUFFERED=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=5 GLIBC_TUNABLES=")
+    assert "NCCL_SOCKET_IFNAME=eth1 LD_LIBRARY_PATH=/opt/nccl/lib" in command
+    assert f"# environment: merged {home / '.deepspeed_env'}" in printed
+    assert "the launcher's value wins only on PYTHONUNBUFFERED, DS_ACCELERATOR" in printed
+    assert "DS_ACCELERATOR=cuda of the user's file replaced by DS_ACCELERATOR=cpu" in printed
+    write(home / ".deepspeed_env", "NCCL_DEBUG=INFO\nnot a variable\n")
+    with pytest.raises(ConfigError, match=rf"{home / '.deepspeed_env'}:2: expected KEY=VALUE"):
+        pretrain(run_config(tmp_path, data, out=tmp_path / "run"), dry_run=True)
+
+
+def test_dry_run_estimate_times_a_real_step_per_phase(data, tmp_path, capsys):
+    config = run_config(tmp_path, data, out=tmp_path / "run", steps=(600, 40))
+    pretrain(config, dry_run=True, estimate=True)
+    printed = capsys.readouterr().out
+    lines = printed.split("# estimated time per phase (--estimate)", 1)[1].splitlines()
+    phase1 = next(line for line in lines if line.startswith("#   phase1: about "))
+    assert "600 steps x (2 micro batch(es) of 4 of its samples (seq_len 128) x " in phase1 and "2 rank(s) in parallel" in phase1
+    assert "#   phase2: about " in printed and "40 steps x (2 micro batch(es) of 2 of its samples (seq_len 512)" in printed
+    seconds = [float(x) for x in re.findall(r"x ([0-9.]+) s forward\+backward", printed)]
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert "An estimate" in printed and "data loading" in printed and "communication" in printed
+    assert not (tmp_path / "run").exists()  # measured in this process; nothing written, no rank started
+
+
+def test_slurm_script_needs_its_environment_named_and_stops_gracefully(tmp_path):
+    """The activation is not commented out: without BERTSCALE_VENV the job fails at once, saying what to set."""
+    script = Path(__file__).resolve().parent.parent / "launcher" / "slurm.sbatch"
+    env = {k: v for k, v in os.environ.items() if k != "BERTSCALE_VENV"}
+    result = subprocess.run(["bash", str(script), "run.toml"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "BERTSCALE_VENV is not set" in result.stderr
+    result = subprocess.run(["bash", str(script), "run.toml"], env={**env, "BERTSCALE_VENV": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"BERTSCALE_VENV={tmp_path} has no bin/activate" in result.stderr
+    directives = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --requeue" in directives and "#SBATCH --signal=B:TERM@120" in directives

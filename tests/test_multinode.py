@@ -27,12 +27,13 @@ def node_command(config: Path, node_rank: int, port: int, extra: list[str] = ())
             "--set", f"distributed.master_port={port}", "--set", "distributed.num_gpus=1", *extra]
 
 
-def start_nodes(config: Path, port: int, logs: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
+def start_nodes(config: Path, port: int, logs: Path, extra: list[str] = (),
+                env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     procs = []
     for rank in (0, 1):
         log = open(logs / f"node{rank}.log", "w")
         procs.append(subprocess.Popen(node_command(config, rank, port, extra), stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+                                      start_new_session=True, env=env))
         procs[-1].log_path = log.name
     return procs
 
@@ -70,12 +71,35 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     return codes
 
 
+def rank_variable(tmp_path: Path, name: str) -> dict[int, str | None]:
+    """``name`` in the environment of each running rank of this test's run, by rank."""
+    seen = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "bertscale.train" in cmd and any(str(tmp_path) in a for a in cmd):
+            try:
+                env = proc.environ()
+                seen[int(env["RANK"])] = env.get(name)
+            except (psutil.Error, KeyError, ValueError):
+                pass  # gone, or the deepspeed launcher itself (no RANK)
+    return seen
+
+
 def test_two_nodes_no_ssh_train_both_phases_and_convert(tmp_path):
     data = build_data(tmp_path)
     config = write_config(tmp_path, data, ranks=1)
-    codes = wait_all(start_nodes(config, free_port(), tmp_path), timeout=300)
+    home = tmp_path / "home"  # the user's ~/.deepspeed_env (NCCL_*, LD_LIBRARY_PATH ...) reaches every rank
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("BERTSCALE_FROM_DS_ENV=cluster-setting\n")
+    procs = start_nodes(config, free_port(), tmp_path, env={**os.environ, "HOME": str(home)})
+    seen: dict[int, str | None] = {}
+    while any(p.poll() is None for p in procs) and len(seen) < 2:
+        seen.update(rank_variable(tmp_path, "BERTSCALE_FROM_DS_ENV"))
+        time.sleep(0.2)
+    codes = wait_all(procs, timeout=300)
     logs = {r: (tmp_path / f"node{r}.log").read_text() for r in (0, 1)}
     assert codes == [0, 0], logs
+    assert seen == {0: "cluster-setting", 1: "cluster-setting"}, logs
     root = tmp_path / "run" / "checkpoints"
     final = ckpt.final_of_phase(root, 1)
     assert final is not None and final.meta["world_size"] == 2

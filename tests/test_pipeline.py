@@ -4,6 +4,8 @@ both phases, checkpoints, conversion, and parity of the converted model with `tr
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,7 +72,7 @@ def test_phase2_starts_from_phase1_weights_and_trains(trained):
 def test_rerun_skips_finished_phases(trained, capsys):
     tmp, out = trained
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    pretrain(str(tmp / "run.toml"))
+    pretrain(str(tmp / "run.json"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
@@ -89,7 +91,7 @@ def test_train_log_keeps_the_console_without_noise_and_grows_with_each_attempt(t
         assert noise not in first, noise
     assert "\n\n" not in first
     header = "==== bertscale pretrain: "
-    pretrain(str(tmp / "run.toml"))
+    pretrain(str(tmp / "run.json"))
     second = (out / "train.log").read_text()
     assert second.startswith(first) and second.count(header) == first.count(header) + 1  # appended
     assert "phase phase1 already complete; skipping" in second[len(first):]
@@ -123,9 +125,18 @@ def test_converted_model_loads_in_transformers_with_identical_logits(trained):
 
 
 def test_eval_of_converted_model(trained):
+    from bertscale.console import NOISE
+
     tmp, out = trained
     hf_dir = tmp / "hf-eval"
-    convert_checkpoint(out / "checkpoints", hf_dir)
+    # the command as users run it, its output piped: DeepSpeed's consolidation chatter ("Processing zero
+    # checkpoint", its progress bar, "Setting accelerator to CPU") is filtered as the training's is
+    done = subprocess.run([sys.executable, "-m", "bertscale", "convert", "--checkpoint", str(out / "checkpoints"),
+                           "--out", str(hf_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote Hugging Face model to {hf_dir}" in done.stdout
+    noise = [line for line in (done.stdout + done.stderr).splitlines() if any(p.search(line) for p, _ in NOISE)]
+    assert not noise, noise
     results = evaluate(hf_dir, tmp / "d128", split="valid", batch_size=8)
     assert 0 < results["eval_masked_tokens"] < results["eval_targets_all_positions"]
     assert 0 <= results["eval_mlm_accuracy"] <= 1 and results["eval_mlm_loss"] > 0

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MICRO = {128: 32, 512: 16}  # the demo's micro batches (bertscale.demo.DEMO_CONFIG)
+MICRO = {128: 32, 512: 16}  # the demo's micro batches (bertscale.demo.demo_config)
 
 
 def _config(out: Path, data: Path, tok: Path, seq_len: int, steps: int, ranks: int, port: int, unpadded: bool) -> str:

@@ -258,7 +258,7 @@ def bench(preset: str = "mini", seq_len: int = 128, batch: int | None = None, pr
 
 
 DATA_BATCH = {128: 32, 512: 16}
-"""Micro batch per sequence length in ``--data`` mode: the demo's (``bertscale.demo.DEMO_CONFIG``)."""
+"""Micro batch per sequence length in ``--data`` mode: the demo's (``bertscale.demo.demo_config``)."""
 
 
 def shard_dirs_in(path: str | Path) -> list[Path]:

@@ -18,38 +18,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-CONFIG = """\
-[run]
-name = "recipe-check-{name}"
-out_dir = "{out}/{name}"
-seed = 1234
-[model]
-preset = "tiny"
-tokenizer = "{out}/tokenizer"
-[distributed]
-deepspeed_config = "{ds}"
-accelerator = "cpu"
-num_gpus = {ranks}
-[optimizer]
-name = "{name}"
-weight_decay = 0.01
-grad_clip = 1.0
-[train]
-log_interval = 10
-save_interval = 100000
-num_workers = 0
-eval_batches = {eval_batches}
-[[phases]]
-name = "phase1"
-seq_len = 128
-data = "{out}/data128"
-global_batch = {global_batch}
-micro_batch = {micro_batch}
-steps = {steps}
-lr = {lr}
-warmup = {warmup}
-decay_power = 0.5
-"""
+def run_config(out: Path, name: str, lr: float, args) -> dict:
+    """One run's configuration: the tiny model, one phase at seq_len 128 on the demo corpus, optimizer ``name``."""
+    return {
+        "run": {"name": f"recipe-check-{name}", "out_dir": f"{out}/{name}", "seed": 1234},
+        "model": {"preset": "tiny", "tokenizer": f"{out}/tokenizer"},
+        "distributed": {"deepspeed_config": str(REPO / "ds_configs" / "zero2_bf16.json"), "accelerator": "cpu",
+                        "num_gpus": args.ranks},
+        "optimizer": {"name": name, "weight_decay": 0.01, "grad_clip": 1.0},
+        "train": {"log_interval": 10, "save_interval": 100000, "num_workers": 0, "eval_batches": args.eval_batches},
+        "phases": [{"name": "phase1", "seq_len": 128, "data": f"{out}/data128", "global_batch": args.global_batch,
+                    "micro_batch": args.micro_batch, "steps": args.steps, "lr": lr, "warmup": args.warmup,
+                    "decay_power": 0.5}],
+    }
 
 
 def prepare(out: Path, vocab_size: int) -> None:
@@ -73,12 +54,8 @@ def run_one(out: Path, name: str, lr: float, args) -> dict:
     from launcher.launch import pretrain
 
     shutil.rmtree(out / name, ignore_errors=True)  # a fresh run each time (the launcher would resume it)
-    config = out / f"{name}.toml"
-    config.write_text(CONFIG.format(name=name, out=out.as_posix(), ds=(REPO / "ds_configs" / "zero2_bf16.json").as_posix(),
-                                    ranks=args.ranks, global_batch=args.global_batch, micro_batch=args.micro_batch,
-                                    steps=args.steps, lr=lr, warmup=args.warmup, eval_batches=args.eval_batches))
     t0 = time.perf_counter()
-    run_dir = pretrain(str(config))
+    run_dir = pretrain(run_config(out, name, lr, args))
     scalars = read_scalars(run_dir / "tensorboard")
     return {"optimizer": name, "lr": lr, "eval_mlm_accuracy": round(scalars["eval/mlm_accuracy"][-1][1], 4),
             "eval_mlm_loss": round(scalars["eval/mlm_loss"][-1][1], 4),
