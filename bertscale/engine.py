@@ -256,7 +256,7 @@ def right_sized_buckets(ds_config: dict, num_params: int) -> dict:
 
     ZeRO 1/2 allocate a fresh ``reduce_bucket_size``-element buffer every micro step (DeepSpeed's default:
     5e8 elements, 1 GB in bf16), of which only the model's gradients are ever written. On a GPU the caching
-    allocator reuses it. A CPU rank runs with ``launcher.launch.CPU_MALLOC_TUNABLES`` (no mmap, no trim), so
+    allocator reuses it. A CPU rank runs with ``launcher.environment.CPU_MALLOC_TUNABLES`` (no mmap, no trim), so
     each buffer lands in the heap; the holes left by earlier ones fragment and the heap's address space grew
     by ~1 GB per micro step (24 GiB in a 40-step test on this 24 GiB machine), until the kernel refused the
     fork of the next epoch's loader workers (ENOMEM: one mapping larger than RAM). Sized to the model, the

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.launch import CPU_MALLOC_TUNABLES
+from launcher.environment import CPU_MALLOC_TUNABLES
 
 REPO = Path(__file__).resolve().parent.parent
 
