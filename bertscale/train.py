@@ -126,6 +126,8 @@ class Trainer:
             num_workers=cfg.train.num_workers, shuffle_buffer=cfg.train.shuffle_buffer,
             expect_seq_len=self.phase.seq_len, whole_word_masking=cfg.data.whole_word_masking,
             strict_shards=cfg.data.strict_shards,
+            # the epoch is cut per global batch: the same global batches, and positions, on any world size
+            global_batch=None if cfg.train.replicate_data else self.phase.global_batch,
             unpadded=cfg.train.unpadded and not cfg.train.replicate_data)  # replicated: unpadded per slice
         resume = plan.resume
         if resume is not None:
