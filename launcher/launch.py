@@ -253,7 +253,7 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
 
 
-def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from: str | None) -> None:
+def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from: str | None) -> ckpt.ResumePlan:
     """What the first phase to train would start from, checked as its ranks will (``plan_resume``), and
     every ``.pt`` of that checkpoint inspected (``safe_load``): refusals come before any rank starts."""
     from bertscale import safe_load
@@ -263,6 +263,7 @@ def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from
     for source in (start.resume, start.previous):
         if source is not None:
             safe_load.check_directory(source.path)
+    return start
 
 
 def resume_source(cfg: RunConfig, resume: str) -> ckpt.CheckpointInfo | None:
@@ -405,11 +406,15 @@ def pretrain(config: str, overrides: list[str] | None = None, dry_run: bool = Fa
         explicit = source is not None and resume not in ("auto", "never")
         if explicit and first is not None:
             first.command.extend(["--resume-from", str(source.path)])
-        if first is not None:
-            check_resume(cfg, first, accelerator, str(source.path) if explicit else None)
+        start = (check_resume(cfg, first, accelerator, str(source.path) if explicit else None)
+                 if first is not None else None)
         if dry_run:
             _print_plan(cfg, plans, source, worker_environment(cfg, accelerator), port)
             return run_dir.root
+        if start is not None and start.world_change is not None and lock is not None:
+            log.info("%s ranks continue a phase that %s ranks started: converting %s to a universal checkpoint",
+                     start.world_change[1], start.world_change[0], start.resume.path)
+            ckpt.universal_checkpoint(start.resume)
         with RunLog(run_dir.train_log, "bertscale pretrain") as run_log:
             try:
                 log.info("%s", "\n".join(run_summary(cfg, plans, accelerator)))
