@@ -17,7 +17,7 @@ A directory without ``COMPLETE`` is never resumed from or converted. DeepSpeed's
 ``plan_resume`` is the resume policy: from the checkpoints and the configuration it decides whether a
 phase continues a checkpoint, starts from the previous phase's weights, or starts fresh, and refuses
 (naming every difference) whatever would silently train something else than the run that was asked for.
-A phase continues on another number of ranks through DeepSpeed's universal checkpoint (ZeRO 1 and 2);
+A phase continues on another number of ranks through DeepSpeed's universal checkpoint (ZeRO 1, 2, 3);
 the data position is in global steps, the same on any world size (``bertscale.loader``).
 Every ``.pt`` is read weights-only (``bertscale.safe_load``), DeepSpeed's converter's included.
 """
@@ -48,7 +48,7 @@ COMPLETE = "COMPLETE"
 META = "bertscale.json"
 TAG_PREFIX = "step"
 UNIVERSAL = "universal"
-UNIVERSAL_STAGES = (1, 2)
+UNIVERSAL_STAGES = (1, 2, 3)
 """ZeRO stages whose checkpoints continue on another number of ranks (see ``universal_checkpoint``)."""
 
 
@@ -253,7 +253,7 @@ def plan_resume(cfg: RunConfig, phase_index: int, shape: RunShape, resume_from: 
     phase the run continues only with the same model, tokenizer, ranks, vocabulary rows and data order
     (``data_order``); a new phase starts from the previous phase's consolidated weights on any number of
     ranks; inside a phase another number of ranks continues through DeepSpeed's universal checkpoint
-    (``world_change``; ZeRO 1 and 2, the same stage, a global batch the new ranks can make). Raises
+    (``world_change``; ZeRO 1, 2 or 3, the same stage, a global batch the new ranks can make). Raises
     ``ResumeError`` naming every difference and what to do.
     """
     root = RunDir.of(cfg).checkpoints
@@ -325,8 +325,7 @@ def _check_same_position(source: CheckpointInfo, phase: PhaseSection, span, shap
                 f"{source.path} was written by {saved_world} ranks at ZeRO stage {saved_stage} and this run has "
                 f"{shape.world_size}; continuing the middle of a phase on another number of ranks goes through "
                 f"DeepSpeed's universal checkpoint, which bertscale supports at ZeRO stages "
-                f"{' and '.join(map(str, UNIVERSAL_STAGES))} only (stage 3 through it is not verified with our "
-                f"LAMB yet). " + how)
+                f"{', '.join(map(str, UNIVERSAL_STAGES))} only. " + how)
         if phase.global_batch % (phase.micro_batch * shape.world_size):
             raise ResumeError(
                 f"{source.path} continues phase {phase.name!r} with global batch {phase.global_batch} (micro batch "

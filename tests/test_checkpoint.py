@@ -206,8 +206,8 @@ def test_complete_checkpoints_sorted_by_step_not_name(tmp_path):
 
 
 def test_mid_phase_on_another_world_size_continues_through_the_universal_checkpoint(tmp_path):
-    """The resume policy: another number of ranks continues a phase at ZeRO 1 or 2 when it can make the
-    global batch; another stage, stage 3 or an impossible global batch are refused saying why."""
+    """The resume policy: another number of ranks continues a phase at ZeRO 1, 2 or 3 when it can make the
+    global batch; another stage, no ZeRO or an impossible global batch are refused saying why."""
     from bertscale.config import load_config
     from bertscale.rundir import RunDir
     from runs import write_config
@@ -232,5 +232,6 @@ def test_mid_phase_on_another_world_size_continues_through_the_universal_checkpo
         plan(3)
     with pytest.raises(ckpt.ResumeError, match="stage 2; this run has 1 ranks at stage 1"):
         plan(1, stage=1)
-    with pytest.raises(ckpt.ResumeError, match="universal checkpoint.*stages 1 and 2 only"):
-        plan(1, stage=3, saved_stage=3)
+    assert plan(1, stage=3, saved_stage=3).world_change == (2, 1)
+    with pytest.raises(ckpt.ResumeError, match="universal checkpoint.*stages 1, 2, 3 only"):
+        plan(1, stage=0, saved_stage=0)
