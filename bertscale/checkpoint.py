@@ -7,7 +7,9 @@ One checkpoint is one directory ``OUT/checkpoints/<tag>/`` holding
   phase (``data_order``) and the resolved configuration (rank 0),
 - ``rank-00000.pt`` ...: per-rank state (RNG states, data loader epoch),
 - ``tokenizer/``: the tokenizer files, so a checkpoint converts on its own,
-- ``COMPLETE``: written by rank 0 last, after every rank has finished writing.
+- ``COMPLETE``: written by rank 0 last, after every rank has finished writing,
+- ``universal/``: added later, only when a run continues the phase on another number of ranks:
+  DeepSpeed's universal checkpoint of the shards (``universal_checkpoint``), renamed into place whole.
 
 A directory without ``COMPLETE`` is never resumed from or converted. DeepSpeed's own
 ``latest`` file is not used: rank 0 writes it before the other ranks are done.
@@ -15,12 +17,17 @@ A directory without ``COMPLETE`` is never resumed from or converted. DeepSpeed's
 ``plan_resume`` is the resume policy: from the checkpoints and the configuration it decides whether a
 phase continues a checkpoint, starts from the previous phase's weights, or starts fresh, and refuses
 (naming every difference) whatever would silently train something else than the run that was asked for.
-Every ``.pt`` is read weights-only (``bertscale.safe_load``).
+A phase continues on another number of ranks through DeepSpeed's universal checkpoint (ZeRO 1, 2, 3);
+the data position is in global steps, the same on any world size (``bertscale.loader``).
+Every ``.pt`` is read weights-only (``bertscale.safe_load``), DeepSpeed's converter's included.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -40,6 +47,9 @@ from bertscale.schedule import phase_spans
 COMPLETE = "COMPLETE"
 META = "bertscale.json"
 TAG_PREFIX = "step"
+UNIVERSAL = "universal"
+UNIVERSAL_STAGES = (1, 2, 3)
+"""ZeRO stages whose checkpoints continue on another number of ranks (see ``universal_checkpoint``)."""
 
 
 def tag_for(global_step: int) -> str:
@@ -128,13 +138,16 @@ def write_rank_state(path: Path, rank: int, state: dict) -> None:
         torch.save({"rng": rng, **state}, tmp)
 
 
-def read_rank_state(path: Path, rank: int) -> dict:
-    """This rank's state, loaded weights-only; restores the RNG states it holds."""
+def read_rank_state(path: Path, rank: int, restore_rng: bool = True) -> dict:
+    """This rank's state, loaded weights-only; restores the RNG states it holds unless ``restore_rng``
+    is false (a run on another number of ranks reads rank 0's data position and seeds its own RNGs)."""
     file = path / f"rank-{rank:05d}.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: this checkpoint was written by fewer ranks; "
                                 f"resume with the same number of ranks")
     state = safe_load.load(file)
+    if not restore_rng:
+        return state
     rng = state["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -208,6 +221,19 @@ class ResumePlan:
     previous: CheckpointInfo | None = None
     carry_moments: bool = False
     changed: tuple[str, ...] = ()
+    world_change: tuple[int, int] | None = None
+    """(ranks that wrote ``resume``, ranks now) when the phase continues on another number of ranks:
+    model and optimizer come from the universal checkpoint, the data position from rank 0's state."""
+
+    def resume_note(self, phase: PhaseSection, accumulation: int) -> str | None:
+        """Mid-phase on another number of ranks: what changed and how accumulation follows."""
+        if self.world_change is None:
+            return None
+        before, now = self.world_change
+        return (f"phase {phase.name}: world size changed from {before} to {now} ranks at global step "
+                f"{self.resume.global_step}; model and optimizer from the universal checkpoint "
+                f"{self.resume.path / UNIVERSAL}; gradient accumulation recomputed: {phase.global_batch} = micro "
+                f"{phase.micro_batch} x accumulation {accumulation} x world {now}")
 
     def world_size_note(self, phase: PhaseSection, shape: RunShape, accumulation: int) -> str | None:
         """At a phase start on another number of ranks than the previous phase: how accumulation follows."""
@@ -226,7 +252,9 @@ def plan_resume(cfg: RunConfig, phase_index: int, shape: RunShape, resume_from: 
     The source is ``resume_from`` (``--resume PATH``) or the run's latest complete checkpoint. Inside a
     phase the run continues only with the same model, tokenizer, ranks, vocabulary rows and data order
     (``data_order``); a new phase starts from the previous phase's consolidated weights on any number of
-    ranks. Raises ``ResumeError`` naming every difference and what to do.
+    ranks; inside a phase another number of ranks continues through DeepSpeed's universal checkpoint
+    (``world_change``; ZeRO 1, 2 or 3, the same stage, a global batch the new ranks can make). Raises
+    ``ResumeError`` naming every difference and what to do.
     """
     root = RunDir.of(cfg).checkpoints
     phase = cfg.phases[phase_index]
@@ -237,7 +265,9 @@ def plan_resume(cfg: RunConfig, phase_index: int, shape: RunShape, resume_from: 
     if source is not None and source.phase_index == phase_index and not source.phase_complete:
         _check_same_position(source, phase, span, shape)
         _check_same_data_order(source, cfg, phase_index)
-        return ResumePlan(resume=source, changed=tuple(_changed_settings(source, cfg, phase_index)))
+        saved_world = source.meta.get("world_size")
+        return ResumePlan(resume=source, changed=tuple(_changed_settings(source, cfg, phase_index)),
+                          world_change=(saved_world, shape.world_size) if saved_world != shape.world_size else None)
     if source is not None and source.phase_index >= phase_index and source.phase_complete:
         raise ResumeError(f"phase {phase.name!r} is already complete ({source.path}); the launcher skips "
                           f"finished phases")
@@ -280,13 +310,28 @@ def _check_same_model(found: CheckpointInfo, shape: RunShape) -> None:
 
 
 def _check_same_position(source: CheckpointInfo, phase: PhaseSection, span, shape: RunShape) -> None:
-    saved_world = source.meta.get("world_size")
+    saved_world, saved_stage = source.meta.get("world_size"), source.meta.get("zero_stage")
     if saved_world != shape.world_size:
-        raise ResumeError(
-            f"{source.path} was written by {saved_world} ranks but this run has {shape.world_size}; resuming in "
-            f"the middle of a phase needs the same number of ranks (optimizer shards and data positions are per "
-            f"rank). Resume with {saved_world} ranks, or let the phase finish: the next phase starts from "
-            f"consolidated weights on any number of ranks.")
+        how = (f"Resume with {saved_world} ranks, or let the phase finish: the next phase starts from "
+               f"consolidated weights on any number of ranks.")
+        if saved_stage != shape.zero_stage:
+            raise ResumeError(
+                f"{source.path} was written by {saved_world} ranks at ZeRO stage {saved_stage}; this run has "
+                f"{shape.world_size} ranks at stage {shape.zero_stage}. The middle of a phase continues on another "
+                f"number of ranks only at the same ZeRO stage: set distributed.deepspeed_config back to a stage "
+                f"{saved_stage} config. " + how)
+        if saved_stage not in UNIVERSAL_STAGES:
+            raise ResumeError(
+                f"{source.path} was written by {saved_world} ranks at ZeRO stage {saved_stage} and this run has "
+                f"{shape.world_size}; continuing the middle of a phase on another number of ranks goes through "
+                f"DeepSpeed's universal checkpoint, which bertscale supports at ZeRO stages "
+                f"{', '.join(map(str, UNIVERSAL_STAGES))} only. " + how)
+        if phase.global_batch % (phase.micro_batch * shape.world_size):
+            raise ResumeError(
+                f"{source.path} continues phase {phase.name!r} with global batch {phase.global_batch} (micro batch "
+                f"{phase.micro_batch}), which {shape.world_size} ranks cannot make: the global batch must stay the "
+                f"same inside a phase, so use a number of ranks that divides {phase.global_batch // phase.micro_batch}"
+                f". " + how)
     saved_rows = source.meta.get("vocab_rows", shape.model_config.get("vocab_size"))
     if saved_rows != shape.vocab_rows:
         raise ResumeError(
@@ -343,6 +388,36 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def universal_checkpoint(source: CheckpointInfo) -> Path:
+    """DeepSpeed's universal checkpoint of ``source``'s shards, in ``source/universal`` (made once; reused).
+
+    ``deepspeed.checkpoint.ds_to_universal`` rebuilds every parameter's fp32 weights and optimizer
+    state (``exp_avg``, ``exp_avg_sq``, ``step``: everything our LAMB and AdamW keep) per original
+    tensor, so any number of ranks can load it. It runs in this process, its loads weights-only with
+    our allow-list (every ``.pt`` is checked first), into a temporary directory renamed into place
+    whole: a directory named ``universal`` is always complete.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = source.path / UNIVERSAL
+    if out.is_dir():
+        return out
+    safe_load.check_directory(source.path)
+    args = argparse.Namespace(input_folder=str(source.path), output_folder=None, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # our engine does not record UNIVERSAL_CHECKPOINT_INFO
+    with atomic_output(out) as tmp:
+        try:
+            args.output_folder = str(tmp)
+            quiet = io.StringIO()  # its prints and progress bars; a failure raises
+            with safe_load.enforced(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                ds_to_universal.main(args)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
 
 
 def remove_incomplete(path: Path) -> None:

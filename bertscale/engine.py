@@ -147,9 +147,12 @@ def shipped_ds_configs() -> list[str]:
 
 
 def build_ds_config(base_path: str | os.PathLike, phase: PhaseSection, world_size: int,
-                    optimizer: OptimizerSection, accelerator: str) -> dict:
-    """The DeepSpeed config of one phase: the base file plus batch sizes, clipping and optimizer."""
+                    optimizer: OptimizerSection, accelerator: str, load_universal: bool = False) -> dict:
+    """The DeepSpeed config of one phase: the base file plus batch sizes, clipping and optimizer.
+    ``load_universal``: the phase continues from a universal checkpoint (``Engine.load_shards``)."""
     cfg = load_ds_config(base_path)
+    if load_universal:
+        cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
     cfg["train_micro_batch_size_per_gpu"] = phase.micro_batch
     cfg["gradient_accumulation_steps"] = accumulation_steps(phase, world_size)
     cfg["train_batch_size"] = phase.global_batch
@@ -416,8 +419,13 @@ class Engine:
 
     def load_shards(self, root: Path, tag: str) -> None:
         """Load model and optimizer shards; every ``.pt`` is checked first and loaded weights-only (the
-        rank runs under ``safe_load.enforce_in_this_process``; DeepSpeed's own engine asks for pickles)."""
-        safe_load.check_directory(Path(root) / tag)
+        rank runs under ``safe_load.enforce_in_this_process``; DeepSpeed's own engine asks for pickles).
+        With ``load_universal`` in the config, ``root/tag`` is a universal checkpoint (any number of ranks)."""
+        folder = Path(root) / tag
+        safe_load.check_directory(folder)
+        if self.ds_config.get("checkpoint", {}).get("load_universal"):
+            for sub in sorted({f.parent for f in (folder / "zero").rglob("*.pt")}):  # a folder per parameter
+                safe_load.check_directory(sub)
         path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:  # DeepSpeed returns (None, None) instead of raising

@@ -1,17 +1,24 @@
 """Streaming pretraining batches from WebDataset shards, masked on the fly.
 
-Every epoch is planned up front from the manifest's sample counts, identically on every rank:
+Every epoch is planned up front from the manifest's sample counts, identically on every rank and
+at every world size:
 
 * the shards are permuted from (seed, epoch) and concatenated into one virtual sample stream;
-* rank r takes a contiguous slice of that stream, split into the same number of batches on every
-  rank (``drop_last``: the tail of fewer than world_size x micro_batch samples waits for another
-  epoch, whose shard order differs); whatever the shard sizes, no sample is read twice;
-* the rank's batch j comes from (logical) worker j mod W, which reads its own contiguous slice;
-* each worker shuffles inside blocks of ``shuffle_buffer`` samples, seeded by the block's index.
+* the stream is cut into ``lanes`` = global batch / micro batch contiguous slices, each split into
+  the same number of micro batches (``drop_last``: the tail of fewer than lanes x micro_batch
+  samples waits for another epoch, whose shard order differs); whatever the shard sizes, no
+  sample is read twice. Global step i of the epoch is batch i of every lane, so which samples make
+  a global batch does not depend on the number of ranks;
+* rank r of W holds the A = lanes / W lanes r*A .. r*A+A-1 (A is the gradient accumulation): its
+  micro batch k is batch k // A of its lane k mod A;
+* a lane's batch i comes from (logical) worker i mod W_k, which reads its own contiguous slice of
+  the lane; each worker shuffles inside blocks of ``shuffle_buffer`` samples, seeded by the block's
+  index.
 
-So a position is just "batches taken in this epoch": a resumed loader works out every worker's
-shard and sample offset, skips whole shards by their manifest counts, skips only the partial
-shard's leading samples, and re-reads at most one shuffle block. No WebDataset pipeline stage
+So a position is just "global steps taken in this epoch", the same number on any world size: a
+resumed loader (on the same or another number of ranks) works out every lane worker's shard and
+sample offset, skips whole shards by their manifest counts, skips only the partial shard's leading
+samples, and re-reads at most one shuffle block. No WebDataset pipeline stage
 (node splitter, shard shuffle, ``with_epoch``, resampling) is involved, so none of their traps
 apply.
 
@@ -43,7 +50,7 @@ from bertscale.tokenizer import TokenizerInfo
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -142,9 +149,10 @@ class WorkerPlan:
 
 def plan_rank(total: int, *, rank: int, world_size: int, workers: int, micro_batch: int,
               drop_last: bool) -> list[WorkerPlan]:
-    """Split an epoch of ``total`` samples: this rank's logical workers, each a contiguous slice.
+    """Split an epoch of ``total`` samples into ``world_size`` slices (the loader's lanes): slice
+    ``rank``'s logical workers, each a contiguous part of it.
 
-    Every rank gets the same number of batches. With drop_last every batch has micro_batch rows
+    Every slice gets the same number of batches. With drop_last every batch has micro_batch rows
     and fewer than world_size x micro_batch samples are left for later epochs; without it every
     sample is used once and batch sizes differ by at most one.
     """
@@ -172,17 +180,19 @@ def plan_rank(total: int, *, rank: int, world_size: int, workers: int, micro_bat
 
 @dataclass
 class _Epoch:
-    """One rank's plan for one epoch, shipped to the dataloader workers."""
+    """One rank's plan for one epoch (its lanes), shipped to the dataloader workers."""
 
     urls: list[str]
     entries: list[dict]
     """The shards' manifest entries (sample count, bytes, CRC-32), as urls."""
     order: list[int]
-    plans: list[WorkerPlan]
+    lanes: list[int]
+    """The global lane numbers this rank holds, in its accumulation order."""
+    plans: list[list[WorkerPlan]]
+    """Per lane of this rank: its logical workers' slices."""
     rules: SampleRules
     masking: _Masking
     seed: int
-    rank: int
     shuffle_buffer: int
     strict: bool
 
@@ -190,14 +200,29 @@ class _Epoch:
     def shard_starts(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum([self.entries[j]["samples"] for j in self.order])])
 
-    def position(self, worker: int, batches_done: int) -> dict:
-        """Where a worker stands after ``batches_done`` of its batches: shard and sample offset."""
-        plan = self.plans[worker]
+    @property
+    def lane_batches(self) -> int:
+        """Batches of every lane in this epoch (global steps, when lanes x micro batch is the global batch)."""
+        return sum(len(p.batch_sizes) for p in self.plans[0])
+
+    def batch_source(self, k: int) -> tuple[int, int, int]:
+        """(lane index on this rank, lane batch, logical worker) of this rank's micro batch ``k``."""
+        a = len(self.lanes)
+        return k % a, k // a, (k // a) % len(self.plans[0])
+
+    def worker_done(self, lane: int, worker: int, rank_batches_done: int) -> int:
+        """Batches a lane worker has delivered once this rank has taken ``rank_batches_done``."""
+        lane_done = len(range(lane, rank_batches_done, len(self.lanes)))
+        return len(range(worker, lane_done, len(self.plans[0])))
+
+    def position(self, lane: int, worker: int, batches_done: int) -> dict:
+        """Where a lane worker stands after ``batches_done`` of its batches: shard and sample offset."""
+        plan = self.plans[lane][worker]
         consumed = sum(plan.batch_sizes[:batches_done])
         pos = plan.start + consumed
         starts = self.shard_starts
         k = min(int(np.searchsorted(starts, pos, side="right")) - 1, len(self.order) - 1)
-        return {"batches": batches_done, "samples": consumed,
+        return {"lane": self.lanes[lane], "worker": worker, "batches": batches_done, "samples": consumed,
                 "shard": self.entries[self.order[k]]["name"].rsplit("/", 1)[-1], "shard_offset": int(pos - starts[k])}
 
 
@@ -215,10 +240,10 @@ def _read_or_report(url: str, rules: SampleRules, entry: dict, strict: bool,
 
 
 class _WorkerStream:
-    """The samples and batches of one logical worker; corrupt shards are reported, not fatal."""
+    """The samples and batches of one logical worker of one lane; corrupt shards are reported, not fatal."""
 
-    def __init__(self, ep: _Epoch, worker: int):
-        self.ep, self.worker = ep, worker
+    def __init__(self, ep: _Epoch, lane: int, worker: int):
+        self.ep, self.lane, self.worker = ep, lane, worker
         self.events: list[tuple[str, str]] = []
         self._bad: set[int] = set()  # shards of this epoch already found damaged: not read (downloaded) again
 
@@ -282,7 +307,7 @@ class _WorkerStream:
             k += 1
 
     def batches(self, skip_batches: int) -> Iterator[dict]:
-        ep, plan = self.ep, self.ep.plans[self.worker]
+        ep, plan = self.ep, self.ep.plans[self.lane][self.worker]
         sizes = plan.batch_sizes
         length = sum(sizes)
         done = sum(sizes[:skip_batches])
@@ -295,7 +320,7 @@ class _WorkerStream:
         for b in range(first_block, -(-length // block)):
             items = [next(source) for _ in range(min(block, length - b * block))]
             if block > 1:
-                rng = np.random.default_rng([ep.seed, ep.masking.epoch, ep.rank, self.worker, b])
+                rng = np.random.default_rng([ep.seed, ep.masking.epoch, ep.lanes[self.lane], self.worker, b])
                 items = [items[i] for i in rng.permutation(len(items))]
             if b == first_block:
                 items = items[done - b * block :]
@@ -319,18 +344,32 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class _EpochDataset(IterableDataset):
-    """A rank's epoch for torch's DataLoader; physical worker i serves logical worker (i + first) mod W."""
+def _rank_batches(ep: _Epoch, skip: int, every: int = 1, offset: int = 0) -> Iterator[dict]:
+    """This rank's micro batches ``skip + offset``, ``skip + offset + every``, ... of the epoch, in order.
 
-    def __init__(self, ep: _Epoch, done: list[int], first: int):
+    Each comes from its lane worker's stream (opened at its first use, positioned after what that
+    worker delivered before ``skip``); a lane worker's batches all land in one residue class of
+    ``every`` = the worker count, so each is read by one process only."""
+    streams: dict[tuple[int, int], Iterator[dict]] = {}
+    for k in range(skip + offset, len(ep.lanes) * ep.lane_batches, every):
+        lane, _, worker = ep.batch_source(k)
+        if (lane, worker) not in streams:
+            streams[(lane, worker)] = _WorkerStream(ep, lane, worker).batches(ep.worker_done(lane, worker, skip))
+        yield next(streams[(lane, worker)])
+
+
+class _EpochDataset(IterableDataset):
+    """A rank's epoch for torch's DataLoader: physical worker i serves this rank's micro batches
+    skip + i, skip + i + W, ... (the order torch's DataLoader returns them in)."""
+
+    def __init__(self, ep: _Epoch, skip: int, workers: int):
         super().__init__()
-        self.ep, self.done, self.first = ep, done, first
+        self.ep, self.skip, self.workers = ep, skip, workers
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        logical = (physical + self.first) % len(self.ep.plans)
-        return _WorkerStream(self.ep, logical).batches(self.done[logical])
+        return _rank_batches(self.ep, self.skip, self.workers, physical)
 
 
 # --- the loader -----------------------------------------------------------------------------
@@ -339,9 +378,13 @@ class _EpochDataset(IterableDataset):
 class PretrainingLoader:
     """Infinite iterator of masked micro batches for one rank; epochs follow each other forever.
 
-    ``state_dict()`` records the epoch and the batches taken in it (plus, for people and checks,
-    every worker's shard and offset); ``load_state_dict`` makes the next iteration start exactly
-    there without reading the epoch from its start. ``data_dir`` is a local directory or a URL
+    ``global_batch`` (default micro_batch x world_size) fixes the lanes (global_batch / micro_batch):
+    the epoch's global batches are the same at any world size that divides them, and the rank
+    takes global_batch / (micro_batch x world_size) micro batches per global step.
+    ``state_dict()`` records the epoch and the global steps taken in it (plus, for people and
+    checks, every lane worker's shard and offset); ``load_state_dict`` makes the next iteration
+    start exactly there without reading the epoch from its start, on this or another number of
+    ranks (at a global step boundary). ``data_dir`` is a local directory or a URL
     prefix (see ``storage.py``). ``corrupt_shards`` counts the distinct damaged or unreadable shards
     skipped so far (each is named once in the log, and remembered across a resume);
     ``strict_shards`` raises instead. ``unpadded``: micro batches in ``bertscale.packing``'s unpadded
@@ -368,11 +411,17 @@ class PretrainingLoader:
         whole_word_masking: bool = False,
         strict_shards: bool = False,
         unpadded: bool = False,
+        global_batch: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        global_batch = global_batch or micro_batch * world_size
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"a global batch of {global_batch} is not a whole number of micro batches of "
+                             f"{micro_batch} on each of {world_size} rank(s); choose a world size that divides "
+                             f"{global_batch // micro_batch if global_batch % micro_batch == 0 else global_batch}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.data_dir = str(data_dir)
@@ -388,27 +437,38 @@ class PretrainingLoader:
         self.drop_last, self.with_sample_ids = drop_last, with_sample_ids
         self.whole_word_masking, self.strict_shards = whole_word_masking, strict_shards
         self.unpadded = unpadded
+        self.lanes = global_batch // micro_batch
+        self.accumulation = self.lanes // world_size
         self.seq_len = int(self.manifest["seq_len"])
         self.epoch = 0
         self.batches_in_epoch = 0
         self.corrupt: set[str] = set()  # the shards found damaged (their paths or URLs)
-        plan_rank(sum(self.counts), rank=rank, world_size=world_size, workers=self.workers,
-                  micro_batch=micro_batch, drop_last=drop_last)  # fail now, not at the first batch
+        self._lane_plan(0)  # fail now, not at the first batch
 
     @property
     def workers(self) -> int:
         """Logical workers: the slices an epoch is cut into (1 when reading in-process)."""
         return max(1, self.num_workers)
 
+    def _lane_plan(self, lane: int) -> list[WorkerPlan]:
+        try:
+            return plan_rank(sum(self.counts), rank=lane, world_size=self.lanes, workers=self.workers,
+                             micro_batch=self.micro_batch, drop_last=self.drop_last)
+        except ValueError:
+            raise ValueError(f"an epoch of {sum(self.counts)} samples cannot give each of {self.lanes} lane(s) "
+                             f"(global batch / micro batch) a batch of {self.micro_batch}, so no rank of "
+                             f"{self.world_size} gets one; use a smaller micro batch or global batch, fewer "
+                             f"ranks or more data") from None
+
     def _epoch(self, epoch: int) -> _Epoch:
         masking = _Masking(self.seed, epoch, self.tokenizer, self.mask_prob, self.max_predictions,
                            self.whole_word_masking, self.seq_len, self.with_sample_ids, self.unpadded)
+        lanes = list(range(self.rank * self.accumulation, (self.rank + 1) * self.accumulation))
         return _Epoch(
             urls=self.urls, entries=self.entries,
             order=epoch_order(len(self.urls), seed=self.seed, epoch=epoch).tolist(),
-            plans=plan_rank(sum(self.counts), rank=self.rank, world_size=self.world_size, workers=self.workers,
-                            micro_batch=self.micro_batch, drop_last=self.drop_last),
-            rules=SampleRules.of(self.manifest), masking=masking, seed=self.seed, rank=self.rank,
+            lanes=lanes, plans=[self._lane_plan(lane) for lane in lanes],
+            rules=SampleRules.of(self.manifest), masking=masking, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, strict=self.strict_shards,
         )
 
@@ -428,49 +488,62 @@ class PretrainingLoader:
 
     def batches_per_epoch(self) -> int:
         """Batches every rank gets per epoch (the same on all ranks)."""
-        return sum(len(p.batch_sizes) for p in self._epoch(self.epoch).plans)
+        return self.batches_per_epoch_of(self.epoch)
 
     def state_dict(self) -> dict:
+        """The position: ``global_steps_in_epoch`` (lane batches taken; the same on every rank and any
+        world size) and, for people and checks, every lane worker's shard and offset on this rank."""
         ep = self._epoch(self.epoch)
-        w = self.workers
-        done = [len(range(v, self.batches_in_epoch, w)) for v in range(w)]
+        a = self.accumulation
         return {
             "version": STATE_VERSION, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-            "world_size": self.world_size, "workers": w, "micro_batch": self.micro_batch,
-            "drop_last": self.drop_last, "corrupt_shards": self.corrupt_shards,
+            "global_steps_in_epoch": self.batches_in_epoch // a, "partial_step": self.batches_in_epoch % a,
+            "samples_in_epoch": self.batches_in_epoch // a * self.lanes * self.micro_batch,
+            "lanes": self.lanes, "world_size": self.world_size, "workers": self.workers,
+            "micro_batch": self.micro_batch, "drop_last": self.drop_last, "corrupt_shards": self.corrupt_shards,
             "corrupt_shard_names": sorted(self.corrupt),
-            "positions": [ep.position(v, done[v]) for v in range(w)],
+            "positions": [ep.position(j, v, ep.worker_done(j, v, self.batches_in_epoch))
+                          for j in range(a) for v in range(self.workers)],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at a saved position; another world size is fine at a global step boundary."""
+        if int(state.get("version", 1)) < 3:
+            raise ValueError(
+                f"the saved data position (loader state version {state.get('version', 1)}) was taken by an older "
+                f"bertscale that cut epochs per rank; this one cuts them per global batch, so it cannot continue "
+                f"that epoch exactly. Finish the phase with the bertscale that started it, or restart the phase")
         mismatched = [
             f"{key} {state[key]} (now {now})"
-            for key, now in (("world_size", self.world_size), ("workers", self.workers),
+            for key, now in (("lanes", self.lanes), ("workers", self.workers),
                              ("micro_batch", self.micro_batch), ("drop_last", self.drop_last))
             if key in state and state[key] != now
         ]
         if mismatched:
             raise ValueError(
                 "the saved data position was taken with " + ", ".join(mismatched) + "; an epoch is cut "
-                "differently under other settings, so resume with the same ranks, dataloader workers "
+                "differently under other settings, so resume with the same global batch, dataloader workers "
                 "(train.num_workers) and micro batch"
             )
+        if state["world_size"] != self.world_size and state["partial_step"]:
+            raise ValueError(
+                f"the saved data position is {state['partial_step']} micro batch(es) into a global step on "
+                f"{state['world_size']} rank(s); only a position at a global step boundary (every checkpoint's) "
+                f"continues on another number of ranks ({self.world_size})")
         self.epoch = int(state["epoch"])
-        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.batches_in_epoch = int(state["global_steps_in_epoch"]) * self.accumulation + int(state["partial_step"])
         self.corrupt = set(state.get("corrupt_shard_names", ()))
 
     def _batches_from(self, epoch: int, skip: int) -> Iterator[dict]:
         ep = self._epoch(epoch)
-        w = self.workers
-        done = [len(range(v, skip, w)) for v in range(w)]
-        first = skip % w
         if self.num_workers == 0:
-            return _WorkerStream(ep, 0).batches(done[0])
+            return _rank_batches(ep, skip)
         # Its own generator: torch draws the workers' base seed each time an iterator is created, by
         # default from the global RNG that also drives dropout, and a resumed run creates its iterator
         # at another step than the run that never stopped. (Workers use no torch randomness: their
         # shuffles are seeded from seed, epoch, rank, worker and block.)
-        return iter(DataLoader(_EpochDataset(ep, done, first), batch_size=None, num_workers=self.num_workers,
+        return iter(DataLoader(_EpochDataset(ep, skip, self.num_workers), batch_size=None,
+                               num_workers=self.num_workers,
                                generator=torch.Generator().manual_seed(self.seed),
                                worker_init_fn=_ignore_stop_signals))
 
@@ -500,7 +573,7 @@ class PretrainingLoader:
             epoch, skip = epoch + 1, 0
 
     def batches_per_epoch_of(self, epoch: int) -> int:
-        return sum(len(p.batch_sizes) for p in self._epoch(epoch).plans)
+        return self.accumulation * sum(len(p.batch_sizes) for p in self._lane_plan(0))
 
 
 def eval_batches(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -19,6 +19,8 @@ class RunState:
     """Non-padding tokens consumed, over all ranks."""
     phase_complete: bool = False
     """True in the checkpoint written at the last step of a phase."""
+    world_size_changes: list[dict] = field(default_factory=list)
+    """Mid-phase resumes on another number of ranks: ``{"global_step", "from", "to"}`` each."""
 
     def state_dict(self) -> dict:
         return asdict(self)

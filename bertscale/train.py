@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -21,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bertscale import checkpoint as ckpt
@@ -28,7 +30,7 @@ from bertscale import safe_load
 from bertscale.config import (ARCHITECTURE_OVERRIDES, ConfigError, RunConfig, accumulation_steps, load_config,
                               max_predictions)
 from bertscale.console import Progress
-from bertscale.files import WriteError, write_failure
+from bertscale.files import WriteError, open_log, write_failure
 from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_ds_config,
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
                               zero_stage)
@@ -180,9 +182,10 @@ class Trainer:
             load_state_dict_into(model, consolidated_state_dict(previous.path.parent, previous.tag))
             self.state.samples_seen = previous.meta["state"]["samples_seen"]
             self.state.tokens_seen = previous.meta["state"]["tokens_seen"]
+            self.state.world_size_changes = list(previous.meta["state"].get("world_size_changes", []))
         self.accumulation = accumulation_steps(self.phase, dist.world_size)
         ds_config = build_ds_config(cfg.distributed.deepspeed_config, self.phase, dist.world_size,
-                                    cfg.optimizer, accelerator)
+                                    cfg.optimizer, accelerator, load_universal=plan.world_change is not None)
         self.engine = Engine(model, ds_config, cfg.optimizer, accelerator, lr=self.phase.lr)
         if plan.previous is not None:
             note = plan.world_size_note(self.phase, shape, self.accumulation)
@@ -194,6 +197,7 @@ class Trainer:
                        f"{cfg.phases[self.phase_index - 1].name} ({plan.previous.path}); optimizer moments "
                        + ("carried over" if plan.carry_moments else "reset"))
         self.bad_steps = self.bad_in_a_row = 0
+        self.sample_log = _sample_log(dist.rank)
         # replicate_data: every rank reads the same stream of whole global batches (see TrainSection)
         data_micro, data_rank, data_world = ((self.phase.global_batch, 0, 1) if cfg.train.replicate_data
                                              else (self.phase.micro_batch, dist.rank, dist.world_size))
@@ -204,14 +208,20 @@ class Trainer:
             num_workers=cfg.train.num_workers, shuffle_buffer=cfg.train.shuffle_buffer,
             expect_seq_len=self.phase.seq_len, whole_word_masking=cfg.data.whole_word_masking,
             strict_shards=cfg.data.strict_shards,
+            # the epoch is cut per global batch: the same global batches, and positions, on any world size
+            global_batch=None if cfg.train.replicate_data else self.phase.global_batch,
+            with_sample_ids=bool(os.environ.get(SAMPLE_LOG_ENV)),
             unpadded=cfg.train.unpadded and not cfg.train.replicate_data)  # replicated: unpadded per slice
         resume = plan.resume
-        if resume is not None:
+        if resume is not None and plan.world_change is not None:
+            self._resume_on_other_ranks(plan)
+        elif resume is not None:
             self.engine.load_shards(resume.path.parent, resume.tag)
             self.state.load_state_dict(resume.meta["state"])
             # last: RNG states (dropout) as they were right after the checkpointed step
             self.loader.load_state_dict(ckpt.read_rank_state(resume.path, dist.rank)["loader"])
             self._log0(f"resumed from {resume.path} at global step {self.state.global_step}")
+        if resume is not None:
             if plan.changed:
                 self._log0("changed since the checkpoint: " + "; ".join(plan.changed))
         # on resume, hide events an interrupted attempt logged after its last checkpoint
@@ -223,6 +233,27 @@ class Trainer:
                                world_size=dist.world_size, peak_tflops=device_peak_tflops())
         if self.phase_index == 0 and resume is None:
             self.metrics.log_config(cfg.to_dict())
+
+    def _resume_on_other_ranks(self, plan: ckpt.ResumePlan) -> None:
+        """Continue a phase that other ranks started: model and optimizer from the universal checkpoint
+        (made by the launcher; rank 0 makes it if it is missing), the data position in global steps from
+        rank 0's loader state (the same on every rank), RNG streams seeded afresh per rank."""
+        resume, (before, now) = plan.resume, plan.world_change
+        if self.dist.rank == 0:
+            ckpt.universal_checkpoint(resume)
+        barrier()
+        self.engine.load_shards(resume.path, ckpt.UNIVERSAL)
+        self.state.load_state_dict(resume.meta["state"])
+        self.state.world_size_changes.append({"global_step": self.state.global_step, "from": before, "to": now})
+        self.loader.load_state_dict(ckpt.read_rank_state(resume.path, 0, restore_rng=False)["loader"])
+        # the saved RNG states belong to ranks that no longer exist: dropout draws afresh, reproducibly
+        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.state.global_step, self.dist.rank])
+                   .generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self._log0(plan.resume_note(self.phase, self.accumulation))
+        self._log0(f"resumed from {resume.path} at global step {self.state.global_step}")
 
     def _log0(self, message: str) -> None:
         if self.dist.rank == 0:
@@ -250,6 +281,8 @@ class Trainer:
             poison = _fault_active("nan-loss", step, self.dist.rank)
             self.engine.poison_weights = _fault_active("nan-weights", step, self.dist.rank)
             for batch in self._micro_batches(batches):
+                if self.sample_log is not None:
+                    self.sample_log.write(f"{step} {' '.join(map(str, batch['sample_ids'].tolist()))}\n")
                 counts = token_counts(batch)  # on the host, before the copy: counting never waits for the device
                 tokens += counts[1]
                 batch = self.engine.to_device(batch)
@@ -444,6 +477,18 @@ class StopRequest:
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient; the message names the checkpoint."""
+
+
+SAMPLE_LOG_ENV = "BERTSCALE_SAMPLE_LOG"
+"""Tests only: a directory where every rank appends ``step id id ...`` per micro batch it trains on."""
+
+
+def _sample_log(rank: int):
+    """The open ``BERTSCALE_SAMPLE_LOG`` file of this rank (line-buffered, appended to), or None."""
+    folder = os.environ.get(SAMPLE_LOG_ENV)
+    if not folder:
+        return None
+    return open_log(Path(folder) / f"samples-{os.getpid()}-rank{rank}.txt")
 
 
 def _fault_active(name: str, step: int, rank: int) -> bool:

@@ -21,6 +21,7 @@ import logging
 import os
 from pathlib import Path
 
+from bertscale import checkpoint as ckpt
 from bertscale.config import RunConfig, config_from_data, load_config, resolve_paths
 from bertscale.console import RunLog
 from bertscale.rundir import RunDir
@@ -70,14 +71,22 @@ def pretrain(config: str | os.PathLike | RunConfig | dict, overrides: list[str] 
         explicit = source is not None and resume not in ("auto", "never")
         if explicit and first is not None:
             first.command.extend(["--resume-from", str(source.path)])
-        if first is not None:
-            check_resume(cfg, first, accelerator, str(source.path) if explicit else None)
+        start = (check_resume(cfg, first, accelerator, str(source.path) if explicit else None)
+                 if first is not None else None)
+        change = start.world_change if start is not None else None
         if dry_run:
             print_plan(cfg, plans, source, merged_environment(cfg, accelerator), port, estimate=estimate)
+            if change is not None:
+                print(f"# {change[1]} ranks continue a phase that {change[0]} ranks started: the run converts "
+                      f"{start.resume.path} to DeepSpeed's universal checkpoint first (kept beside it)")
             return run_dir.root
         with RunLog(run_dir.train_log, "bertscale pretrain") as run_log:
             try:
                 log.info("%s", "\n".join(run_summary(cfg, plans, accelerator)))
+                if change is not None and lock is not None:
+                    log.info("%s ranks continue a phase that %s ranks started: converting %s to a universal "
+                             "checkpoint", change[1], change[0], start.resume.path)
+                    ckpt.universal_checkpoint(start.resume)
                 run_phases(cfg, plans, source, accelerator, run_log, port)
             except BaseException as exc:  # the record ends with how the run ended, as the console does
                 run_log.note(f"{'stopped' if isinstance(exc, RunStopped) else 'error'}: {exc}")

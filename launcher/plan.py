@@ -161,7 +161,7 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
 
 
-def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from: str | None) -> None:
+def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from: str | None) -> ckpt.ResumePlan:
     """What the first phase to train would start from, checked as its ranks will (``plan_resume``), and
     every ``.pt`` of that checkpoint inspected (``safe_load``): refusals come before any rank starts."""
     from bertscale import safe_load
@@ -171,6 +171,7 @@ def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from
     for source in (start.resume, start.previous):
         if source is not None:
             safe_load.check_directory(source.path)
+    return start
 
 
 def resume_source(cfg: RunConfig, resume: str) -> ckpt.CheckpointInfo | None:

@@ -203,3 +203,35 @@ def test_complete_checkpoints_sorted_by_step_not_name(tmp_path):
     make(tmp_path, 123_456_789)  # 9 digits: sorts before the 8-digit tag by name
     assert [c.global_step for c in ckpt.complete_checkpoints(tmp_path)] == [99_999_999, 123_456_789]
     assert ckpt.latest(tmp_path).global_step == 123_456_789
+
+
+def test_mid_phase_on_another_world_size_continues_through_the_universal_checkpoint(tmp_path):
+    """The resume policy: another number of ranks continues a phase at ZeRO 1, 2 or 3 when it can make the
+    global batch; another stage, no ZeRO or an impossible global batch are refused saying why."""
+    from bertscale.config import load_config
+    from bertscale.rundir import RunDir
+    from runs import write_config
+
+    data = {"tokenizer": tmp_path / "tok", "d128": tmp_path / "d128", "d512": tmp_path / "d512"}
+    cfg = load_config(write_config(tmp_path, data, out=tmp_path / "run"))  # phase1: global 16, micro 4
+    path = make(RunDir.of(cfg).checkpoints, 2)
+    meta = json.loads((path / ckpt.META).read_text())
+
+    def plan(world: int, stage: int = 2, saved_stage: int = 2, **phase) -> ckpt.ResumePlan:
+        (path / ckpt.META).write_text(json.dumps({**meta, "world_size": 2, "zero_stage": saved_stage}))
+        for key, value in phase.items():
+            setattr(cfg.phases[0], key, value)
+        shape = ckpt.RunShape(model_config={}, tokenizer_fingerprint=None, vocab_rows=None, world_size=world,
+                              zero_stage=stage)
+        return ckpt.plan_resume(cfg, 0, shape)
+
+    assert plan(2).world_change is None
+    assert plan(1).world_change == (2, 1) and plan(4).world_change == (2, 4)
+    assert "accumulation 4 x world 1" in plan(1).resume_note(cfg.phases[0], 4)
+    with pytest.raises(ckpt.ResumeError, match="3 ranks cannot make.*divides 4"):
+        plan(3)
+    with pytest.raises(ckpt.ResumeError, match="stage 2; this run has 1 ranks at stage 1"):
+        plan(1, stage=1)
+    assert plan(1, stage=3, saved_stage=3).world_change == (2, 1)
+    with pytest.raises(ckpt.ResumeError, match="universal checkpoint.*stages 1, 2, 3 only"):
+        plan(1, stage=0, saved_stage=0)

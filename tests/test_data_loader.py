@@ -134,7 +134,7 @@ def test_resume_seeks_instead_of_replaying(uneven, monkeypatch):
     resumed.load_state_dict(state)
     next(iter(resumed))
     assert 1 <= len(reads) <= 2, f"resume read {len(reads)} shards of {len(SIZES)}"
-    with pytest.raises(ValueError, match="same ranks, dataloader workers"):
+    with pytest.raises(ValueError, match="same global batch, dataloader workers"):
         loader(uneven, rank=0, world_size=2).load_state_dict(state)
 
 
@@ -276,3 +276,47 @@ def test_a_changed_payload_byte_is_skipped_counted_and_named_once(shard_dir, tok
     with pytest.raises(Exception, match=victim.name):
         list(PretrainingLoader(d, micro_batch=8, rank=0, world_size=1, seed=1, tokenizer=info,
                                strict_shards=True).epoch_batches(0))
+
+
+def global_steps(d, world, steps, state=None, **kw):
+    """Sample ids of each global step (sorted), gathered from every rank's micro batches; and rank 0's state."""
+    out, rank0 = [[] for _ in range(steps)], None
+    for rank in range(world):
+        ld = loader(d, rank=rank, world_size=world, global_batch=8, micro_batch=2, **kw)
+        if state is not None:
+            ld.load_state_dict(json.loads(json.dumps(state)))
+        it = iter(ld)
+        for step in range(steps):
+            for _ in range(ld.accumulation):
+                out[step].extend(next(it)["sample_ids"].tolist())
+        rank0 = rank0 or ld.state_dict()
+    return [sorted(s) for s in out], rank0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_global_batches_and_positions_do_not_depend_on_the_world_size(uneven, workers):
+    steps = 4 * sum(SIZES) // 8 // 4 + 3  # into the second epoch
+    ref, _ = global_steps(uneven, 1, steps, num_workers=workers)
+    assert all(len(s) == 8 == len(set(s)) for s in ref)
+    per_epoch = sum(SIZES) // 8
+    assert len(set(sum(ref[:per_epoch], []))) == per_epoch * 8  # exactly once within the epoch
+    for world in (2, 4):
+        assert global_steps(uneven, world, steps, num_workers=workers)[0] == ref
+    # stop after k steps on one world size, continue on another: the same global batches follow
+    for before, after, k in ((2, 1, 5), (1, 2, 5), (4, 2, per_epoch - 1), (1, 4, per_epoch + 1)):
+        _, state = global_steps(uneven, before, k, num_workers=workers)
+        assert state["global_steps_in_epoch"] == k % per_epoch and state["partial_step"] == 0
+        rest, _ = global_steps(uneven, after, steps - k, state=state, num_workers=workers)
+        assert rest == ref[k:], (before, after, k)
+
+
+def test_another_world_size_needs_a_step_boundary_and_a_divisible_batch(uneven):
+    ld = loader(uneven, rank=0, world_size=1, global_batch=8, micro_batch=2)
+    it = iter(ld)
+    next(it)
+    with pytest.raises(ValueError, match="1 micro batch.*into a global step"):
+        loader(uneven, rank=0, world_size=2, global_batch=8, micro_batch=2).load_state_dict(ld.state_dict())
+    with pytest.raises(ValueError, match="global batch of 8 is not a whole number"):
+        loader(uneven, rank=0, world_size=3, global_batch=8, micro_batch=2)
+    with pytest.raises(ValueError, match="older bertscale"):
+        ld.load_state_dict({**ld.state_dict(), "version": 2})

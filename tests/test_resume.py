@@ -2,11 +2,14 @@
 
 The reference is one uninterrupted run that logs the loss of every optimizer step. Interrupted runs
 (SIGTERM, SIGKILL of everything, one rank killed inside a save) are re-run with the same command
-and must produce the same per-step losses, bit for bit, across the phase boundary too.
+and must produce the same per-step losses, bit for bit, across the phase boundary too. A run moved
+between 2 and 1 ranks mid-phase trains every global step on the same samples, with losses and LAMB
+moments within measured tolerances of the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -19,6 +22,7 @@ import psutil
 import pytest
 
 from bertscale import checkpoint as ckpt
+from bertscale.convert import convert_checkpoint
 from bertscale.metrics import read_scalars
 from launcher.launch import pretrain
 from runs import build_data, write_config
@@ -27,6 +31,10 @@ pytestmark = pytest.mark.slow
 
 STEPS = (6, 3)
 SETTINGS = ["train.log_interval=1", "train.save_interval=2", "train.keep_last=2", "train.eval_batches=0"]
+LOSS_TOL = 0.01
+"""Relative per-step loss deviation allowed after a world-size change (measured: see the test)."""
+MOMENT_TOL = 0.25
+"""Relative deviation of LAMB's second-moment norms from the uninterrupted run's (measured: see the test)."""
 
 
 def losses(out: Path) -> list[tuple[int, float]]:
@@ -40,12 +48,19 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def reference_run(data, tmp_path_factory):
+    """The uninterrupted run on 2 ranks: its per-step losses and the sample ids of every global step."""
     tmp = tmp_path_factory.mktemp("reference")
-    out = pretrain(str(write_config(tmp, data, steps=STEPS)), SETTINGS)
+    with environment(BERTSCALE_SAMPLE_LOG=str(tmp / "samples")):
+        out = pretrain(str(write_config(tmp, data, steps=STEPS)), SETTINGS)
     series = losses(out)
     assert [s for s, _ in series] == list(range(1, sum(STEPS) + 1))
-    return series
+    return series, steps_samples(tmp / "samples"), tmp / "run" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return reference_run[0]
 
 
 def start(config: Path, env: dict | None = None) -> subprocess.Popen:
@@ -125,20 +140,107 @@ def test_rank_dying_inside_a_save_leaves_no_usable_half_checkpoint(data, referen
     assert losses(out) == reference
 
 
-def test_mid_phase_resume_on_another_world_size_is_refused(data, tmp_path):
+def steps_samples(folder: Path, steps: range | None = None) -> dict[int, list[int]]:
+    """Sample ids each global step trained on, from the ranks' BERTSCALE_SAMPLE_LOG files in ``folder``."""
+    found: dict[int, list[int]] = {}
+    for file in folder.glob("samples-*.txt"):
+        for line in file.read_text().splitlines():
+            step, *ids = map(int, line.split())
+            if steps is None or step in steps:
+                found.setdefault(step, []).extend(ids)
+    return {step: sorted(ids) for step, ids in sorted(found.items())}
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """Variables the launched ranks inherit (pretrain runs in this process)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
+def optimizer_state(info: ckpt.CheckpointInfo) -> dict[str, tuple[int, float]]:
+    """Per original tensor: LAMB's step count and the norm of its second moment (universal checkpoint)."""
+    from bertscale import safe_load
+
+    found = {}
+    for folder in sorted((ckpt.universal_checkpoint(info) / "zero").iterdir()):
+        if (folder / "step.pt").is_file():
+            step = safe_load.load(folder / "step.pt")
+            found[folder.name] = (int(step), float(safe_load.load(folder / "exp_avg_sq.pt")["param"].norm()))
+    return found
+
+
+def test_mid_phase_resume_on_another_world_size_continues_the_same_run(data, reference_run, tmp_path):
+    """2 ranks -> SIGKILL -> 1 rank -> SIGKILL -> 2 ranks, each kill inside phase 1 (a rank killed while
+    saving, so the checkpoint it was writing is never complete): every global step trains on the same
+    samples as the uninterrupted run, the losses follow it, and the result converts to transformers."""
+    ref_losses, ref_samples, ref_root = reference_run
     config = write_config(tmp_path, data, steps=STEPS)
     root = tmp_path / "run" / "checkpoints"
-    proc = start(config)
-    wait_for_step(root, 2, proc)
-    kill_tree(proc)
-    # refused by the launcher, before any rank starts (the ranks would refuse the same way)
-    with pytest.raises(ckpt.ResumeError) as failure:
-        pretrain(str(config), SETTINGS + ["distributed.num_gpus=1", "phases.phase1.global_batch=8",
-                                          "phases.phase1.micro_batch=4", "phases.phase2.global_batch=4"])
-    assert "written by 2 ranks but this run has 1" in str(failure.value)
-    with pytest.raises(ckpt.ResumeError) as failure:
-        pretrain(str(config), SETTINGS + ["model.pad_vocab_multiple=64"])  # as a CUDA run would pad
-    assert "vocabulary rows" in str(failure.value) and "model.pad_vocab_multiple" in str(failure.value)
+    one_rank = ["distributed.num_gpus=1"]  # same global batch: accumulation 2 -> 4
+    # the same phase cannot continue with a vocabulary padded otherwise (refused by the launcher, as today)
+    attempts = [(tmp_path / f"samples{i}", fault, world) for i, (fault, world) in
+                enumerate([("die-in-save:4:1", []), ("die-in-save:6:0", one_rank), ("", [])])]
+    for folder, fault, world in attempts:
+        with environment(BERTSCALE_SAMPLE_LOG=str(folder), BERTSCALE_FAULT=fault):
+            if fault:
+                with pytest.raises(RuntimeError, match="failed"):
+                    pretrain(str(config), SETTINGS + world)
+            else:
+                out = pretrain(str(config), SETTINGS + world)
+        if folder == attempts[0][0]:
+            assert ckpt.latest(root).global_step == 2
+            with pytest.raises(ckpt.ResumeError, match="vocabulary rows.*model.pad_vocab_multiple"):
+                pretrain(str(config), SETTINGS + one_rank + ["model.pad_vocab_multiple=64"])
+        if folder == attempts[1][0]:
+            assert ckpt.latest(root).global_step == 4
+            assert (root / ckpt.tag_for(2) / ckpt.UNIVERSAL / "zero").is_dir()  # converted beside the original
+    assert ckpt.latest(root).global_step == sum(STEPS)
+    # steps 1-2 on 2 ranks, 3-4 on 1 rank (resumed from step 2), 5-9 on 2 ranks (resumed from step 4)
+    samples = {**steps_samples(attempts[0][0], range(1, 3)), **steps_samples(attempts[1][0], range(3, 5)),
+               **steps_samples(attempts[2][0])}
+    assert samples == ref_samples
+    phase1 = sum((samples[s] for s in range(1, STEPS[0] + 1)), [])
+    assert len(phase1) == len(set(phase1)) == STEPS[0] * 16  # no sample twice inside the phase's epoch
+    changes = ckpt.latest(root).meta["state"]["world_size_changes"]
+    assert changes == [{"global_step": 2, "from": 2, "to": 1}, {"global_step": 4, "from": 1, "to": 2}]
+
+    got = dict(losses(out))
+    assert [s for s, _ in ref_losses] == sorted(got)
+    assert all(got[s] == v for s, v in ref_losses if s <= 2)  # before the first switch: the same run, bitwise
+    deviation = max(abs(got[s] - v) / abs(v) for s, v in ref_losses if s > 2)
+    print(f"world-size change: max relative loss deviation {deviation:.2e} over steps 3..{sum(STEPS)}; per step "
+          + ", ".join(f"{s}: {got[s] - v:+.4f}" for s, v in ref_losses if s > 2))
+    # Measured: another summation order and other dropout draws on the resumed ranks move the loss
+    # by up to ~LOSS_TOL/4 relative; the loss of a run whose optimizer state was dropped at step 2
+    # moves by more (see the closing note of issue 13).
+    assert deviation < LOSS_TOL, (deviation, ref_losses, sorted(got.items()))
+
+    # LAMB's state went through both switches: at the end of phase 1 (step 6) every tensor's step count
+    # and second moment match the uninterrupted run's (a run that lost them at step 4 would count 2 steps
+    # and hold about a third of the second moment: beta2 0.999 sums 2 squared gradients instead of 6)
+    ours, theirs = (optimizer_state(ckpt.resolve(r, ckpt.tag_for(STEPS[0]))) for r in (root, ref_root))
+    assert ours.keys() == theirs.keys() and len(ours) == 30
+    assert all(ours[name][0] == theirs[name][0] == STEPS[0] for name in ours)
+    ratios = sorted(ours[n][1] / theirs[n][1] for n in ours if theirs[n][1] > 0)
+    moment = max(abs(r - 1) for r in ratios)
+    print(f"world-size change: exp_avg_sq norm ratios to the reference at step {STEPS[0]}: min {ratios[0]:.3f} "
+          f"median {ratios[len(ratios) // 2]:.3f} max {ratios[-1]:.3f} over {len(ratios)} tensors")
+    assert moment < MOMENT_TOL
+
+    from transformers import BertForPreTraining as HFBert
+
+    hf_dir = convert_checkpoint(root, tmp_path / "hf")
+    model = HFBert.from_pretrained(hf_dir)
+    assert model.config.num_hidden_layers == 1
 
 
 def test_resume_never_refuses_an_existing_run(data, tmp_path):
