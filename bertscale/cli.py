@@ -14,7 +14,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
     from bertscale.tokenizer import tokenizer_info, train_tokenizer
 
     out = train_tokenizer(args.input, vocab_size=args.vocab_size, out_dir=args.out, lowercase=not args.cased,
-                          min_frequency=args.min_frequency)
+                          min_frequency=args.min_frequency, documents=args.documents)
     info = tokenizer_info(out)
     print(f"wrote tokenizer to {out} ({info.vocab_size} entries, fingerprint {info.fingerprint})")
     if info.vocab_size < args.vocab_size:
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--cased", action="store_true", help="keep case and accents (default: lowercase)")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
+    p.add_argument("--documents", default="blank-lines", choices=DOCUMENT_MODES,
+                   help="how a .txt file splits into documents, as for `bertscale shards` (give both verbs the same "
+                        "mode). The vocabulary does not depend on it; at blank lines, a corpus that looks written in "
+                        "paragraphs gets a warning")
     p.set_defaults(func=_tokenizer)
 
     p = sub.add_parser("shards", formatter_class=fmt, help="build WebDataset shards of pretraining samples",

@@ -199,3 +199,26 @@ def test_paragraph_files_read_as_one_document_each_match_the_dump_and_the_wrong_
     # index.json records how the shards were built
     assert load_manifest(tmp_path / "files")["documents"] == "file"
     assert load_manifest(tmp_path / "dump")["documents"] == "blank-lines"
+
+
+def test_tokenizer_verb_reads_documents_as_shards_does_and_names_the_paragraph_layout(tmp_path, caplog):
+    """15.3: `bertscale tokenizer --documents`: paragraph files read at blank lines get the same warning as
+    `shards`; read one per file they get none; the vocabulary (made of sentences) is the same either way."""
+    from bertscale.cli import main as cli_main
+
+    _, folder = _same_text_two_layouts(tmp_path, n_docs=30)
+
+    def train(documents: str) -> tuple[str, list[str]]:
+        caplog.clear()
+        out = tmp_path / f"tok-{documents}"
+        with caplog.at_level(logging.WARNING, logger="bertscale"):
+            assert cli_main(["tokenizer", "--input", str(folder), "--vocab-size", "150", "--out", str(out),
+                             "--documents", documents]) == 0
+        return ((out / "vocab.txt").read_text(encoding="utf-8"),
+                [r.getMessage() for r in caplog.records if "--documents file" in r.getMessage()])
+
+    vocab_blank, warned_blank = train("blank-lines")
+    vocab_file, warned_file = train("file")
+    assert len(warned_blank) == 1 and "median document" in warned_blank[0]
+    assert not warned_file
+    assert vocab_blank == vocab_file
