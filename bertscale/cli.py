@@ -90,7 +90,7 @@ def _finetune(args: argparse.Namespace) -> int:
     results = finetune(args.model, args.task, from_scratch=args.from_scratch, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, max_seq_len=args.max_seq_len, warmup=args.warmup,
                        weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-                       skip_malformed=args.skip_malformed)
+                       skip_malformed=args.skip_malformed, pooling=args.pooling)
     print(json.dumps(results))
     return 0
 
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup (then linear decay)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
     p.add_argument("--seed", type=int, default=42, help="seed of the head, the scratch weights, shuffling, dropout")
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean"],
+                   help="what the classifier reads: the pooled [CLS] output (as BERT and Hugging Face) or the mean of "
+                        "the last layer over the real tokens")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--skip-malformed", action="store_true",
                    help="drop TSV rows with the wrong number of columns (as GLUE's reference scripts do for QQP) "
