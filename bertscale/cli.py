@@ -99,7 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
     from bertscale.demo import run_demo
 
     summary = run_demo(args.corpus, args.out, steps1=args.steps1, steps2=args.steps2, ranks=args.ranks,
-                       overrides=args.set)
+                       overrides=args.set, documents=args.documents)
     print(json.dumps(summary))
     return 0
 
@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "conversion and evaluation, in one command. Default corpus: the docstrings of "
                                    "this Python's standard library (nothing is downloaded).")
     p.add_argument("--corpus", nargs="+", default=None, metavar="PATH", help="use these files instead")
+    p.add_argument("--documents", default="blank-lines", choices=DOCUMENT_MODES,
+                   help="with --corpus: how a .txt file splits into documents, as for `bertscale shards` (the default "
+                        "corpus holds one docstring per blank-line-separated block)")
     p.add_argument("--out", default="demo_out", help="output directory (hf/, tensorboard/, checkpoints/, ...)")
     p.add_argument("--steps1", type=int, default=800, help="optimizer steps at seq_len 128")
     p.add_argument("--steps2", type=int, default=60, help="optimizer steps at seq_len 512")
