@@ -23,12 +23,12 @@ pretraining should matter most); the rest of ``corpus.PROBE_DOCS_PER_FAMILY`` is
 PROBE_RECIPE = {"epochs": 15, "lr": 1e-3, "batch_size": 16, "max_seq_len": 64, "pooling": "mean", "seed": 1}
 """The probe's fine-tuning settings, the same for the pretrained model and the scratch control."""
 # Measured on the default demo (800 + 60 steps, the probe held out; issue 14's closing note has the
-# commands): with this recipe the pretrained model does NOT win (0.531 vs 0.656 from scratch, seed 1), nor
-# with [CLS] at 5e-5 (neither learns in 5 epochs), nor as frozen features (logistic regression on the
-# mean-pooled last layer, 16 per label: 0.318 vs 0.381-0.386 for random weights, two seeds; on the word
-# embeddings alone 0.401 vs 0.423-0.455). Its held-out [MASK] loss is above the unigram baseline's (5.93 vs
-# 5.46): the short, high-learning-rate demo recipe has not yet taught it word meanings a classifier can use.
-# The probe says so in the JSON line rather than being tuned until it flatters.
+# commands): with this recipe the pretrained model does NOT win (seeds 1-3: 0.531, 0.543, 0.551 vs 0.656,
+# 0.699, 0.665 from scratch), nor with [CLS] at 5e-5 (neither learns in 5 epochs), nor as frozen features
+# (logistic regression on the mean-pooled last layer, 16 per label: 0.318 vs 0.381-0.386 for random
+# weights, two seeds; on the word embeddings alone 0.401 vs 0.423-0.455). Its held-out [MASK] loss is above
+# the unigram baseline's (5.93 vs 5.46): the short, high-learning-rate demo recipe has not yet taught it
+# word meanings a classifier can use. The probe says so in the JSON line rather than being tuned until it flatters.
 
 # The demo's run configuration: a scaled-down copy of the two-phase BERT recipe.
 DEMO_CONFIG = """\
