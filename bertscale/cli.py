@@ -14,7 +14,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
     from bertscale.tokenizer import tokenizer_info, train_tokenizer
 
     out = train_tokenizer(args.input, vocab_size=args.vocab_size, out_dir=args.out, lowercase=not args.cased,
-                          min_frequency=args.min_frequency)
+                          min_frequency=args.min_frequency, documents=args.documents)
     info = tokenizer_info(out)
     print(f"wrote tokenizer to {out} ({info.vocab_size} entries, fingerprint {info.fingerprint})")
     if info.vocab_size < args.vocab_size:
@@ -94,7 +94,7 @@ def _finetune(args: argparse.Namespace) -> int:
     results = finetune(args.model, args.task, from_scratch=args.from_scratch, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, max_seq_len=args.max_seq_len, warmup=args.warmup,
                        weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-                       skip_malformed=args.skip_malformed)
+                       skip_malformed=args.skip_malformed, pooling=args.pooling)
     print(json.dumps(results))
     return 0
 
@@ -103,7 +103,7 @@ def _demo(args: argparse.Namespace) -> int:
     from bertscale.demo import run_demo
 
     summary = run_demo(args.corpus, args.out, steps1=args.steps1, steps2=args.steps2, ranks=args.ranks,
-                       overrides=args.set)
+                       overrides=args.set, documents=args.documents)
     print(json.dumps(summary))
     return 0
 
@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--cased", action="store_true", help="keep case and accents (default: lowercase)")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
+    p.add_argument("--documents", default="blank-lines", choices=DOCUMENT_MODES,
+                   help="how a .txt file splits into documents, as for `bertscale shards` (give both verbs the same "
+                        "mode). The vocabulary does not depend on it; at blank lines, a corpus that looks written in "
+                        "paragraphs gets a warning")
     p.set_defaults(func=_tokenizer)
 
     p = sub.add_parser("shards", formatter_class=fmt, help="build WebDataset shards of pretraining samples",
@@ -253,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup (then linear decay)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
     p.add_argument("--seed", type=int, default=42, help="seed of the head, the scratch weights, shuffling, dropout")
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean"],
+                   help="what the classifier reads: the pooled [CLS] output (as BERT and Hugging Face) or the mean of "
+                        "the last layer over the real tokens")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--skip-malformed", action="store_true",
                    help="drop TSV rows with the wrong number of columns (as GLUE's reference scripts do for QQP) "
@@ -264,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "conversion and evaluation, in one command. Default corpus: the docstrings of "
                                    "this Python's standard library (nothing is downloaded).")
     p.add_argument("--corpus", nargs="+", default=None, metavar="PATH", help="use these files instead")
+    p.add_argument("--documents", default="blank-lines", choices=DOCUMENT_MODES,
+                   help="with --corpus: how a .txt file splits into documents, as for `bertscale shards` (the default "
+                        "corpus holds one docstring per blank-line-separated block)")
     p.add_argument("--out", default="demo_out", help="output directory (hf/, tensorboard/, checkpoints/, ...)")
     p.add_argument("--steps1", type=int, default=800, help="optimizer steps at seq_len 128")
     p.add_argument("--steps2", type=int, default=60, help="optimizer steps at seq_len 512")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -394,36 +395,87 @@ def _docstrings_of(source: str) -> Iterator[str]:
                 yield doc
 
 
-def write_stdlib_corpus(out_path: Path, max_documents: int | None = None) -> CorpusStats:
-    """Write the docstrings of the Python standard library as a ``.txt`` corpus (no imports).
+PROBE_FAMILIES = ("tkinter", "asyncio", "email", "logging", "xml", "_pydecimal", "unittest", "turtle")
+"""Standard-library packages the demo's downstream probe tells apart: the largest ones (150+ docstrings
+each) whose subjects barely overlap (GUI widgets, coroutines, mail messages, log handlers, XML trees,
+decimal arithmetic, test cases, turtle graphics)."""
+PROBE_DOCS_PER_FAMILY = 60
+"""Docstrings of each probe family held out of the corpus for the probe (chosen by a hash of their place)."""
 
-    An existing file with the same text is left untouched, so its identity (size, modification
-    time) still matches what was built from it.
-    """
-    out_path = Path(out_path)
-    root = Path(sysconfig.get_paths()["stdlib"])
-    stats = CorpusStats(files=1)
-    parts: list[str] = []
+
+def _stdlib_docstrings(root: Path) -> Iterator[tuple[str, str, str]]:
+    """(package or module the file belongs to, ``path:n`` of the n-th kept docstring, its corpus text)."""
     for path in _stdlib_files(root):
         try:
             source = path.read_text(encoding="utf-8")
             docs = list(_docstrings_of(source))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
+        rel = path.relative_to(root)
+        kept = 0
         for doc in docs:
             paragraphs = _docstring_paragraphs(doc)
-            if not paragraphs:
-                stats.empty_documents += 1
-                continue
-            parts.append("\n".join(paragraphs) + "\n\n")
-            stats.documents += 1
-            stats.sentences += sum(len(split_sentences(p)) for p in paragraphs)
-            if max_documents is not None and stats.documents >= max_documents:
-                break
+            if paragraphs:
+                yield rel.parts[0].removesuffix(".py"), f"{rel.as_posix()}:{kept}", "\n".join(paragraphs)
+                kept += 1
+
+
+def _hash_order(place: str) -> bytes:
+    return hashlib.blake2b(place.encode(), digest_size=8).digest()
+
+
+def _probe_choice(families: Sequence[tuple[str, str, str]], per_family: int) -> set[str]:
+    """The places of ``per_family`` docstrings of each ``PROBE_FAMILIES`` package, picked by hash (a fixed
+    choice that does not favour the start of a file)."""
+    chosen: set[str] = set()
+    for family in PROBE_FAMILIES:
+        chosen.update(sorted((place for fam, place, _ in families if fam == family), key=_hash_order)[:per_family])
+    return chosen
+
+
+def write_stdlib_corpus(out_path: Path, max_documents: int | None = None,
+                        probe_path: Path | None = None) -> CorpusStats:
+    """Write the docstrings of the Python standard library as a ``.txt`` corpus (no imports).
+
+    With ``probe_path``, the docstrings ``write_stdlib_probe`` writes there are left out of the corpus:
+    a labelled task whose texts pretraining never sees. An existing file with the same text is left
+    untouched, so its identity (size, modification time) still matches what was built from it.
+    """
+    out_path = Path(out_path)
+    stats = CorpusStats(files=1)
+    docstrings = list(_stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"])))
+    probe = _write_probe(probe_path, docstrings) if probe_path is not None else set()
+    # by text too: a docstring repeated elsewhere in the library (an overridden method's, say) is held out
+    probe_texts = {text for _, place, text in docstrings if place in probe}
+    parts: list[str] = []
+    for _, place, text in docstrings:
+        if text in probe_texts:
+            continue
+        parts.append(text + "\n\n")
+        stats.documents += 1
+        stats.sentences += sum(len(split_sentences(p)) for p in text.split("\n"))
         if max_documents is not None and stats.documents >= max_documents:
             break
-    text = "".join(parts).encode("utf-8")
-    if not (out_path.is_file() and out_path.read_bytes() == text):
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_path, text)
+    _write_if_changed(out_path, "".join(parts).encode("utf-8"))
     return stats
+
+
+def write_stdlib_probe(probe_path: Path) -> int:
+    """Write ``PROBE_DOCS_PER_FAMILY`` docstrings of each of ``PROBE_FAMILIES`` to ``probe_path`` as jsonl
+    (``text``, ``label``: the package, ``where``: ``file:n``), family by family, each in a fixed hashed
+    order (so its first rows spread over the package's files); returns how many."""
+    return len(_write_probe(probe_path, list(_stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"])))))
+
+
+def _write_probe(probe_path: Path, docstrings: Sequence[tuple[str, str, str]]) -> set[str]:
+    chosen = _probe_choice(docstrings, PROBE_DOCS_PER_FAMILY)
+    rows = sorted(((PROBE_FAMILIES.index(family), _hash_order(place)), json.dumps(
+        {"text": text, "label": family, "where": place}) + "\n") for family, place, text in docstrings if place in chosen)
+    _write_if_changed(Path(probe_path), "".join(line for _, line in rows).encode("utf-8"))
+    return chosen
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if not (path.is_file() and path.read_bytes() == data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)

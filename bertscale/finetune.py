@@ -2,7 +2,8 @@
 
 task files (GLUE's TSV layout or jsonl) or in-memory ``TaskData`` -> the model directory's ``tokenizer.json``
 ([CLS] a [SEP] b [SEP], token types, longest-first truncation) -> our ``BertModel`` + dropout + linear on the
-pooled [CLS] (Hugging Face's ``BertForSequenceClassification``, same parameter names) -> AdamW with linear
+pooled [CLS] (Hugging Face's ``BertForSequenceClassification``, same parameter names; or on the mean of the
+last layer, ``pooling="mean"``) -> AdamW with linear
 warmup and decay -> accuracy, F1 and Matthews correlation on the dev set.
 
 ``from_scratch=True`` trains the same classifier from random weights of the same shape: the control
@@ -324,17 +325,26 @@ def classification_metrics(pred: Sequence[int], gold: Sequence[int], labels: Seq
 
 # ------------------------------------------------------------------------------------------------ model
 
-class BertForSequenceClassification(nn.Module):
-    """Our ``BertModel`` with dropout and a linear classifier on the pooled [CLS] output.
+POOLINGS = ("cls", "mean")
+"""What the classifier reads: the pooled [CLS] output (BERT's, Hugging Face's) or the mean of the last
+layer over the real tokens (uses what the encoder learned of every word, not only what NSP put into the
+pooler; the pooler's weights are then unused)."""
 
-    Parameter names and computation are Hugging Face's ``BertForSequenceClassification`` (``bert.*``,
-    ``classifier.weight``, ``classifier.bias``), so its state dict loads there unchanged.
+
+class BertForSequenceClassification(nn.Module):
+    """Our ``BertModel`` with dropout and a linear classifier on the pooled [CLS] output (``pooling="cls"``)
+    or on the mean of the last layer over the real tokens (``pooling="mean"``).
+
+    Parameter names are Hugging Face's ``BertForSequenceClassification`` (``bert.*``, ``classifier.weight``,
+    ``classifier.bias``), so its state dict loads there unchanged; with ``cls`` it also computes the same.
     """
 
-    def __init__(self, bert: BertModel, num_labels: int):
+    def __init__(self, bert: BertModel, num_labels: int, pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         config = bert.config
-        self.config, self.num_labels = config, num_labels
+        self.config, self.num_labels, self.pooling = config, num_labels, pooling
         self.bert = bert
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
@@ -344,12 +354,15 @@ class BertForSequenceClassification(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, num_labels] logits; ``attention_mask`` is 1 for real tokens, 0 for padding."""
-        _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        sequence, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        if self.pooling == "mean":
+            mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).unsqueeze(-1)
+            pooled = (sequence * mask).sum(1) / mask.sum(1).clamp(min=1)
         return self.classifier(self.dropout(pooled))
 
 
 def build_classifier(model_dir: str | os.PathLike, num_labels: int, from_scratch: bool = False,
-                     seed: int = 42) -> BertForSequenceClassification:
+                     seed: int = 42, pooling: str = "cls") -> BertForSequenceClassification:
     """The pretrained encoder of ``model_dir`` (or, ``from_scratch``, random weights of the same shape)
     with a fresh classifier head; the head depends only on ``seed``, so both variants start from the same one."""
     pretrained = load_hf(model_dir)
@@ -359,7 +372,7 @@ def build_classifier(model_dir: str | os.PathLike, num_labels: int, from_scratch
         torch.manual_seed(seed + 1)
         bert = BertForPreTraining(pretrained.config, pretrained.perf).bert
     torch.manual_seed(seed)
-    return BertForSequenceClassification(bert, num_labels)
+    return BertForSequenceClassification(bert, num_labels, pooling)
 
 
 # ------------------------------------------------------------------------------------------------ data path
@@ -452,8 +465,10 @@ def _predict(model: BertForSequenceClassification, rows: Sequence[_Row], batch_s
 
 
 def _check_settings(epochs: int, lr: float, batch_size: int, max_seq_len: int, warmup: float,
-                    weight_decay: float) -> None:
+                    weight_decay: float, pooling: str) -> None:
     problems = []
+    if pooling not in POOLINGS:
+        problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if not isinstance(epochs, int) or epochs < 1:
         problems.append(f"epochs must be a positive integer, got {epochs!r}")
     if not lr > 0:
@@ -473,14 +488,15 @@ def _check_settings(epochs: int, lr: float, batch_size: int, max_seq_len: int, w
 def finetune(model_dir: str | os.PathLike, task: str | os.PathLike | TaskData, *, from_scratch: bool = False,
              epochs: int = 3, lr: float = 5e-5, batch_size: int = 32, max_seq_len: int = 128,
              warmup: float = 0.1, weight_decay: float = 0.01, seed: int = 42, device: str = "auto",
-             skip_malformed: bool = False) -> dict[str, Any]:
+             skip_malformed: bool = False, pooling: str = "cls") -> dict[str, Any]:
     """Fine-tune a classifier on ``task`` (a task directory or ``TaskData``) and score it on the dev set.
 
     Returns a flat dict: the metrics (``accuracy``, ``mcc``; ``f1`` and ``positive_label`` for two
     classes), ``init`` (``pretrained`` or ``scratch``), the settings, example counts and ``seconds``.
     ``skip_malformed`` is passed to ``load_task``; the rows it dropped are counted in ``skipped_rows``.
+    ``pooling`` (one of ``POOLINGS``) says what the classifier reads.
     """
-    _check_settings(epochs, lr, batch_size, max_seq_len, warmup, weight_decay)
+    _check_settings(epochs, lr, batch_size, max_seq_len, warmup, weight_decay, pooling)
     started = time.perf_counter()
     data = task if isinstance(task, TaskData) else load_task(task, skip_malformed=skip_malformed)
     if data.skipped:
@@ -488,7 +504,7 @@ def finetune(model_dir: str | os.PathLike, task: str | os.PathLike | TaskData, *
                     ", ".join(data.skipped[:5]), " ..." if len(data.skipped) > 5 else "")
     dev = _resolve_device(device)
     tok = load_pair_tokenizer(model_dir, max_seq_len)
-    model = build_classifier(model_dir, len(data.labels), from_scratch=from_scratch, seed=seed)
+    model = build_classifier(model_dir, len(data.labels), from_scratch=from_scratch, seed=seed, pooling=pooling)
     config = model.config
     if max_seq_len > config.max_position_embeddings:
         raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
@@ -545,7 +561,7 @@ def finetune(model_dir: str | os.PathLike, task: str | os.PathLike | TaskData, *
         "dev_examples": len(dev_rows),
         "truncated_examples": train_cut + dev_cut,
         "skipped_rows": len(data.skipped),
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_seq_len": max_seq_len,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_seq_len": max_seq_len, "pooling": pooling,
         "warmup": warmup, "weight_decay": weight_decay, "seed": seed,
         "device": dev.type,
         "model": str(model_dir),

@@ -25,7 +25,7 @@ import numpy as np
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from bertscale.corpus import expand_inputs, iter_documents
+from bertscale.corpus import check_document_mode, expand_inputs, iter_documents, paragraph_layout
 from bertscale.files import atomic_output, require_writable_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,9 @@ CONTINUATION = "##"
 _BATCH_SENTENCES = 1000
 
 
-def _sentence_batches(inputs: Sequence[str | os.PathLike]) -> Iterator[list[str]]:
+def _sentence_batches(inputs: Sequence[str | os.PathLike], documents: str = "blank-lines") -> Iterator[list[str]]:
     batch: list[str] = []
-    for doc in iter_documents(inputs):
+    for doc in iter_documents(inputs, documents=documents):
         batch.extend(doc)
         if len(batch) >= _BATCH_SENTENCES:
             yield batch
@@ -64,10 +64,10 @@ def _new_tokenizer(lowercase: bool, vocab: dict[str, int] | None = None) -> Toke
     return tok
 
 
-def _continuation_pieces(inputs: Sequence[str | os.PathLike], tok: Tokenizer) -> list[str]:
+def _continuation_pieces(inputs: Sequence[str | os.PathLike], tok: Tokenizer, documents: str) -> list[str]:
     """``##c`` for every character c of the normalized corpus that can continue a word, sorted."""
     raw: set[str] = set()
-    for batch in _sentence_batches(inputs):
+    for batch in _sentence_batches(inputs, documents):
         raw.update("".join(batch))
     chars: set[str] = set()
     for c in raw:  # character by character: context (a final sigma) is left to train_tokenizer's check
@@ -82,7 +82,7 @@ def _continuation_pieces(inputs: Sequence[str | os.PathLike], tok: Tokenizer) ->
 
 
 def _train(inputs, lowercase: bool, vocab_size: int, min_frequency: int, pieces: list[str],
-           show_progress: bool) -> dict[str, int]:
+           show_progress: bool, documents: str) -> dict[str, int]:
     tok = _new_tokenizer(lowercase)
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
@@ -92,7 +92,7 @@ def _train(inputs, lowercase: bool, vocab_size: int, min_frequency: int, pieces:
         # off the terminal the Rust progress bar leaves only blank lines in logs and pipes
         show_progress=show_progress and sys.stderr.isatty(),
     )
-    tok.train_from_iterator(_sentence_batches(inputs), trainer=trainer)
+    tok.train_from_iterator(_sentence_batches(inputs, documents), trainer=trainer)
     return tok.get_vocab(with_added_tokens=True)
 
 
@@ -127,12 +127,18 @@ def train_tokenizer(
     lowercase: bool = True,
     min_frequency: int = 2,
     show_progress: bool = True,
+    documents: str = "blank-lines",
 ) -> Path:
     """Train a BERT WordPiece tokenizer on the corpus and write HF-compatible files to out_dir.
 
     Byte-identical files for the same corpus and options. The vocabulary can come out smaller than
     ``vocab_size`` when the corpus has no more pairs seen ``min_frequency`` times (logged).
+    ``documents`` (one of ``corpus.DOCUMENT_MODES``) reads .txt files as ``bertscale shards`` will; the
+    vocabulary comes from sentences, which both modes read alike, so the mode only decides whether the
+    paragraph layout is warned about (in ``blank-lines`` mode, as ``build_shards`` warns) and is not part
+    of the training record.
     """
+    check_document_mode(documents)
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} "
@@ -140,14 +146,17 @@ def train_tokenizer(
         )
     out = require_writable_dir(out_dir, "tokenizer output directory")  # before minutes of training
     options = _training_options(inputs, vocab_size, lowercase, min_frequency)
-    pieces = _continuation_pieces(inputs, _new_tokenizer(lowercase))
-    vocab = _train(inputs, lowercase, vocab_size, min_frequency, pieces, show_progress)
+    layout = paragraph_layout(expand_inputs(inputs)) if documents == "blank-lines" else None
+    if layout is not None:
+        log.warning("%s", layout)
+    pieces = _continuation_pieces(inputs, _new_tokenizer(lowercase), documents)
+    vocab = _train(inputs, lowercase, vocab_size, min_frequency, pieces, show_progress, documents)
     stray = sorted(t for t in vocab if t.startswith(CONTINUATION) and len(t) == len(CONTINUATION) + 1
                    and t not in set(pieces))
     if stray:  # a piece the character scan missed would get a hash-order id: train again with it
         log.info("retraining with %d more continuation pieces (%s) for a reproducible vocabulary", len(stray),
                  " ".join(stray[:10]))
-        vocab = _train(inputs, lowercase, vocab_size, min_frequency, sorted(pieces + stray), show_progress)
+        vocab = _train(inputs, lowercase, vocab_size, min_frequency, sorted(pieces + stray), show_progress, documents)
     ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     if ordered[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
         raise AssertionError(f"special tokens did not get ids 0-4: {ordered[:5]}")

@@ -199,3 +199,50 @@ def test_paragraph_files_read_as_one_document_each_match_the_dump_and_the_wrong_
     # index.json records how the shards were built
     assert load_manifest(tmp_path / "files")["documents"] == "file"
     assert load_manifest(tmp_path / "dump")["documents"] == "blank-lines"
+
+
+def test_tokenizer_verb_reads_documents_as_shards_does_and_names_the_paragraph_layout(tmp_path, caplog):
+    """15.3: `bertscale tokenizer --documents`: paragraph files read at blank lines get the same warning as
+    `shards`; read one per file they get none; the vocabulary (made of sentences) is the same either way."""
+    from bertscale.cli import main as cli_main
+
+    _, folder = _same_text_two_layouts(tmp_path, n_docs=30)
+
+    def train(documents: str) -> tuple[str, list[str]]:
+        caplog.clear()
+        out = tmp_path / f"tok-{documents}"
+        with caplog.at_level(logging.WARNING, logger="bertscale"):
+            assert cli_main(["tokenizer", "--input", str(folder), "--vocab-size", "150", "--out", str(out),
+                             "--documents", documents]) == 0
+        return ((out / "vocab.txt").read_text(encoding="utf-8"),
+                [r.getMessage() for r in caplog.records if "--documents file" in r.getMessage()])
+
+    vocab_blank, warned_blank = train("blank-lines")
+    vocab_file, warned_file = train("file")
+    assert len(warned_blank) == 1 and "median document" in warned_blank[0]
+    assert not warned_file
+    assert vocab_blank == vocab_file
+
+
+def test_the_demo_probe_is_held_out_of_the_stdlib_corpus(tmp_path):
+    """14.3: the downstream probe's docstrings (60 of each of 8 packages, labelled by package) are exactly
+    the documents the corpus loses when it is written with a probe: pretraining never sees them."""
+    from bertscale.corpus import PROBE_DOCS_PER_FAMILY, PROBE_FAMILIES, write_stdlib_probe
+
+    whole = write_stdlib_corpus(tmp_path / "all.txt")
+    held = write_stdlib_corpus(tmp_path / "held.txt", probe_path=tmp_path / "probe.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["label"] for r in rows] == [f for f in PROBE_FAMILIES for _ in range(PROBE_DOCS_PER_FAMILY)]
+    assert all(r["where"].split(":")[0].split("/")[0].removesuffix(".py") == r["label"] for r in rows)
+    probe_texts = {r["text"] for r in rows}
+    assert len(probe_texts) > 0.95 * len(rows)  # a few docstrings repeat within a package
+    corpus_docs = {"\n".join(doc) for doc in iter_documents([tmp_path / "held.txt"])}
+    all_docs = [d for d in (tmp_path / "all.txt").read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    held_docs = [d for d in (tmp_path / "held.txt").read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    assert whole.documents == len(all_docs) and held.documents == len(held_docs)
+    assert len(rows) <= len(all_docs) - len(held_docs) < 1.1 * len(rows)  # a docstring repeated elsewhere goes too
+    assert not probe_texts & set(held_docs)
+    assert probe_texts <= set(all_docs)
+    assert corpus_docs  # the held-out corpus still reads as documents
+    write_stdlib_probe(tmp_path / "probe2.jsonl")  # the probe alone, for a demo on another corpus: the same rows
+    assert (tmp_path / "probe2.jsonl").read_bytes() == (tmp_path / "probe.jsonl").read_bytes()

@@ -157,11 +157,17 @@ def _listen(port: int) -> socket.socket | None:
 
 
 @pytest.mark.slow
-def test_demo_trains_while_port_29500_is_held_and_its_picked_port_is_taken(tmp_path, monkeypatch):
+def test_demo_trains_while_port_29500_is_held_and_its_picked_port_is_taken(tmp_path, monkeypatch, capsys):
     """`make demo ARGS=...` scaled down, with 29500 held by another socket and the first port the launcher
     picks taken before rank 0 can listen on it (a real bind race): the demo still trains, on a port it picked
-    again, and applies its --set overrides."""
-    corpus = str(write_generated_corpus(tmp_path / "corpus.txt", n_docs=150, seed=2))
+    again, and applies its --set overrides. Its corpus is one file per document written in paragraphs, read
+    with --documents file (15.3), and its JSON line ends with the downstream probe's accuracies (14.3)."""
+    dump = write_generated_corpus(tmp_path / "corpus.txt", n_docs=150, seed=2).read_text(encoding="utf-8")
+    folder = tmp_path / "paragraphs"
+    folder.mkdir()
+    for i, doc in enumerate(d for d in dump.split("\n\n") if d.strip()):
+        (folder / f"doc{i:03d}.txt").write_text(doc.replace("\n", "\n\n") + "\n", encoding="utf-8")
+    corpus = str(folder)
     out = tmp_path / "demo"
     default = _listen(29500)  # None: another process holds it already, which serves as well
     raced = _listen(0)
@@ -170,7 +176,8 @@ def test_demo_trains_while_port_29500_is_held_and_its_picked_port_is_taken(tmp_p
     real_free_port = ports.free_port
     monkeypatch.setattr(ports, "free_port", lambda: next(picks, None) or real_free_port())
     try:
-        code = main(["demo", "--corpus", corpus, "--out", str(out), "--steps1", "2", "--steps2", "1",
+        code = main(["demo", "--corpus", corpus, "--documents", "file", "--out", str(out), "--steps1", "2",
+                     "--steps2", "1",
                      "--set", "train.log_interval=1", "--set", "model.num_hidden_layers=1",
                      "--set", "phases.phase1.micro_batch=16", "--set", "phases.phase2.micro_batch=8"])
     finally:
@@ -189,3 +196,20 @@ def test_demo_trains_while_port_29500_is_held_and_its_picked_port_is_taken(tmp_p
     assert log.count(f"master port {raced_port} was taken by another process") == 1
     assert "was taken by another process" not in log.split("phase phase2:")[1]
     assert (out / "hf" / "model.safetensors").stat().st_mode & 0o044 == 0o044  # group and others may read it
+    # each paragraph file is one document, and index.json says so
+    manifest = load_manifest(out / "data128")
+    assert manifest["documents"] == "file" and manifest["report"]["documents"] == 150
+    # the JSON line: held-out figures beside their baselines, and the downstream probe from both starts
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("eval_mlm_accuracy", "baseline_mlm_accuracy", "downstream_accuracy", "downstream_accuracy_scratch",
+                "downstream_chance"):
+        assert 0 <= summary[key] <= 1, (key, summary)
+    assert Path(summary["downstream_task"], "train.jsonl").is_file()
+
+
+def test_demo_documents_mode_is_for_corpus_files(tmp_path, capsys):
+    """The default corpus is a docstring per blank-line block: --documents file without --corpus would make
+    it one document, so the demo refuses before doing anything."""
+    assert main(["demo", "--documents", "file", "--out", str(tmp_path / "demo")]) == 1
+    assert "--documents file is for --corpus files" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

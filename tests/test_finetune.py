@@ -80,6 +80,24 @@ def test_learns_a_single_sentence_task_and_reports_every_metric(model_dir, word_
     json.dumps(result)  # the CLI prints it as one JSON line
 
 
+def test_mean_pooling_learns_the_task_and_ignores_padding(model_dir, word_groups, tmp_path):
+    """pooling="mean" (the demo's probe reads it): the classifier learns from the mean of the real tokens,
+    and an example scores the same alone as beside a longer one (its padding does not count)."""
+    result = finetune(model_dir, write_sst2(tmp_path / "sst", word_groups), pooling="mean", **FAST)
+    assert result["accuracy"] >= 0.9 and result["pooling"] == "mean", result
+    model = build_classifier(model_dir, 2, pooling="mean").eval()
+    tok = load_pair_tokenizer(model_dir, 32)
+    short, long = (torch.tensor(tok.encode(text).ids) for text in ("kalo mi", "kalo mi dorfis sa ti rusa mine"))
+    batch = torch.zeros(2, len(long), dtype=torch.long)
+    batch[0, :len(short)], batch[1] = short, long
+    mask = (batch != 0).long()
+    with torch.no_grad():
+        alone = model(short[None])
+        padded = model(batch, torch.zeros_like(batch), mask)
+    torch.testing.assert_close(padded[0], alone[0])
+    assert not torch.allclose(padded[0], padded[1])
+
+
 def test_learns_a_pair_task_that_only_the_second_sentence_decides(model_dir, word_groups):
     """In-memory TaskData (what the demo's probe passes); the label is the group of text_b, so a classifier
     that never saw the second sentence would stay at chance."""
