@@ -72,6 +72,8 @@ def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8
     from bertscale.tokenizer import train_tokenizer, trained_from
 
     probe = out / "corpus" / "probe.jsonl"
+    # the embedded corpus is one docstring per document by construction: short documents, not paragraphs
+    own = not corpus
     if not corpus:
         path = out / "corpus" / "stdlib_docstrings.txt"
         log.info("[1/7] gathering the standard library's docstrings into %s (those of the downstream probe, %s, "
@@ -85,11 +87,13 @@ def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8
         log.info("[2/7] reusing the WordPiece tokenizer in %s (same corpus and options)", out / "tokenizer")
     else:
         log.info("[2/7] training a WordPiece tokenizer (vocab %d)", vocab_size)
-        train_tokenizer(corpus, vocab_size=vocab_size, out_dir=out / "tokenizer", documents=documents)
+        train_tokenizer(corpus, vocab_size=vocab_size, out_dir=out / "tokenizer", documents=documents,
+                        check_layout=not own)
     log.info("[3/7] building shards at seq_len 128 and 512 in one pass over the text")
     build_shards(corpus, out / "tokenizer", seq_len=[128, 512],
                  out_dirs={128: out / "data128", 512: out / "data512"},
-                 samples_per_shard={128: 1000, 512: 500}, seed=1234, valid_fraction=0.03, documents=documents)
+                 samples_per_shard={128: 1000, 512: 500}, seed=1234, valid_fraction=0.03, documents=documents,
+                 check_layout=not own)
     return corpus
 
 

@@ -488,6 +488,7 @@ def build_shards(
     sentence_order: bool = False,
     out_dirs: Mapping[int, str | os.PathLike] | None = None,
     documents: str = "blank-lines",
+    check_layout: bool = True,
 ) -> dict:
     """Tokenize the corpus once, build sentence-pair samples and write train/valid shards.
 
@@ -497,7 +498,8 @@ def build_shards(
     ``sentence_order`` makes negatives swapped segments (ALBERT's SOP) instead of random B's. A
     directory already built from the same inputs and options is left as it is. ``documents`` (one of
     ``corpus.DOCUMENT_MODES``) says how .txt files split into documents; in ``blank-lines`` mode a corpus
-    that looks written in paragraphs is named in a warning at the start, suggesting ``file``.
+    that looks written in paragraphs is named in a warning at the start, suggesting ``file``
+    (``check_layout=False``: the caller wrote the corpus and knows its documents, as the demo does).
     """
     lens = [int(seq_len)] if isinstance(seq_len, (int, np.integer)) else [int(x) for x in seq_len]
     if not lens or len(set(lens)) != len(lens):
@@ -529,12 +531,13 @@ def build_shards(
         for L in sorted(targets):
             locks.enter_context(ExclusiveLock(targets[L] / LOCK_FILE, f"shard directory {targets[L]}"))
         return _build_locked(files, tokenizer_dir, info, targets, per_shard, seed, valid_fraction, short_seq_prob,
-                             sentence_order, workers, show_progress, documents)
+                             sentence_order, workers, show_progress, documents, check_layout)
 
 
 def _build_locked(files: list[Path], tokenizer_dir, info: TokenizerInfo, targets: dict[int, Path],
                   per_shard: dict[int, int], seed: int, valid_fraction: float, short_seq_prob: float,
-                  sentence_order: bool, workers: int | None, show_progress: bool, documents: str) -> dict:
+                  sentence_order: bool, workers: int | None, show_progress: bool, documents: str,
+                  check_layout: bool) -> dict:
     start = time.perf_counter()
     lens = sorted(targets)
     dtype = ids_dtype(info.vocab_size)
@@ -551,7 +554,7 @@ def _build_locked(files: list[Path], tokenizer_dir, info: TokenizerInfo, targets
         log.info("%s is up to date (built from the same inputs and options); nothing to do", targets[L])
     todo = [L for L in lens if L not in done]
     if todo:
-        layout = paragraph_layout(files) if documents == "blank-lines" else None
+        layout = paragraph_layout(files) if documents == "blank-lines" and check_layout else None
         if layout is not None:
             log.warning("%s", layout)
         owned = {L: _claim(targets[L]) for L in todo}

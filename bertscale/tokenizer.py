@@ -128,6 +128,7 @@ def train_tokenizer(
     min_frequency: int = 2,
     show_progress: bool = True,
     documents: str = "blank-lines",
+    check_layout: bool = True,
 ) -> Path:
     """Train a BERT WordPiece tokenizer on the corpus and write HF-compatible files to out_dir.
 
@@ -135,8 +136,8 @@ def train_tokenizer(
     ``vocab_size`` when the corpus has no more pairs seen ``min_frequency`` times (logged).
     ``documents`` (one of ``corpus.DOCUMENT_MODES``) reads .txt files as ``bertscale shards`` will; the
     vocabulary comes from sentences, which both modes read alike, so the mode only decides whether the
-    paragraph layout is warned about (in ``blank-lines`` mode, as ``build_shards`` warns) and is not part
-    of the training record.
+    paragraph layout is warned about (in ``blank-lines`` mode, as ``build_shards`` warns, unless
+    ``check_layout`` is false) and is not part of the training record.
     """
     check_document_mode(documents)
     if vocab_size < MIN_VOCAB_SIZE:
@@ -146,7 +147,7 @@ def train_tokenizer(
         )
     out = require_writable_dir(out_dir, "tokenizer output directory")  # before minutes of training
     options = _training_options(inputs, vocab_size, lowercase, min_frequency)
-    layout = paragraph_layout(expand_inputs(inputs)) if documents == "blank-lines" else None
+    layout = paragraph_layout(expand_inputs(inputs)) if documents == "blank-lines" and check_layout else None
     if layout is not None:
         log.warning("%s", layout)
     pieces = _continuation_pieces(inputs, _new_tokenizer(lowercase), documents)
