@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from bertscale.config import RunConfig, config_from_data
+from bertscale.files import write_atomic
 
 log = logging.getLogger("bertscale.demo")
 
