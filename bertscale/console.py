@@ -41,6 +41,9 @@ NOISE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^Loading checkpoint shards: "), "the same consolidation's progress bar, per rank"),
     (re.compile(r"\[real_accelerator\.py:\d+:get_accelerator\] Setting accelerator to CPU"),
      "DeepSpeed finding no GPU where bertscale chose the CPU (conversion, CPU runs)"),
+    (re.compile(r"\[base_optimizer\.py:\d+:load_hp_checkpoint_state_from_checkpoint_dir\] MPU is not provided"),
+     "DeepSpeed loading a universal checkpoint (a world-size change) without tensor parallelism, which bertscale "
+     "does not use"),
     (re.compile(r"^\s*$"), "blank lines"),
 )
 """Lines kept off the console and out of train.log, each with the reason it is not news to the user."""
