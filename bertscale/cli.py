@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", formatter_class=fmt,
                        help="fine-tune a sentence(-pair) classifier: did pretraining help?",
                        description="Fine-tune the model's encoder with a classifier on [CLS] (as Hugging Face's "
-                                   "BertForSequenceClassification) on a labelled task, then print one JSON line of "
+                                   "BertForSequenceClassification; --pooling mean: on the mean of the last layer) "
+                                   "on a labelled task, then print one JSON line of "
                                    "dev-set metrics: accuracy and Matthews correlation (CoLA's metric; multi-class "
                                    "for 3+ labels) always, and for two classes F1 of the positive class (the label "
                                    "sorting last: 1 of 0/1 labels, as GLUE scores MRPC and QQP). TASK is a folder "
