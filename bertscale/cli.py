@@ -110,6 +110,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from bertscale.corpus import DOCUMENT_MODES
+    from bertscale.demo import DEFAULT_STEPS
 
     parser = argparse.ArgumentParser(
         prog="bertscale", epilog=EPILOG,
@@ -276,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --corpus: how a .txt file splits into documents, as for `bertscale shards` (the default "
                         "corpus holds one docstring per blank-line-separated block)")
     p.add_argument("--out", default="demo_out", help="output directory (hf/, tensorboard/, checkpoints/, ...)")
-    p.add_argument("--steps1", type=int, default=800, help="optimizer steps at seq_len 128")
-    p.add_argument("--steps2", type=int, default=60, help="optimizer steps at seq_len 512")
+    p.add_argument("--steps1", type=int, default=DEFAULT_STEPS[0], help="optimizer steps at seq_len 128")
+    p.add_argument("--steps2", type=int, default=DEFAULT_STEPS[1], help="optimizer steps at seq_len 512")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes or GPUs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the demo's run configuration (kept as OUT/run_config.json) as `pretrain --set` does, "
