@@ -139,17 +139,20 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
     for b in batches[:steps]:  # the trainer's first interval is left out too
         step(b)
     timed = batches[steps:]
-    start.wait()  # both ranks time together: they share the cores as the trainer's ranks do
-    t, cpu = time.perf_counter(), time.process_time()
-    for b in timed:
-        step(b)
-    free, cpu = time.perf_counter() - t, time.process_time() - cpu
-    start.wait()
-    t = time.perf_counter()
-    for b in timed:  # lockstep: every rank waits for the others after each step, as at a collective
-        step(b)
+    free = lockstep = cpu = 0.0
+    for _ in range(2):  # free, lockstep, free, lockstep: neither pass is always the warmer or the luckier one
+        start.wait()  # both ranks time together: they share the cores as the trainer's ranks do
+        t, c = time.perf_counter(), time.process_time()
+        for b in timed:
+            step(b)
+        free, cpu = free + time.perf_counter() - t, cpu + time.process_time() - c
         start.wait()
-    results.put((rank, [real_tokens(b) for b in timed], free, time.perf_counter() - t, cpu))
+        t = time.perf_counter()
+        for b in timed:  # lockstep: every rank waits for the others after each step, as at a collective
+            step(b)
+            start.wait()
+        lockstep += time.perf_counter() - t
+    results.put((rank, [real_tokens(b) for b in timed] * 2, free, lockstep, cpu))
 
 
 def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool) -> dict:
@@ -163,7 +166,7 @@ def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpad
     got = [results.get(timeout=1800) for _ in procs]
     for p in procs:
         p.join()
-    per_step = list(zip(*(g[1] for g in got)))  # real tokens of each timed step, per rank
+    per_step = list(zip(*(g[1] for g in got)))  # real tokens of each timed step (each twice: two passes), per rank
     tokens = sum(map(sum, per_step))
     return {"real_tokens_per_s": tokens / max(g[2] for g in got),
             "lockstep_real_tokens_per_s": tokens / max(g[3] for g in got),
