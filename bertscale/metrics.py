@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Order of the running sums kept on device between log points.
 _SUMS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "nsp_count",
-         "samples", "tokens", "computed_tokens", "computed_tokens_sq", "data_wait_s")
+         "samples", "tokens", "computed_tokens", "computed_tokens_sq", "data_wait_s", "cpu_s")
 
 # Dense bf16 peak per device (TFLOP/s) for throughput/mfu, by CUDA device name.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "V100": 125.0}
@@ -66,6 +66,7 @@ class Metrics:
         self._t0 = time.perf_counter()
         self._steps_in_interval = 0
         self._process = psutil.Process()
+        self._cpu0 = self._cpu_seconds()
         self._start_time = time.perf_counter()
         self._start_step: int | None = None
 
@@ -96,7 +97,8 @@ class Metrics:
         this adds losses, accuracies, throughput, model FLOP/s, memory and CPU use over the interval.
         """
         sums = self._sums if self._sums is not None else torch.zeros(6)
-        sums = torch.cat([sums.detach().cpu().double(), torch.tensor([*self._host, self._data_wait],
+        cpu = self._cpu_seconds()
+        sums = torch.cat([sums.detach().cpu().double(), torch.tensor([*self._host, self._data_wait, cpu - self._cpu0],
                                                                      dtype=torch.float64)])
         sums = all_reduce_sum(sums)
         s = dict(zip(_SUMS, sums.tolist()))
@@ -118,6 +120,9 @@ class Metrics:
             # real / computed tokens (1.0 unpadded), and the share of the interval ranks waited on data
             "throughput/fill": s["tokens"] / max(s["computed_tokens"], 1),
             "throughput/data_wait_fraction": s["data_wait_s"] / (elapsed * self.world_size) if elapsed > 0 else 0.0,
+            # real tokens per CPU second of every rank and its loader workers: unlike tokens_per_s, barely moved
+            # by other jobs sharing the machine (what the trainer costs, not how long it waited for a core)
+            "throughput/tokens_per_cpu_s": s["tokens"] / s["cpu_s"] if s["cpu_s"] > 0 else 0.0,
             "memory/host_rss_gib": self._process.memory_info().rss / 2 ** 30,
             "system/cpu_percent": psutil.cpu_percent(interval=None),
             **scalars,
@@ -144,7 +149,21 @@ class Metrics:
         self._data_wait = 0.0
         self._steps_in_interval = 0
         self._t0 = time.perf_counter()
+        self._cpu0 = cpu
         return row
+
+    def _cpu_seconds(self) -> float:
+        """CPU seconds (user + system) this rank has used so far, with its loader workers: the live ones and
+        those of finished epochs (counted in the rank's own times once they exit)."""
+        t = self._process.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in self._process.children(recursive=True):
+            try:
+                c = child.cpu_times()
+            except psutil.Error:
+                continue  # exited while we looked: its time moves to children_* once the rank reaps it
+            total += c.user + c.system
+        return total
 
     def log_eval(self, step: int, results: dict[str, float]) -> None:
         if self.rank == 0:

@@ -87,16 +87,31 @@ class StepTiming:
         return accumulation * self.micro_batch_s + self.optimizer_s
 
 
+def estimate_batch(cfg: RunConfig, phase: PhaseSection) -> dict:
+    """The micro batch ``--estimate`` times: the phase's first ``micro_batch`` training samples, in the layout
+    the trainer feeds the model (unpadded when ``train.unpadded`` is on, as ``bertscale.train`` builds its
+    micro batches; else padded to the longest sample)."""
+    from bertscale.loader import eval_batches
+    from bertscale.packing import unpad
+    from bertscale.tokenizer import tokenizer_info
+
+    batch = next(iter(eval_batches(phase.data, split="train", batch_size=phase.micro_batch, seed=cfg.run.seed,
+                                   tokenizer=tokenizer_info(cfg.model.tokenizer), max_batches=1)), None)
+    if batch is None:
+        raise ConfigError(f"phase {phase.name!r}: no training samples in {phase.data} to time a step on")
+    return unpad(batch) if cfg.train.unpadded else batch
+
+
 def measure_step(cfg: RunConfig, phase: PhaseSection, accelerator: str, threads: int | None = None,
                  repeats: int = 2) -> StepTiming:
     """Time real steps of the run's model on this machine's device: forward and backward of one micro batch of
-    the phase's own training samples at its seq_len (dropout on), and one LAMB/AdamW update; the best of
-    ``repeats`` after one untimed warm-up. ``threads``: CPU threads to measure with (a CPU rank's share)."""
+    the phase's own training samples at its seq_len (dropout on; ``estimate_batch``), and one LAMB/AdamW update;
+    the best of ``repeats`` after one untimed warm-up. ``threads``: CPU threads to measure with (a CPU rank's
+    share)."""
     import torch
 
     from bertscale.engine import load_ds_config
     from bertscale.lamb import Lamb
-    from bertscale.loader import eval_batches
     from bertscale.model import BertForPreTraining
     from bertscale.packing import batch_to, model_inputs
     from bertscale.tokenizer import tokenizer_info
@@ -107,11 +122,7 @@ def measure_step(cfg: RunConfig, phase: PhaseSection, accelerator: str, threads:
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else (
         torch.float16 if ds.get("fp16", {}).get("enabled") and device.type == "cuda" else torch.float32)
     info = tokenizer_info(cfg.model.tokenizer)
-    batch = next(iter(eval_batches(phase.data, split="train", batch_size=phase.micro_batch, seed=cfg.run.seed,
-                                   tokenizer=info, max_batches=1)), None)
-    if batch is None:
-        raise ConfigError(f"phase {phase.name!r}: no training samples in {phase.data} to time a step on")
-    batch = batch_to(batch, device)
+    batch = batch_to(estimate_batch(cfg, phase), device)
     previous_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
@@ -152,7 +163,8 @@ def estimate_phases(cfg: RunConfig, plans: list[PhasePlan], accelerator: str) ->
     if accelerator == "cpu":
         threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_per_node(cfg, "cpu"))
     lines = ["estimated time per phase (--estimate), from real steps of this model measured on this machine's "
-             f"{accelerator}{f' with {threads} thread(s), one CPU rank' + chr(39) + 's share' if threads else ''}:"]
+             f"{accelerator}{f' with {threads} thread(s), one CPU rank' + chr(39) + 's share' if threads else ''}, on "
+             f"{'unpadded' if cfg.train.unpadded else 'padded'} micro batches as training feeds them (train.unpadded):"]
     total = 0.0
     for p in plans:
         if p.complete:

@@ -176,6 +176,21 @@ def test_weights_that_become_non_finite_on_one_rank_are_put_back_on_every_rank(t
     assert any(not torch.equal(step2[k], step4[k]) for k in step2)  # step 4 trained again
 
 
+def test_the_weight_guards_finite_check_is_exact():
+    """The guard's check sums each tensor first (cheap); a sum past the float32 range must not reject finite
+    weights, and one inf or NaN anywhere must be found (no process group: this rank's verdict)."""
+    from bertscale.engine import _all_finite
+
+    for dtype in (torch.float32, torch.bfloat16):
+        finite = [torch.randn(10_000).to(dtype), torch.randn(3, 7).to(dtype)]
+        assert _all_finite(finite) and _all_finite([])
+        assert _all_finite(finite + [torch.full((1000,), 3e38, dtype=dtype)])  # its sum overflows float32
+        for bad in ([float("inf")], [float("-inf")], [float("nan")], [float("inf"), float("-inf")]):
+            spoiled = finite[0].clone()
+            spoiled[[17, 9_999][:len(bad)]] = torch.tensor(bad, dtype=dtype)
+            assert not _all_finite([finite[1], spoiled]), (dtype, bad)
+
+
 # ---------------------------------------------------------------- 2. the exit status tells the truth
 
 def test_a_rank_killed_in_the_final_evaluation_fails_the_run_and_is_named(trained, data, tmp_path):

@@ -659,6 +659,21 @@ def test_dry_run_estimate_times_a_real_step_per_phase(data, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # measured in this process; nothing written, no rank started
 
 
+def test_estimate_times_micro_batches_in_the_layout_training_uses(data, tmp_path):
+    """train.unpadded (the default) trains on unpadded micro batches: --estimate times those, not padded ones."""
+    from bertscale.packing import real_tokens
+    from launcher.dry_run import estimate_batch
+    from launcher.launch import resolve_config
+
+    config = run_config(tmp_path, data, out=tmp_path / "run")
+    config["phases"][1]["micro_batch"] = 4  # several samples of several lengths at 512
+    unpadded = estimate_batch(cfg := resolve_config(config), cfg.phases[1])
+    padded = estimate_batch(cfg := resolve_config(config, ["train.unpadded=false"]), cfg.phases[1])
+    assert "cu_seqlens" in unpadded and "attention_mask" in padded
+    assert len(unpadded["next_sentence_label"]) == len(padded["next_sentence_label"]) == 4  # the same samples
+    assert unpadded["input_ids"].numel() == real_tokens(padded) < padded["input_ids"].numel()
+
+
 def test_slurm_script_needs_its_environment_named_and_stops_gracefully(tmp_path):
     """The activation is not commented out: without BERTSCALE_VENV the job fails at once, saying what to set."""
     script = Path(__file__).resolve().parent.parent / "launcher" / "slurm.sbatch"

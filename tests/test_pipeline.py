@@ -4,6 +4,7 @@ both phases, checkpoints, conversion, and parity of the converted model with `tr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,7 @@ def test_eval_of_converted_model(trained):
 TAGS = ("loss/total", "loss/mlm", "loss/nsp", "accuracy/mlm", "accuracy/nsp", "optim/lr", "optim/grad_norm",
         "optim/loss_scale", "optim/skipped_steps", "optim/global_batch", "throughput/samples_per_s",
         "throughput/tokens_per_s", "throughput/tflops", "throughput/fill", "throughput/data_wait_fraction",
+        "throughput/tokens_per_cpu_s",
         "memory/host_rss_gib", "system/cpu_percent", "data/epoch",
         "data/corrupt_shards", "train/phase", "train/seq_len", "train/samples_seen", "eval/mlm_accuracy",
         "eval/mlm_loss", "eval/nsp_accuracy", "eval/mlm_accuracy_all_positions", "eval/mlm_loss_all_positions",
@@ -176,6 +178,11 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(trained):
     # the shipped default trains on unpadded batches: every computed token is a real one
     assert [v for _, v in scalars["throughput/fill"]] == [1.0] * 4
     assert all(0 <= v <= 1 for _, v in scalars["throughput/data_wait_fraction"])
+    # CPU seconds per wall second over each interval, from two figures: the ranks and their loader workers
+    # kept at most every core of this machine busy (CPU time counted since the start, or twice, would exceed it)
+    busy = [rate / per_cpu_s for (_, rate), (_, per_cpu_s) in zip(scalars["throughput/tokens_per_s"],
+                                                                   scalars["throughput/tokens_per_cpu_s"])]
+    assert len(busy) == 4 and all(0 < b <= 1.05 * os.cpu_count() for b in busy), busy
 
 
 @pytest.mark.slow

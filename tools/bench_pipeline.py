@@ -19,6 +19,21 @@ For each sequence length, in the same run:
 ``pipeline_efficiency`` = trainer real tokens/s / bare real tokens/s. What the gap holds: ZeRO's
 gradient all-reduce and partitioned optimizer step, DeepSpeed's bookkeeping, the loader, host syncs
 and logging. Both sides use the run's default batch layout (unpadded: ``train.unpadded``).
+
+Two figures split the gap. Data-parallel ranks wait for each other every step (the gradient
+all-reduce), so a step lasts as long as its busiest rank; unpadded micro batches of a fixed number of
+samples hold different numbers of tokens on each rank. ``rank_token_balance`` = the ranks' mean real
+tokens / the busiest rank's, summed over the timed steps: what a synchronous step can reach if time
+follows real tokens (no measurement: the batches' own counts). ``bare_lockstep`` runs the same bare
+steps with a barrier after each (the wait a collective imposes, and nothing else), so
+``sync_efficiency`` = lockstep / free-running bare measures that wait, and
+``trainer_vs_lockstep`` = trainer / lockstep what DeepSpeed, the loader and the loop add beyond it.
+
+The machine may be shared and its load changes from minute to minute: ``--rounds N`` measures trainer
+and bare N times, alternating, and reports the median of the rounds' ratios beside each round's.
+``cpu_efficiency`` = real tokens per CPU second (every rank and its loader workers: the trainer's
+``throughput/tokens_per_cpu_s``) of the trainer / of the bare step: what the loop costs in work, which
+other jobs on the machine barely move; waiting (for a core, a peer rank, the loader) is not in it.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -82,6 +98,7 @@ def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, un
     from bertscale.metrics import read_scalars
     from launcher.launch import pretrain
 
+    work.mkdir(parents=True, exist_ok=True)
     out = work / f"run{seq_len}"
     config = work / f"run{seq_len}.toml"
     config.write_text(_config(out, data, tok, seq_len, steps, ranks, free_port(), unpadded), encoding="utf-8")
@@ -90,7 +107,8 @@ def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, un
     tail = lambda tag: [v for _, v in s[tag]][1:]  # noqa: E731 - intervals after the first
     rates, waits = tail("throughput/tokens_per_s"), tail("throughput/data_wait_fraction")
     return {"real_tokens_per_s": sum(rates) / len(rates), "data_wait_fraction": sum(waits) / len(waits),
-            "fill": sum(tail("throughput/fill")) / len(rates)}
+            "fill": sum(tail("throughput/fill")) / len(rates),
+            "real_tokens_per_cpu_s": sum(tail("throughput/tokens_per_cpu_s")) / len(rates)}
 
 
 def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, steps: int, threads: int,
@@ -120,11 +138,21 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
 
     for b in batches[:steps]:  # the trainer's first interval is left out too
         step(b)
-    start.wait()  # both ranks time together: they share the cores as the trainer's ranks do
-    t = time.perf_counter()
-    for b in batches[steps:]:
-        step(b)
-    results.put((rank, sum(real_tokens(b) for b in batches[steps:]), time.perf_counter() - t))
+    timed = batches[steps:]
+    free = lockstep = cpu = 0.0
+    for _ in range(2):  # free, lockstep, free, lockstep: neither pass is always the warmer or the luckier one
+        start.wait()  # both ranks time together: they share the cores as the trainer's ranks do
+        t, c = time.perf_counter(), time.process_time()
+        for b in timed:
+            step(b)
+        free, cpu = free + time.perf_counter() - t, cpu + time.process_time() - c
+        start.wait()
+        t = time.perf_counter()
+        for b in timed:  # lockstep: every rank waits for the others after each step, as at a collective
+            step(b)
+            start.wait()
+        lockstep += time.perf_counter() - t
+    results.put((rank, [real_tokens(b) for b in timed] * 2, free, lockstep, cpu))
 
 
 def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool) -> dict:
@@ -138,8 +166,13 @@ def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpad
     got = [results.get(timeout=1800) for _ in procs]
     for p in procs:
         p.join()
-    tokens = sum(g[1] for g in got)
-    return {"real_tokens_per_s": tokens / max(g[2] for g in got), "threads_per_rank": threads}
+    per_step = list(zip(*(g[1] for g in got)))  # real tokens of each timed step (each twice: two passes), per rank
+    tokens = sum(map(sum, per_step))
+    return {"real_tokens_per_s": tokens / max(g[2] for g in got),
+            "lockstep_real_tokens_per_s": tokens / max(g[3] for g in got),
+            "real_tokens_per_cpu_s": tokens / sum(g[4] for g in got),
+            "rank_token_balance": tokens / sum(ranks * max(step) for step in per_step),
+            "threads_per_rank": threads}
 
 
 def find(folder: Path, seq_len: int) -> Path:
@@ -158,26 +191,51 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per logged interval (3 intervals)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--padded", action="store_true", help="both sides on padded batches (train.unpadded = false)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure trainer and bare this many times, alternating; the figures are the rounds' medians")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1 (got {a.rounds})")
     folder = Path(a.data).resolve()
     tok = Path(a.tokenizer).resolve() if a.tokenizer else folder / "tokenizer"
     out: dict = {"ranks": a.ranks, "steps_timed": 2 * a.steps, "layout": "padded" if a.padded else "unpadded",
-                 "lengths": {}}
+                 "rounds": a.rounds, "lengths": {}}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline.") as work:
         for seq_len in a.seq_len:
             data = find(folder, seq_len)
-            trainer = trainer_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, Path(work))
-            bare = bare_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded)
-            r = {"trainer": trainer, "bare": bare,
-                 "pipeline_efficiency": trainer["real_tokens_per_s"] / bare["real_tokens_per_s"]}
+            rounds = []
+            for i in range(a.rounds):
+                trainer = trainer_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, Path(work) / f"round{i}")
+                bare = bare_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded)
+                rounds.append(_ratios(trainer, bare))
+                print(f"seq_len {seq_len} round {i + 1}/{a.rounds}: trainer {trainer['real_tokens_per_s']:.0f} real "
+                      f"tok/s (data wait {trainer['data_wait_fraction']:.1%}, fill {trainer['fill']:.2f}), bare step "
+                      f"{bare['real_tokens_per_s']:.0f} (lockstep {bare['lockstep_real_tokens_per_s']:.0f}) real tok/s "
+                      f"-> pipeline efficiency {rounds[-1]['pipeline_efficiency']:.2f} (sync "
+                      f"{rounds[-1]['sync_efficiency']:.2f} x trainer/lockstep {rounds[-1]['trainer_vs_lockstep']:.2f};"
+                      f" rank token balance {bare['rank_token_balance']:.2f}); per CPU second: trainer "
+                      f"{trainer['real_tokens_per_cpu_s']:.0f}, bare {bare['real_tokens_per_cpu_s']:.0f} real tokens "
+                      f"-> cpu efficiency {rounds[-1]['cpu_efficiency']:.2f}", flush=True)
+            r = {key: statistics.median(x[key] for x in rounds) for key in RATIOS}
+            r.update(rounds=rounds, rank_token_balance=rounds[0]["bare"]["rank_token_balance"])
             out["lengths"][str(seq_len)] = r
-            print(f"seq_len {seq_len}: trainer {trainer['real_tokens_per_s']:.0f} real tok/s (data wait "
-                  f"{trainer['data_wait_fraction']:.1%}, fill {trainer['fill']:.2f}), bare step "
-                  f"{bare['real_tokens_per_s']:.0f} real tok/s -> pipeline efficiency "
-                  f"{r['pipeline_efficiency']:.2f}", flush=True)
+            each = ", ".join(f"{x['pipeline_efficiency']:.2f}/{x['cpu_efficiency']:.2f}" for x in rounds)
+            print(f"seq_len {seq_len}: pipeline efficiency {r['pipeline_efficiency']:.2f}, cpu efficiency "
+                  f"{r['cpu_efficiency']:.2f} (medians of {a.rounds} round(s), wall/cpu: {each})", flush=True)
     if a.json:
         print(json.dumps(out))
+
+
+RATIOS = ("pipeline_efficiency", "cpu_efficiency", "sync_efficiency", "trainer_vs_lockstep")
+
+
+def _ratios(trainer: dict, bare: dict) -> dict:
+    """One round's figures: both sides' rates and the three ratios (see the module docstring)."""
+    rate, lockstep = bare["real_tokens_per_s"], bare["lockstep_real_tokens_per_s"]
+    return {"trainer": trainer, "bare": bare, "pipeline_efficiency": trainer["real_tokens_per_s"] / rate,
+            "cpu_efficiency": trainer["real_tokens_per_cpu_s"] / bare["real_tokens_per_cpu_s"],
+            "sync_efficiency": lockstep / rate, "trainer_vs_lockstep": trainer["real_tokens_per_s"] / lockstep}
 
 
 if __name__ == "__main__":
