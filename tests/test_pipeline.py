@@ -18,15 +18,15 @@ from bertscale.evaluate import evaluate
 from bertscale.hf_format import load_state_dict_into
 from bertscale.model import BertConfig, BertForPreTraining
 from launcher.launch import pretrain
-from runs import REPO, build_data, write_config
+from runs import REPO, write_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(run_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    config = write_config(tmp, build_data(tmp))
+    config = write_config(tmp, run_data)
     out = pretrain(str(config))
     return tmp, out
 
@@ -179,19 +179,15 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(trained):
 
 
 @pytest.mark.slow
-def test_unpadded_and_padded_training_take_the_same_steps(tmp_path):
+def test_unpadded_and_padded_training_take_the_same_steps(run_data, plain_run, tmp_path):
     """The trainer's unpadded batches are the padded batches' samples and masks: without dropout (whose
     masks are drawn per element of differently shaped tensors) two real 2-rank runs log the same losses
     and accuracies at every step, up to the order of bf16 sums; the padded run's fill is below 1."""
     from bertscale.metrics import read_scalars
+    from conftest import PLAIN_RUN_SETTINGS
 
-    data = build_data(tmp_path)
-    config = write_config(tmp_path, data, steps=(4, 2))
-    runs = {}
-    for unpadded in (True, False):
-        out = pretrain(str(config), [f"train.unpadded={str(unpadded).lower()}", "model.dropout=0.0",
-                                     "train.log_interval=1", f"run.out_dir={tmp_path / f'run-{unpadded}'}"])
-        runs[unpadded] = read_scalars(out / "tensorboard")
+    out = pretrain(str(write_config(tmp_path, run_data, steps=(4, 2))), PLAIN_RUN_SETTINGS + ["train.unpadded=false"])
+    runs = {True: plain_run, False: read_scalars(out / "tensorboard")}  # the unpadded run is the shared one
     for tag in ("loss/mlm", "loss/nsp", "accuracy/nsp", "optim/grad_norm"):
         got, want = ([v for _, v in runs[u][tag]] for u in (True, False))
         assert len(got) == len(want) == 6, tag

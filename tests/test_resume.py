@@ -25,7 +25,7 @@ from bertscale import checkpoint as ckpt
 from bertscale.convert import convert_checkpoint
 from bertscale.metrics import read_scalars
 from launcher.launch import pretrain
-from runs import build_data, write_config
+from runs import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +42,8 @@ def losses(out: Path) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume-data")
-    return build_data(tmp)
+def data(run_data):
+    return run_data
 
 
 @pytest.fixture(scope="module")
