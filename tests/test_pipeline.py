@@ -124,7 +124,7 @@ def test_converted_model_loads_in_transformers_with_identical_logits(trained):
     torch.testing.assert_close(mine.seq_relationship_logits, theirs.seq_relationship_logits)
 
 
-def test_eval_of_converted_model(trained):
+def test_eval_of_converted_model(trained, run_data):
     from bertscale.console import NOISE
 
     tmp, out = trained
@@ -137,7 +137,7 @@ def test_eval_of_converted_model(trained):
     assert f"wrote Hugging Face model to {hf_dir}" in done.stdout
     noise = [line for line in (done.stdout + done.stderr).splitlines() if any(p.search(line) for p, _ in NOISE)]
     assert not noise, noise
-    results = evaluate(hf_dir, tmp / "d128", split="valid", batch_size=8)
+    results = evaluate(hf_dir, run_data["d128"], split="valid", batch_size=8)
     assert 0 < results["eval_masked_tokens"] < results["eval_targets_all_positions"]
     assert 0 <= results["eval_mlm_accuracy"] <= 1 and results["eval_mlm_loss"] > 0
     json.dumps(results)
