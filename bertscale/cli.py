@@ -204,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", formatter_class=fmt, help="MLM/NSP accuracy of a converted model",
                        description="Masked-LM loss and accuracy of a converted model on held-out shards (--data, "
                                    "with NSP accuracy) or raw text files (--text, no shards needed), beside what "
-                                   "always predicting the most frequent token (accuracy) or the targets' unigram "
-                                   "distribution (loss) scores on the same positions, and the majority pair label "
-                                   "(NSP); prints one JSON line. eval_mlm_accuracy counts only the positions "
+                                   "a unigram fitted on the training split of --data scores on the same positions "
+                                   "(accuracy: always its most frequent token; loss: its add-one smoothed "
+                                   "cross-entropy; with --text, nothing to fit on: the targets' own histogram, "
+                                   "named in baseline_fitted_on), and the majority pair label (NSP); prints one "
+                                   "JSON line. eval_mlm_accuracy counts only the positions "
                                    "replaced by [MASK]; eval_mlm_accuracy_all_positions also counts the 10% of "
                                    "targets left unchanged and the 10% replaced at random, as Google's "
                                    "masked_lm_accuracy does. Masks are made as training makes them, from --seed.")

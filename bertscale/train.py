@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import random
@@ -34,7 +35,7 @@ from bertscale.files import WriteError, open_log, write_failure
 from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_ds_config,
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
                               zero_stage)
-from bertscale.evaluate import EvalTally
+from bertscale.evaluate import EvalTally, Unigram, fit_unigram
 from bertscale.hf_format import (architectures, check_pretrained, load_pretrained_into, load_state_dict_into,
                                  read_hf_config)
 from bertscale.loader import PretrainingLoader
@@ -450,7 +451,12 @@ class Trainer:
         for batch, counted in mine:
             tally.score(lambda b: self.engine.eval_batch(self.engine.to_device(b)), batch, counted)
         all_reduce_sum(tally.sums)
-        return tally.results()
+        return tally.results(self.unigram)
+
+    @functools.cached_property
+    def unigram(self) -> Unigram | None:
+        """The MLM baselines' unigram, fitted once per phase on its training split (``evaluate.fit_unigram``)."""
+        return fit_unigram(self.phase.data, self.tokenizer)
 
 
 class StopRequest:

@@ -1,7 +1,11 @@
-"""Shared tiny assets built in-process: a generated corpus, a WordPiece tokenizer, shards."""
+"""Shared tiny assets built in-process: a generated corpus, a WordPiece tokenizer, shards; and a HOME of
+the test session's own."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,33 @@ def write_generated_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
     return path
 
 
+_REAL_HOME = pytest.StashKey[str | None]()
+_TEST_HOME = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the session, and every process a test starts (the launcher, ``deepspeed``, its ranks), an empty
+    HOME: DeepSpeed merges ``~/.deepspeed_env`` into the ranks' environment, so a developer's own file
+    (NCCL settings, LD_LIBRARY_PATH, ...) would otherwise reach the test ranks. Set before collection,
+    so nothing imported by a test module reads the real one either. Tests download nothing, so empty
+    caches under it cost nothing."""
+    config.stash[_REAL_HOME] = os.environ.get("HOME")
+    config.stash[_TEST_HOME] = tempfile.mkdtemp(prefix="bertscale-test-home-")
+    os.environ["HOME"] = config.stash[_TEST_HOME]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(_TEST_HOME, None)
+    if home is None:
+        return
+    real = config.stash[_REAL_HOME]
+    if real is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = real
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     return write_generated_corpus(tmp_path_factory.mktemp("corpus") / "gen.txt", n_docs=400)
@@ -56,3 +87,31 @@ def shard_dir(corpus_file, tokenizer_dir, tmp_path_factory) -> Path:
     build_shards([corpus_file], tokenizer_dir, seq_len=64, out_dir=out, samples_per_shard=40,
                  seed=7, valid_fraction=0.05, show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def run_data(tmp_path_factory) -> dict[str, Path]:
+    """``runs.build_data``'s corpus, tokenizer and 128/512 shards, built once for every test that trains through
+    the launcher; tests that damage or extend them work on copies."""
+    from runs import build_data
+
+    return build_data(tmp_path_factory.mktemp("run-data"))
+
+
+PLAIN_RUN_SETTINGS = ["model.dropout=0.0", "train.log_interval=1", "train.save_interval=100"]
+"""``plain_run``'s overrides of ``runs.run_config``: no dropout (so another batch layout can take the same
+steps) and a figure every step."""
+
+
+@pytest.fixture(scope="session")
+def plain_run(run_data, tmp_path_factory) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of one real 2-rank run on ``run_data`` (4 + 2 steps, local folders, unpadded batches,
+    ``PLAIN_RUN_SETTINGS``): the reference that runs changing one thing (padded batches, data served over
+    HTTP) must reproduce."""
+    from bertscale.metrics import read_scalars
+    from launcher.launch import pretrain
+    from runs import write_config
+
+    tmp = tmp_path_factory.mktemp("plain-run")
+    out = pretrain(str(write_config(tmp, run_data, steps=(4, 2))), PLAIN_RUN_SETTINGS + ["train.unpadded=true"])
+    return read_scalars(out / "tensorboard")

@@ -12,16 +12,16 @@ from bertscale.convert import convert_checkpoint
 from bertscale.hf_format import load_hf
 from bertscale.model import BertConfig, BertForPreTraining
 from launcher.launch import pretrain
-from runs import build_data, write_config
+from runs import write_config
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(run_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stages")
-    data = build_data(tmp)
+    data = run_data
     out = {}
     for stage in (1, 3):
         config = write_config(tmp, data, out=tmp / f"run{stage}", stage=stage, steps=(4, 1), name=f"z{stage}.toml")

@@ -29,7 +29,7 @@ from bertscale.metrics import read_scalars
 from bertscale.rundir import RunDir
 from bertscale.shards import build_shards
 from launcher.launch import pretrain
-from runs import build_data, free_port, write_config
+from runs import free_port, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,8 @@ SETTINGS = ["train.save_interval=2", "train.keep_last=5", "train.eval_batches=0"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_data(tmp_path_factory.mktemp("hardening-data"))
+def data(run_data):
+    return run_data
 
 
 @pytest.fixture(scope="module")

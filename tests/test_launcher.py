@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from bertscale.config import ConfigError, DistributedSection, PhaseSection, RunC
 from bertscale.rundir import RunDir
 from bertscale.tokenizer import train_tokenizer, tokenizer_info
 from launcher.diagnose import failure_message
-from launcher.environment import CPU_MALLOC_TUNABLES, worker_environment
+from launcher.environment import CPU_MALLOC_TUNABLES, user_env_files, worker_environment
 from launcher.launch import pretrain
 from launcher.plan import (deepspeed_command, deepspeed_executable, no_ssh_hostfile, node_file, parse_hostfile, plan,
                            preflight, resume_source, world_size)
@@ -643,6 +645,18 @@ def test_the_users_deepspeed_env_is_merged_and_ours_wins_only_where_we_must(data
     write(home / ".deepspeed_env", "NCCL_DEBUG=INFO\nnot a variable\n")
     with pytest.raises(ConfigError, match=rf"{home / '.deepspeed_env'}:2: expected KEY=VALUE"):
         pretrain(run_config(tmp_path, data, out=tmp_path / "run"), dry_run=True)
+
+
+def test_the_suite_and_what_it_starts_have_a_home_of_their_own(tmp_path, monkeypatch):
+    """conftest gives the test session an empty HOME of its own, so a developer's ~/.deepspeed_env never
+    reaches test ranks (tests/test_multinode.py checks that the ranks of a real launch see that HOME)."""
+    assert Path.home() != Path(pwd.getpwuid(os.getuid()).pw_dir)
+    assert Path.home().is_dir() and not any(Path.home().glob(".deepspeed_env*"))
+    child = subprocess.run([sys.executable, "-c", "import pathlib; print(pathlib.Path.home())"], capture_output=True,
+                           text=True, check=True)
+    assert child.stdout.strip() == str(Path.home())
+    monkeypatch.chdir(tmp_path)
+    assert user_env_files() == []  # what the launcher would merge into the ranks' environment: nothing
 
 
 def test_dry_run_estimate_times_a_real_step_per_phase(data, tmp_path, capsys):

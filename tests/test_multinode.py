@@ -5,6 +5,7 @@ fails within the collective timeout, the launcher names what failed, and re-runn
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from bertscale import checkpoint as ckpt
 from bertscale.convert import convert_checkpoint
-from runs import build_data, free_port, write_config
+from runs import free_port, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -71,35 +72,40 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     return codes
 
 
-def rank_variable(tmp_path: Path, name: str) -> dict[int, str | None]:
-    """``name`` in the environment of each running rank of this test's run, by rank."""
+def rank_variables(tmp_path: Path, names: tuple[str, ...]) -> dict[int, tuple[str | None, ...]]:
+    """The variables ``names`` in the environment of each running rank of this test's run, by rank."""
     seen = {}
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
         if "bertscale.train" in cmd and any(str(tmp_path) in a for a in cmd):
             try:
                 env = proc.environ()
-                seen[int(env["RANK"])] = env.get(name)
+                seen[int(env["RANK"])] = tuple(env.get(name) for name in names)
             except (psutil.Error, KeyError, ValueError):
                 pass  # gone, or the deepspeed launcher itself (no RANK)
     return seen
 
 
-def test_two_nodes_no_ssh_train_both_phases_and_convert(tmp_path):
-    data = build_data(tmp_path)
-    config = write_config(tmp_path, data, ranks=1)
-    home = tmp_path / "home"  # the user's ~/.deepspeed_env (NCCL_*, LD_LIBRARY_PATH ...) reaches every rank
-    home.mkdir()
-    (home / ".deepspeed_env").write_text("BERTSCALE_FROM_DS_ENV=cluster-setting\n")
-    procs = start_nodes(config, free_port(), tmp_path, env={**os.environ, "HOME": str(home)})
-    seen: dict[int, str | None] = {}
-    while any(p.poll() is None for p in procs) and len(seen) < 2:
-        seen.update(rank_variable(tmp_path, "BERTSCALE_FROM_DS_ENV"))
-        time.sleep(0.2)
-    codes = wait_all(procs, timeout=300)
+def test_two_nodes_no_ssh_train_both_phases_and_convert(run_data, tmp_path):
+    config = write_config(tmp_path, run_data, ranks=1)
+    # the user's ~/.deepspeed_env (NCCL_*, LD_LIBRARY_PATH ...) reaches every rank; here "~" is the test
+    # session's own HOME (conftest), which the launchers and their ranks inherit: never the developer's
+    home = Path.home()
+    assert home != Path(pwd.getpwuid(os.getuid()).pw_dir) and os.environ["HOME"] == str(home)
+    env_file = home / ".deepspeed_env"
+    env_file.write_text("BERTSCALE_FROM_DS_ENV=cluster-setting\n")
+    try:
+        procs = start_nodes(config, free_port(), tmp_path)
+        seen: dict[int, tuple[str | None, str | None]] = {}
+        while any(p.poll() is None for p in procs) and len(seen) < 2:
+            seen.update(rank_variables(tmp_path, ("BERTSCALE_FROM_DS_ENV", "HOME")))
+            time.sleep(0.2)
+        codes = wait_all(procs, timeout=300)
+    finally:
+        env_file.unlink()  # later tests' launches find no ~/.deepspeed_env, as on a fresh machine
     logs = {r: (tmp_path / f"node{r}.log").read_text() for r in (0, 1)}
     assert codes == [0, 0], logs
-    assert seen == {0: "cluster-setting", 1: "cluster-setting"}, logs
+    assert seen == {0: ("cluster-setting", str(home)), 1: ("cluster-setting", str(home))}, logs
     root = tmp_path / "run" / "checkpoints"
     final = ckpt.final_of_phase(root, 1)
     assert final is not None and final.meta["world_size"] == 2
@@ -110,9 +116,8 @@ def test_two_nodes_no_ssh_train_both_phases_and_convert(tmp_path):
     assert (hf / "model.safetensors").is_file() and (hf / "config.json").is_file()
 
 
-def test_lost_node_fails_within_timeout_and_rerun_resumes(tmp_path):
-    data = build_data(tmp_path)
-    config_path = write_config(tmp_path, data, ranks=1, steps=(40, 2))
+def test_lost_node_fails_within_timeout_and_rerun_resumes(run_data, tmp_path):
+    config_path = write_config(tmp_path, run_data, ranks=1, steps=(40, 2))
     port = free_port()
     # the timeout also bounds the rendezvous wait: a minute lets a node start late on a loaded machine
     timeout = ["--set", "distributed.timeout_minutes=1", "--set", "train.save_interval=5"]
@@ -193,9 +198,8 @@ def start_hosts(config: Path, hosts: dict, logs: Path, extra: list[str] = ()) ->
     return procs
 
 
-def test_two_hosts_in_network_namespaces_and_one_cut_off(two_hosts, tmp_path):
-    data = build_data(tmp_path)
-    config = write_config(tmp_path, data, ranks=1, steps=(40, 2))
+def test_two_hosts_in_network_namespaces_and_one_cut_off(two_hosts, run_data, tmp_path):
+    config = write_config(tmp_path, run_data, ranks=1, steps=(40, 2))
     settings = ["--set", "distributed.timeout_minutes=1", "--set", "train.save_interval=5"]
     procs = start_hosts(config, two_hosts, tmp_path, settings)
     root = tmp_path / "run" / "checkpoints"

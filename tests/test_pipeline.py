@@ -19,15 +19,15 @@ from bertscale.evaluate import evaluate
 from bertscale.hf_format import load_state_dict_into
 from bertscale.model import BertConfig, BertForPreTraining
 from launcher.launch import pretrain
-from runs import REPO, build_data, write_config
+from runs import REPO, write_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(run_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    config = write_config(tmp, build_data(tmp))
+    config = write_config(tmp, run_data)
     out = pretrain(str(config))
     return tmp, out
 
@@ -125,7 +125,7 @@ def test_converted_model_loads_in_transformers_with_identical_logits(trained):
     torch.testing.assert_close(mine.seq_relationship_logits, theirs.seq_relationship_logits)
 
 
-def test_eval_of_converted_model(trained):
+def test_eval_of_converted_model(trained, run_data):
     from bertscale.console import NOISE
 
     tmp, out = trained
@@ -138,7 +138,7 @@ def test_eval_of_converted_model(trained):
     assert f"wrote Hugging Face model to {hf_dir}" in done.stdout
     noise = [line for line in (done.stdout + done.stderr).splitlines() if any(p.search(line) for p, _ in NOISE)]
     assert not noise, noise
-    results = evaluate(hf_dir, tmp / "d128", split="valid", batch_size=8)
+    results = evaluate(hf_dir, run_data["d128"], split="valid", batch_size=8)
     assert 0 < results["eval_masked_tokens"] < results["eval_targets_all_positions"]
     assert 0 <= results["eval_mlm_accuracy"] <= 1 and results["eval_mlm_loss"] > 0
     json.dumps(results)
@@ -186,19 +186,15 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(trained):
 
 
 @pytest.mark.slow
-def test_unpadded_and_padded_training_take_the_same_steps(tmp_path):
+def test_unpadded_and_padded_training_take_the_same_steps(run_data, plain_run, tmp_path):
     """The trainer's unpadded batches are the padded batches' samples and masks: without dropout (whose
     masks are drawn per element of differently shaped tensors) two real 2-rank runs log the same losses
     and accuracies at every step, up to the order of bf16 sums; the padded run's fill is below 1."""
     from bertscale.metrics import read_scalars
+    from conftest import PLAIN_RUN_SETTINGS
 
-    data = build_data(tmp_path)
-    config = write_config(tmp_path, data, steps=(4, 2))
-    runs = {}
-    for unpadded in (True, False):
-        out = pretrain(str(config), [f"train.unpadded={str(unpadded).lower()}", "model.dropout=0.0",
-                                     "train.log_interval=1", f"run.out_dir={tmp_path / f'run-{unpadded}'}"])
-        runs[unpadded] = read_scalars(out / "tensorboard")
+    out = pretrain(str(write_config(tmp_path, run_data, steps=(4, 2))), PLAIN_RUN_SETTINGS + ["train.unpadded=false"])
+    runs = {True: plain_run, False: read_scalars(out / "tensorboard")}  # the unpadded run is the shared one
     for tag in ("loss/mlm", "loss/nsp", "accuracy/nsp", "optim/grad_norm"):
         got, want = ([v for _, v in runs[u][tag]] for u in (True, False))
         assert len(got) == len(want) == 6, tag

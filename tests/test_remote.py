@@ -15,7 +15,7 @@ from bertscale.config import load_config, resolve_paths
 from bertscale.loader import PretrainingLoader, eval_batches
 from bertscale.shard_format import load_manifest
 from bertscale.tokenizer import tokenizer_info
-from runs import build_data, serve, write_config
+from runs import serve, write_config
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +108,18 @@ data = "relative/dir"
 
 
 @pytest.mark.slow
-def test_two_ranks_train_the_same_from_a_url_as_from_the_local_folder(tmp_path):
+def test_two_ranks_train_the_same_from_a_url_as_from_the_local_folder(run_data, plain_run, tmp_path):
     from bertscale.metrics import read_scalars
+    from conftest import PLAIN_RUN_SETTINGS
     from launcher.launch import pretrain
 
-    data = build_data(tmp_path)
-    settings = ["train.log_interval=1", "train.save_interval=100", "train.eval_batches=2"]
-    runs = {}
-    with serve(tmp_path) as (url, requests):
-        for name, prefix in (("local", None), ("url", url)):
-            config = write_config(tmp_path, data, out=tmp_path / name, steps=(4, 2), name=f"{name}.toml")
-            extra = [] if prefix is None else [f"phases.phase1.data={prefix}/d128", f"phases.phase2.data={prefix}/d512"]
-            out = pretrain(str(config), settings + extra)
-            runs[name] = read_scalars(out / "tensorboard")
+    # the local run is the shared plain_run: the same config and settings (eval_batches 2) on local folders
+    runs = {"local": plain_run}
+    with serve(run_data["d128"].parent) as (url, requests):
+        config = write_config(tmp_path, run_data, out=tmp_path / "url", steps=(4, 2), name="url.toml")
+        out = pretrain(str(config), PLAIN_RUN_SETTINGS + ["train.unpadded=true", f"phases.phase1.data={url}/d128",
+                                                          f"phases.phase2.data={url}/d512"])
+        runs["url"] = read_scalars(out / "tensorboard")
         assert any(r.startswith("/d512/train/") for r in requests)
     assert [s for s, _ in runs["url"]["loss/total"]] == list(range(1, 7))
     assert runs["url"]["loss/total"] == runs["local"]["loss/total"]

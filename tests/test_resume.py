@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from bertscale import checkpoint as ckpt
 from bertscale.convert import convert_checkpoint
 from bertscale.metrics import read_scalars
 from launcher.launch import pretrain
-from runs import build_data, write_config
+from runs import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +43,8 @@ def losses(out: Path) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume-data")
-    return build_data(tmp)
+def data(run_data):
+    return run_data
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,24 @@ def reference_run(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(reference_run):
     return reference_run[0]
+
+
+@pytest.fixture(scope="module")
+def died_in_save(data, tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-rank run whose rank 1 was SIGKILLed inside the save of step 4: after writing DeepSpeed's shards,
+    before its own state and the marker (the run directory, and the ranks' sample logs of steps 1-4).
+    Each test that continues it works on a copy (``continue_from``)."""
+    tmp = tmp_path_factory.mktemp("died-in-save")
+    with environment(BERTSCALE_SAMPLE_LOG=str(tmp / "samples"), BERTSCALE_FAULT="die-in-save:4:1"):
+        with pytest.raises(RuntimeError, match="failed"):
+            pretrain(str(write_config(tmp, data, steps=STEPS)), SETTINGS)
+    return tmp / "run", tmp / "samples"
+
+
+def continue_from(run: Path, data, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of a shared run directory at TMP_PATH/run, and a config for it (as the test that made it had)."""
+    shutil.copytree(run, tmp_path / "run", symlinks=True)
+    return write_config(tmp_path, data, steps=STEPS), tmp_path / "run" / "checkpoints"
 
 
 def start(config: Path, env: dict | None = None) -> subprocess.Popen:
@@ -120,16 +138,9 @@ def test_sigkill_at_a_random_point_then_resume_is_exact(data, reference, tmp_pat
     assert losses(out) == reference  # events logged after the last checkpoint were purged
 
 
-def test_rank_dying_inside_a_save_leaves_no_usable_half_checkpoint(data, reference, tmp_path, capfd):
-    config = write_config(tmp_path, data, steps=STEPS)
-    root = tmp_path / "run" / "checkpoints"
-    with pytest.raises(RuntimeError, match="failed"):
-        # rank 1 is SIGKILLed after writing DeepSpeed's shards of step 4, before its own state and the marker
-        os.environ["BERTSCALE_FAULT"] = "die-in-save:4:1"
-        try:
-            pretrain(str(config), SETTINGS)
-        finally:
-            del os.environ["BERTSCALE_FAULT"]
+def test_rank_dying_inside_a_save_leaves_no_usable_half_checkpoint(data, reference, died_in_save, tmp_path, capfd):
+    # rank 1 was SIGKILLed after writing DeepSpeed's shards of step 4, before its own state and the marker
+    config, root = continue_from(died_in_save[0], data, tmp_path)
     assert (root / ckpt.tag_for(4)).is_dir() and not (root / ckpt.tag_for(4) / ckpt.COMPLETE).exists()
     assert ckpt.latest(root).global_step == 2  # auto-resume never picks the half-written one
     capfd.readouterr()
@@ -178,26 +189,28 @@ def optimizer_state(info: ckpt.CheckpointInfo) -> dict[str, tuple[int, float]]:
     return found
 
 
-def test_mid_phase_resume_on_another_world_size_continues_the_same_run(data, reference_run, tmp_path):
+def test_mid_phase_resume_on_another_world_size_continues_the_same_run(data, reference_run, died_in_save, tmp_path):
     """2 ranks -> SIGKILL -> 1 rank -> SIGKILL -> 2 ranks, each kill inside phase 1 (a rank killed while
     saving, so the checkpoint it was writing is never complete): every global step trains on the same
     samples as the uninterrupted run, the losses follow it, and the result converts to transformers."""
     ref_losses, ref_samples, ref_root = reference_run
-    config = write_config(tmp_path, data, steps=STEPS)
-    root = tmp_path / "run" / "checkpoints"
+    # the first attempt (2 ranks, rank 1 killed saving step 4) is the shared died_in_save run
+    config, root = continue_from(died_in_save[0], data, tmp_path)
     one_rank = ["distributed.num_gpus=1"]  # same global batch: accumulation 2 -> 4
-    # the same phase cannot continue with a vocabulary padded otherwise (refused by the launcher, as today)
-    attempts = [(tmp_path / f"samples{i}", fault, world) for i, (fault, world) in
-                enumerate([("die-in-save:4:1", []), ("die-in-save:6:0", one_rank), ("", [])])]
+    attempts = [(died_in_save[1], "die-in-save:4:1", [])] + [
+        (tmp_path / f"samples{i}", fault, world) for i, (fault, world) in
+        enumerate([("die-in-save:6:0", one_rank), ("", [])], 1)]
     for folder, fault, world in attempts:
-        with environment(BERTSCALE_SAMPLE_LOG=str(folder), BERTSCALE_FAULT=fault):
-            if fault:
-                with pytest.raises(RuntimeError, match="failed"):
-                    pretrain(str(config), SETTINGS + world)
-            else:
-                out = pretrain(str(config), SETTINGS + world)
+        if folder != attempts[0][0]:
+            with environment(BERTSCALE_SAMPLE_LOG=str(folder), BERTSCALE_FAULT=fault):
+                if fault:
+                    with pytest.raises(RuntimeError, match="failed"):
+                        pretrain(str(config), SETTINGS + world)
+                else:
+                    out = pretrain(str(config), SETTINGS + world)
         if folder == attempts[0][0]:
             assert ckpt.latest(root).global_step == 2
+            # the same phase cannot continue with a vocabulary padded otherwise (refused by the launcher)
             with pytest.raises(ckpt.ResumeError, match="vocabulary rows.*model.pad_vocab_multiple"):
                 pretrain(str(config), SETTINGS + one_rank + ["model.pad_vocab_multiple=64"])
         if folder == attempts[1][0]:
@@ -243,10 +256,10 @@ def test_mid_phase_resume_on_another_world_size_continues_the_same_run(data, ref
     assert model.config.num_hidden_layers == 1
 
 
-def test_resume_never_refuses_an_existing_run(data, tmp_path):
-    config = write_config(tmp_path, data, steps=(2, 1))
-    pretrain(str(config), ["train.eval_batches=0"])
+def test_resume_never_refuses_an_existing_run(data, reference_run, tmp_path):
     from bertscale.config import ConfigError
 
+    # a copy of the finished reference run (its checkpoints and events), not a run of its own
+    config, _ = continue_from(reference_run[2].parent, data, tmp_path)
     with pytest.raises(ConfigError, match="--resume never"):
-        pretrain(str(config), ["train.eval_batches=0"], resume="never")
+        pretrain(str(config), SETTINGS, resume="never")
