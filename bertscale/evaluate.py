@@ -21,7 +21,6 @@ makes them (``loader.eval_batches``: the same cap on predictions per sample,
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +30,9 @@ import torch
 
 from bertscale.corpus import CorpusStats, iter_documents
 from bertscale.hf_format import load_hf
-from bertscale.loader import eval_batches
+from bertscale.loader import eval_batches, split_shards
 from bertscale.masking import IGNORE_INDEX, Masker, default_max_predictions
-from bertscale.shard_format import CorruptShardError, SampleRules, load_manifest, read_shard, shard_paths
+from bertscale.shard_format import load_manifest
 from bertscale.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
 
 Forward = Callable[[dict[str, torch.Tensor]], object]
@@ -42,8 +41,6 @@ Forward = Callable[[dict[str, torch.Tensor]], object]
 _MASK, _REST, _NSP = 0, 3, 6  # offsets of (loss sum, correct, count) in EvalTally.sums
 _LABELS = 9  # NSP label counts (2)
 _FIXED = 11
-
-log = logging.getLogger(__name__)
 
 UNIGRAM_SAMPLES = 20_000
 """Training samples (the first ones, in manifest order) the unigram baseline is counted on: millions of
@@ -79,23 +76,17 @@ def fit_unigram(data_dir: str | os.PathLike, tokenizer: TokenizerInfo, split: st
     manifest = load_manifest(data_dir, expect_fingerprint=tokenizer.fingerprint)
     if split not in manifest["splits"]:
         return None
-    rules = SampleRules.of(manifest)
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)
     specials = list(tokenizer.special_ids)
     samples = 0
-    for url, entry in zip(shard_paths(manifest, data_dir, split), manifest["splits"][split]["shards"]):
-        if samples >= max_samples:
-            break
-        try:
-            shard = read_shard(url, rules, entry)
-        except CorruptShardError as e:
-            log.warning("the unigram baseline skips a shard: %s", e)
-            continue
+    for shard in split_shards(manifest, data_dir, split, reader="the unigram baseline"):
         take = min(len(shard), max_samples - samples)
         if take:
             ids = np.concatenate([shard.ids(i) for i in range(take)])
             counts += torch.from_numpy(np.bincount(ids, minlength=tokenizer.vocab_size)[:tokenizer.vocab_size]).double()
         samples += take
+        if samples >= max_samples:
+            break  # before reading another shard
     counts[specials] = 0
     tokens = int(counts.sum())
     if tokens == 0:

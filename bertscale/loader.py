@@ -595,28 +595,35 @@ def eval_batches(
     rank, reading the same files, skips the same ones.
     """
     manifest = load_manifest(data_dir, expect_fingerprint=tokenizer.fingerprint)
-    urls = shard_paths(manifest, data_dir, split)
-    rules = SampleRules.of(manifest)
     masking = _Masking(seed, 0, tokenizer, mask_prob, max_predictions, whole_word_masking,
                        int(manifest["seq_len"]), False)
+    if max_batches is not None and max_batches <= 0:
+        return
     batch: list = []
     produced = 0
-    for url, entry in zip(urls, manifest["splits"][split]["shards"]):
-        if max_batches is not None and produced >= max_batches:
-            return
-        events: list[tuple[str, str]] = []
-        shard = _read_or_report(url, rules, entry, strict, events)
-        for name, reason in events:
-            log.warning("evaluation skips shard %s: %s", name, reason)
-        if shard is None:
-            continue
+    for shard in split_shards(manifest, data_dir, split, strict=strict, reader="evaluation"):
         for i in range(len(shard)):
-            if max_batches is not None and produced >= max_batches:
-                return
             batch.append(shard.sample(i))
             if len(batch) == batch_size:
                 yield masking.batch(batch)
                 produced += 1
                 batch = []
-    if batch and (max_batches is None or produced < max_batches):
+                if max_batches is not None and produced >= max_batches:
+                    return  # before reading another shard
+    if batch:
         yield masking.batch(batch)
+
+
+def split_shards(manifest: dict, data_dir: str | os.PathLike, split: str, *, strict: bool = False,
+                 reader: str = "evaluation") -> Iterator[ShardIndex]:
+    """The checked shards of ``split`` in manifest order, each read when the caller asks for it. A damaged or
+    unreadable shard is skipped with a warning naming it and ``reader`` (``strict`` raises), so every rank,
+    reading the same files, skips the same ones."""
+    rules = SampleRules.of(manifest)
+    for url, entry in zip(shard_paths(manifest, data_dir, split), manifest["splits"][split]["shards"]):
+        events: list[tuple[str, str]] = []
+        shard = _read_or_report(url, rules, entry, strict, events)
+        for name, reason in events:
+            log.warning("%s skips shard %s: %s", reader, name, reason)
+        if shard is not None:
+            yield shard

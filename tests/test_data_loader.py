@@ -320,3 +320,45 @@ def test_another_world_size_needs_a_step_boundary_and_a_divisible_batch(uneven):
         loader(uneven, rank=0, world_size=3, global_batch=8, micro_batch=2)
     with pytest.raises(ValueError, match="older bertscale"):
         ld.load_state_dict({**ld.state_dict(), "version": 2})
+
+
+def test_reading_a_split_skips_a_damaged_shard_once_named_and_stops_before_shards_it_does_not_need(
+        shard_dir, tokenizer_dir, tmp_path, caplog):
+    """Evaluation and the unigram baseline read a split through ``loader.split_shards``: a damaged shard is
+    skipped with a warning naming it and the reader (``strict`` raises), and a reader that has what it asked
+    for stops before reading the next shard (here: deleted, so reading it would fail or warn)."""
+    from bertscale.evaluate import fit_unigram
+    from bertscale.shard_format import CorruptShardError, load_manifest
+    from bertscale.tokenizer import tokenizer_info
+
+    info = tokenizer_info(tokenizer_dir)
+    d, victim = damaged_copy(shard_dir, tmp_path, *CHANGES["label 0 -> 7"])
+    counts = [s["samples"] for s in load_manifest(d)["splits"]["train"]["shards"]]
+    with caplog.at_level(logging.WARNING):
+        got = sum(len(b["input_ids"]) for b in eval_batches(d, split="train", batch_size=8, seed=1, tokenizer=info))
+        unigram = fit_unigram(d, info)
+    assert got == sum(counts[1:])
+    assert f"in its first {sum(counts[1:])} samples" in unigram.fitted_on
+    named = [r.getMessage() for r in caplog.records if victim.name in r.getMessage()]
+    assert len(named) == 2 and named[0].startswith("evaluation skips") and "unigram baseline" in named[1], named
+    with pytest.raises(CorruptShardError, match="strict"):
+        list(eval_batches(d, split="train", batch_size=8, seed=1, tokenizer=info, strict=True))
+
+    import shutil
+
+    clean = tmp_path / "clean"
+    shutil.copytree(shard_dir, clean)
+    shards = load_manifest(clean)["splits"]["train"]["shards"]
+    first = shards[0]["samples"]
+    second = clean / shards[1]["name"]
+    second.write_bytes(b"\0" * second.stat().st_size)  # damaged: reading it would warn
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        batches = list(eval_batches(clean, split="train", batch_size=first, seed=1, tokenizer=info, max_batches=1))
+        unigram = fit_unigram(clean, info, max_samples=first)
+    assert len(batches) == 1 and len(batches[0]["input_ids"]) == first
+    assert f"in its first {first} samples" in unigram.fitted_on
+    assert not [r for r in caplog.records if second.name in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # reading on does reach it: the check above can fail
+        list(eval_batches(clean, split="train", batch_size=first, seed=1, tokenizer=info, max_batches=2))
+    assert [r for r in caplog.records if second.name in r.getMessage()]

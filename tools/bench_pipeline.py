@@ -231,7 +231,7 @@ RATIOS = ("pipeline_efficiency", "cpu_efficiency", "sync_efficiency", "trainer_v
 
 
 def _ratios(trainer: dict, bare: dict) -> dict:
-    """One round's figures: both sides' rates and the three ratios (see the module docstring)."""
+    """One round's figures: both sides' rates and the four ``RATIOS`` (see the module docstring)."""
     rate, lockstep = bare["real_tokens_per_s"], bare["lockstep_real_tokens_per_s"]
     return {"trainer": trainer, "bare": bare, "pipeline_efficiency": trainer["real_tokens_per_s"] / rate,
             "cpu_efficiency": trainer["real_tokens_per_cpu_s"] / bare["real_tokens_per_cpu_s"],
