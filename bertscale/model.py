@@ -360,33 +360,82 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-def attention_rows(lengths: Sequence[int], multiple: int = 8) -> AttentionRows:
+ROW_CALL_COST = 14_000
+"""What one more attention call costs on CPU, in score-heads (one query-key score of one head, forward
+and backward: ~19 ns on the development CPU; a call's fixed cost ~0.27 ms), for ``attention_rows``."""
+
+
+def attention_rows(lengths: Sequence[int], multiple: int = 8, heads: int = 1,
+                   call_cost: float = ROW_CALL_COST) -> AttentionRows:
     """Lay samples of these lengths (in the unpadded stream's order) into rows for block-diagonal attention.
 
-    The rows are as wide as the longest sample, rounded up to ``multiple``; samples go longest first
-    into the first row with room (first-fit decreasing). Deterministic: ties keep the stream's order.
-    (Rows of several widths, a power of two per sample, measured no faster on CPU: the extra kernel
-    calls cost what the narrower rows save at these lengths.)
+    A row's attention costs its width squared whatever it holds, so a short sample in a row as wide as
+    the longest one pays for the long one's width. Rows therefore come in up to three widths (multiples
+    of ``multiple``): the longest sample's, and narrower ones chosen greedily while they lower the
+    estimated cost, ``heads * sum(width**2 over rows) + call_cost * widths`` (every width is one more
+    kernel call per layer, so a narrower width pays only when it saves enough). Samples go longest
+    first into the first row (of any width) with room, else into a new row of the narrowest width
+    that holds them (first-fit decreasing). Deterministic: ties keep the stream's order.
     """
     lengths = [int(n) for n in lengths]
     if not lengths or min(lengths) <= 0:
         raise ValueError(f"attention_rows needs positive sample lengths, got {lengths}")
-    width = -(-max(lengths) // multiple) * multiple
-    free: list[int] = []  # room left in each row
-    start = [0] * len(lengths)  # first slot of each sample
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
-        if row == len(free):
-            free.append(width)
-        start[i] = row * width + width - free[row]
-        free[row] -= lengths[i]
-    slot = np.concatenate([np.arange(n) + s0 for n, s0 in zip(lengths, start)])
-    index = np.zeros(len(free) * width, dtype=np.int64)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def up(n: int) -> int:
+        return -(-n // multiple) * multiple
+
+    def place(widths: list[int]) -> tuple[float, list[int], list[tuple[int, int]]]:
+        """(cost, row width per row, (row, offset) per sample) with rows of these widths (descending)."""
+        row_width: list[int] = []
+        free: list[int] = []
+        where: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+        for i in order:
+            n = lengths[i]
+            row = next((r for r, room in enumerate(free) if room >= n), None)
+            if row is None:
+                row = len(free)
+                w = min(w for w in widths if w >= n)
+                row_width.append(w)
+                free.append(w)
+            where[i] = (row, row_width[row] - free[row])
+            free[row] -= n
+        used = set(row_width)
+        return heads * sum(w * w for w in row_width) + call_cost * len(used), row_width, where
+
+    widest = up(lengths[order[0]])
+    candidates = sorted({up(lengths[i]) for i in order} | {up(max(1, widest >> k)) for k in range(1, 5)}, reverse=True)
+    widths = [widest]
+    best = place(widths)
+    while len(widths) < 3:
+        tries = [(place(sorted(widths + [w], reverse=True)), w) for w in candidates if w not in widths]
+        if not tries:
+            break
+        trial, w = min(tries, key=lambda t: t[0][0])
+        if trial[0] >= best[0]:
+            break
+        best, widths = trial, sorted(widths + [w], reverse=True)
+    _, row_width, where = best
+    # Group the rows by width (widest first), each group one [rows, width] block of slots.
+    groups = sorted(set(row_width), reverse=True)
+    row_start, segments, slot_base = {}, [], 0
+    for w in groups:
+        rows = [r for r, rw in enumerate(row_width) if rw == w]
+        for k, r in enumerate(rows):
+            row_start[r] = slot_base + k * w
+        segments.append(np.full((len(rows), w), -1, dtype=np.int64))
+        slot_base += len(rows) * w
+    slot = np.concatenate([np.arange(lengths[i]) + row_start[where[i][0]] + where[i][1] for i in range(len(lengths))])
+    index = np.zeros(slot_base, dtype=np.int64)
     index[slot] = np.arange(len(slot))
-    segment = np.full(len(free) * width, -1, dtype=np.int64)
-    segment[slot] = np.repeat(np.arange(len(lengths)), lengths)
+    flat_segment = np.full(slot_base, -1, dtype=np.int64)
+    flat_segment[slot] = np.repeat(np.arange(len(lengths)), lengths)
+    offset = 0
+    for seg in segments:
+        seg[...] = flat_segment[offset:offset + seg.size].reshape(seg.shape)
+        offset += seg.size
     return AttentionRows(index=torch.from_numpy(index), back=torch.from_numpy(slot),
-                         segment=torch.from_numpy(segment.reshape(len(free), width)))
+                         segments=tuple(torch.from_numpy(seg) for seg in segments))
 
 
 @dataclass(frozen=True)
@@ -394,27 +443,37 @@ class AttentionRows:
     """Where each token of an unpadded stream sits in the rows of the CPU attention kernel."""
 
     index: torch.Tensor
-    """[R * W] the stream position at each row slot (0 for an empty slot: masked out, output unused)."""
+    """[slots] the stream position at each row slot, the groups' slots one after another (0 for an
+    empty slot: masked out, output unused)."""
     back: torch.Tensor
     """[T] the slot of each stream position."""
-    segment: torch.Tensor
-    """[R, W] the sample at each slot, -1 where empty."""
+    segments: tuple[torch.Tensor, ...]
+    """Per group of rows of one width, widest first: [R, W] the sample at each slot, -1 where empty."""
 
     @property
     def fill(self) -> float:
         """Real tokens / row slots."""
         return self.back.numel() / self.index.numel()
 
-    def to(self, device: torch.device) -> AttentionRows:
-        return replace(self, index=self.index.to(device), back=self.back.to(device), segment=self.segment.to(device))
+    @property
+    def scores(self) -> int:
+        """Query-key pairs the rows compute per head (sum of width squared over rows)."""
+        return sum(seg.shape[0] * seg.shape[1] ** 2 for seg in self.segments)
 
-    def block_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """[R, 1, W, W] additive mask: 0 within a sample, the dtype's minimum elsewhere (finite, so an
-        empty slot's query row attends uniformly instead of producing NaN; its output is dropped)."""
-        seg = self.segment
-        same = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :]
-        bias = torch.zeros(same.shape, dtype=dtype, device=seg.device)
-        return bias.masked_fill_(~same, torch.finfo(dtype).min)[:, None]
+    def to(self, device: torch.device) -> AttentionRows:
+        return replace(self, index=self.index.to(device), back=self.back.to(device),
+                       segments=tuple(seg.to(device) for seg in self.segments))
+
+    def block_bias(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Per group, [R, 1, W, W] additive mask: 0 within a sample, the dtype's minimum elsewhere
+        (finite, so an empty slot's query row attends uniformly instead of producing NaN; its output
+        is dropped)."""
+        out = []
+        for seg in self.segments:
+            same = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :]
+            bias = torch.zeros(same.shape, dtype=dtype, device=seg.device)
+            out.append(bias.masked_fill_(~same, torch.finfo(dtype).min)[:, None])
+        return tuple(out)
 
 
 def unpadded_attention_kernel(choice: str, device_type: str) -> str:
@@ -470,18 +529,20 @@ class UnpaddedLayout:
     """"varlen", "jagged" or "rows" (``unpadded_attention_kernel``)."""
     rows: AttentionRows | None = None
     """The rows kernel's layout."""
-    bias: torch.Tensor | None = None
-    """The rows kernel's block-diagonal mask, in the activations' dtype."""
+    bias: tuple[torch.Tensor, ...] | None = None
+    """The rows kernel's block-diagonal masks (one per row width), in the activations' dtype."""
 
     @classmethod
-    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, kernel: str, dtype: torch.dtype) -> UnpaddedLayout:
+    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, kernel: str, dtype: torch.dtype,
+              heads: int = 1) -> UnpaddedLayout:
         """The layout every layer's attention uses (the rows kernel's plan is made here, once per forward)."""
         if kernel == "varlen":  # flash takes int32 offsets
             return cls(cu_seqlens.int(), max_seqlen, kernel)
         if kernel == "jagged":
             # nested tensors take int64 offsets; torch hands the kernels their int32 copy itself
             return cls(cu_seqlens.long(), max_seqlen, kernel)
-        rows = attention_rows(cu_seqlens.diff().tolist()).to(cu_seqlens.device)  # a sync if forced on a GPU
+        # a sync if forced on a GPU
+        rows = attention_rows(cu_seqlens.diff().tolist(), heads=heads).to(cu_seqlens.device)
         return cls(cu_seqlens, max_seqlen, kernel, rows, rows.block_bias(dtype))
 
 
@@ -549,9 +610,14 @@ class BertSelfAttention(nn.Module):
             ).transpose(1, 2) for part in qkv.view(t, 3, self.num_heads, self.head_dim).unbind(1))
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
             return out.transpose(1, 2).values().reshape(t, d)
-        n, w = layout.rows.segment.shape
-        g = qkv.index_select(0, layout.rows.index).view(n, w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self._attend(g[0], g[1], g[2], layout.bias).transpose(1, 2).reshape(n * w, d)
+        slots = qkv.index_select(0, layout.rows.index)
+        outs, start = [], 0
+        for seg, bias in zip(layout.rows.segments, layout.bias):  # one dense call per row width
+            n, w = seg.shape
+            g = slots[start:start + n * w].view(n, w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            outs.append(self._attend(g[0], g[1], g[2], bias).transpose(1, 2).reshape(n * w, d))
+            start += n * w
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.index_select(0, layout.rows.back)
 
 
@@ -750,7 +816,8 @@ class BertModel(nn.Module):
             position_ids = torch.arange(input_ids.numel(), device=input_ids.device) - starts
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         kernel = unpadded_attention_kernel(self.unpadded_attention, x.device.type)
-        return x, UnpaddedLayout.build(cu_seqlens, int(max_seqlen), kernel, x.dtype)
+        return x, UnpaddedLayout.build(cu_seqlens, int(max_seqlen), kernel, x.dtype,
+                                       heads=self.config.num_attention_heads)
 
 
 class BertPredictionHeadTransform(nn.Module):

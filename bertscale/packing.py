@@ -16,8 +16,10 @@ feed-forward, LayerNorms, dropout, the heads) on those T tokens, and attention w
   (``tools/gpu_check.sh``: BERT-large, bf16, the demo's shards with a 30522 vocabulary, batch 256 at
   128 and 128 at 512): unpadded / padded real tokens per second 1.61x at 128 and 5.19x at 512;
   MFU of the samples' model FLOPs 27.6 % and 19.5 % (padded: 17.1 % and 3.8 %).
-* **CPU:** the samples are laid into rows as wide as the longest sample by first-fit decreasing
-  (``model.attention_rows``) and each row runs one dense attention with a block-diagonal mask.
+* **CPU:** the samples are laid into rows by first-fit decreasing (``model.attention_rows``) and
+  each row runs one dense attention with a block-diagonal mask. A row costs its width squared
+  whatever it holds, so rows come in up to three widths: the longest sample's, and narrower ones
+  for the short samples where that saves more than one more kernel call costs.
 
 Why unpadding, not packing whole rows (MLPerf's BERT: several samples per 512 row,
 block-diagonal attention, positions restarting per sample). With the number of samples per micro
@@ -49,7 +51,13 @@ sample) pointed the same way: dense block-diagonal rows were 1.8 – 2.4x at 128
 one SDPA call per sample 0.8 – 1.2x there (2.1 – 2.7x at 512, where a row of width 512 was only
 1.0 – 1.7x: hence rows as wide as the longest sample), jagged tensors 0.2 – 0.3x (torch's CPU path
 for them converts to a strided nested tensor and runs its reference kernel). Rows of several widths
-(a power of two per sample) measured no faster than one width in a whole step.
+(a power of two per sample) measured no faster than one width in a whole step: every width is one
+more call per layer. Choosing the widths by cost instead (``attention_rows``: at most three, a new
+one only where it saves more than a call's fixed cost, ~0.27 ms on this CPU) does pay at 512, where
+one long sample made every row wide: on the demo's shards the rows computed 2.32x the score slots
+the samples need, now 1.20x, and the tiny step's speed-up over padded rose from 3.1x to 3.6 – 3.8x
+(30 batches, CPU clock; the FLOPs predict 4.04x, and the optimizer step, the same in both layouts,
+is the rest); at 128 (1.80x → 1.27x the slots) the step is as fast as before.
 
 What bounds the ratio: the masked-only MLM head and the optimizer step cost the same in both
 layouts, so the speed-up stays below the ratio of computed tokens; ``tools/bench_step.py --data``

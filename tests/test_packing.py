@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from bertscale.hf_format import load_state_dict_into
 from bertscale.loader import collate, eval_batches
 from bertscale.masking import IGNORE_INDEX
-from bertscale.model import (BertConfig, BertForPreTraining, PerfOptions, UnpaddedLayout, attention_rows,
-                             unpadded_attention_kernel)
+from bertscale.model import (ROW_CALL_COST, BertConfig, BertForPreTraining, PerfOptions, UnpaddedLayout,
+                             attention_rows, unpadded_attention_kernel)
 from bertscale.packing import (batch_to, computed_tokens, model_inputs, real_tokens, samples_from_padded, unpad,
                                unpadded_batch)
 from bertscale.tokenizer import tokenizer_info
@@ -167,6 +167,9 @@ LEVERS = {
 @pytest.mark.parametrize("lever", list(LEVERS))
 def test_unpadded_is_the_padded_function_of_the_same_samples(real_batch, info, lever, kernel):
     plain, fast = twin_models(small_config(info.vocab_size), replace(LEVERS[lever], unpadded_attention=kernel))
+    if kernel == "rows":  # the batch's rows come in two widths: the equality covers the groups' bookkeeping
+        plan = attention_rows(real_batch["attention_mask"].sum(1).tolist(), heads=fast.config.num_attention_heads)
+        assert [tuple(s.shape) for s in plan.segments] == [(5, 64), (4, 32)]
     assert_same_function(plain, fast, real_batch, unpad(real_batch))
 
 
@@ -243,23 +246,65 @@ def test_attention_kernel_dispatch():
     varlen = UnpaddedLayout.build(cu.long(), 7, "varlen", torch.bfloat16)
     assert varlen.cu_seqlens.dtype == torch.int32 and varlen.rows is None and varlen.bias is None
     rows = UnpaddedLayout.build(cu, 7, "rows", torch.bfloat16)
-    assert rows.bias.dtype == torch.bfloat16 and rows.bias.shape == (3, 1, 8, 8)  # 7 | 5 | 5
+    (bias,) = rows.bias  # one width: 7 | 5 | 5
+    assert bias.dtype == torch.bfloat16 and bias.shape == (3, 1, 8, 8)
 
 
 def test_attention_rows_first_fit_decreasing():
     lengths = [5, 7, 5, 3, 2, 8]
     r = attention_rows(lengths)
-    assert r.segment.shape == (4, 8)  # 8 | 7 | 5+3 | 5+2 (longest first, into the first row with room)
-    assert r.segment[0].tolist() == [5] * 8 and r.segment[1].tolist() == [1] * 7 + [-1]
-    assert r.segment[2].tolist() == [0] * 5 + [3] * 3 and r.segment[3].tolist() == [2] * 5 + [4] * 2 + [-1]
+    (seg,) = r.segments  # no narrower multiple of 8 holds a sample: one width
+    assert seg.shape == (4, 8)  # 8 | 7 | 5+3 | 5+2 (longest first, into the first row with room)
+    assert seg[0].tolist() == [5] * 8 and seg[1].tolist() == [1] * 7 + [-1]
+    assert seg[2].tolist() == [0] * 5 + [3] * 3 and seg[3].tolist() == [2] * 5 + [4] * 2 + [-1]
     assert torch.equal(r.index[r.back], torch.arange(sum(lengths)))  # every token once, in its sample's slots
     assert r.fill == pytest.approx(30 / 32)
     assert torch.equal(attention_rows(lengths).back, r.back)  # deterministic
-    bias = r.block_bias(torch.float32)
+    (bias,) = r.block_bias(torch.float32)
     assert bias.shape == (4, 1, 8, 8) and bias[2, 0, 0, :5].eq(0).all() and bias[2, 0, 0, 5:].lt(-1e38).all()
-    assert attention_rows([9]).segment.shape == (1, 16)
+    assert [s.shape for s in attention_rows([9]).segments] == [(1, 16)]
     with pytest.raises(ValueError, match="positive sample lengths"):
         attention_rows([3, 0])
+
+
+def check_rows(r, lengths: list[int]) -> None:
+    """Every token in exactly one slot, each sample contiguous in one row, the segments saying whose."""
+    total = sum(lengths)
+    assert torch.equal(r.index[r.back], torch.arange(total))
+    flat = torch.cat([s.reshape(-1) for s in r.segments])
+    assert flat.numel() == r.index.numel() and int((flat >= 0).sum()) == total
+    starts = np.cumsum([0] + lengths)
+    bounds = np.cumsum([0] + [s.numel() for s in r.segments])
+    for i, n in enumerate(lengths):
+        slots = r.back[starts[i]:starts[i] + n]
+        assert torch.equal(slots, slots[0] + torch.arange(n)), f"sample {i} not contiguous"
+        assert flat[slots].eq(i).all()
+        g = int(np.searchsorted(bounds, int(slots[0]), side="right")) - 1
+        width = r.segments[g].shape[1]
+        assert (int(slots[0]) - bounds[g]) // width == (int(slots[-1]) - bounds[g]) // width, f"sample {i} split"
+
+
+def test_attention_rows_come_in_narrower_widths_when_they_pay():
+    """A row costs its width squared: short samples go into narrower rows when that saves more than a call."""
+    r = attention_rows([8, 40, 8, 8, 8], call_cost=0)
+    assert [tuple(s.shape) for s in r.segments] == [(1, 40), (4, 8)]  # 1,600 + 4 x 64 score slots, not 2 x 1,600
+    assert r.scores == 40 * 40 + 4 * 64
+    assert r.segments[0].tolist() == [[1] * 40] and r.segments[1][:, 0].tolist() == [0, 2, 3, 4]
+    check_rows(r, [8, 40, 8, 8, 8])
+    # a call's fixed cost outweighs what 2 x 1,600 - 1,856 score slots save: one width, as before
+    assert [tuple(s.shape) for s in attention_rows([8, 40, 8, 8, 8], call_cost=2_000).segments] == [(2, 40)]
+    rng = np.random.default_rng(0)
+    for heads in (1, 2, 12):
+        for _ in range(20):
+            lengths = [int(x) for x in rng.integers(3, 300, size=int(rng.integers(1, 33)))]
+            r = attention_rows(lengths, heads=heads)
+            check_rows(r, lengths)
+            widths = [s.shape[1] for s in r.segments]
+            assert widths == sorted(widths, reverse=True) and len(widths) <= 3 and all(w % 8 == 0 for w in widths)
+            assert widths[0] == -(-max(lengths) // 8) * 8
+            (one,) = attention_rows(lengths, heads=heads, call_cost=float("inf")).segments
+            cost_one = heads * one.shape[0] * one.shape[1] ** 2 + ROW_CALL_COST
+            assert heads * r.scores + ROW_CALL_COST * len(widths) <= cost_one  # never worse than one width
 
 
 def test_bf16_unpadded_forward(real_batch, info):
@@ -288,6 +333,7 @@ def test_bench_step_data_reports_padded_and_unpadded(shard_dir, tokenizer_dir, t
     p, u = x["padded"], x["unpadded"]
     assert p["real_tokens_per_step"] == u["real_tokens_per_step"] > 0
     assert 0 < p["fill"] < 1 and u["fill"] == 1.0 and 0 < u["attention_fill"] <= 1
+    assert u["attention_scores_vs_ideal"] >= 1  # rows never compute fewer score slots than the samples need
     assert p["real_tokens_per_s"] > 0 and u["real_tokens_per_s"] > 0 and x["speedup"] > 0 and x["flop_ratio"] > 1
     # the same samples' model FLOPs over each layout's time: the ratio is the measured speedup
     assert u["model_tflops"] / p["model_tflops"] == pytest.approx(x["speedup"]) and "mfu" not in u
@@ -341,3 +387,4 @@ def test_gpu_flash_varlen_matches_jagged_and_padded(real_batch, info):
     assert torch.isfinite(runs[0][0].loss) and not torch.equal(runs[0][0].loss, out_v.loss)
     assert torch.equal(runs[0][0].loss, runs[1][0].loss)
     assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+

@@ -341,8 +341,11 @@ def bench_data_length(model, data_dir: Path, tok, batch: int | None, iters: int,
     kernel = unpadded_attention_kernel(model.perf.unpadded_attention, dev.type)
     out["unpadded"]["attention_kernel"] = kernel
     if kernel == "rows":  # the CPU kernel attends over rows of samples; how full are they
-        plans = [attention_rows(unpadded[i]["cu_seqlens"].diff().tolist()) for i in timed_batches]
+        plans = [attention_rows(unpadded[i]["cu_seqlens"].diff().tolist(), heads=model.config.num_attention_heads)
+                 for i in timed_batches]
         out["unpadded"]["attention_fill"] = sum(p.back.numel() for p in plans) / sum(p.index.numel() for p in plans)
+        out["unpadded"]["attention_scores_vs_ideal"] = (sum(p.scores for p in plans) / sum(
+            (unpadded[i]["cu_seqlens"].diff() ** 2).sum().item() for i in timed_batches))
     out["unpadded"]["pack_ms_per_batch"] = pack_ms
     out["speedup"] = out["unpadded"]["real_tokens_per_s"] / out["padded"]["real_tokens_per_s"]
     out["speedup_paired"] = statistics.median(p / u for p, u in zip(times["padded"], times["unpadded"]))
@@ -391,7 +394,8 @@ def format_data_report(r: dict) -> str:
              f"real shards, padded to each batch's longest sample vs unpadded; {r['clock']} clock"]
     for s, x in r["lengths"].items():
         p, u = x["padded"], x["unpadded"]
-        att = f", attention rows {u['attention_fill']:.2f} full" if "attention_fill" in u else ""
+        att = (f", attention rows {u['attention_fill']:.2f} full, {u['attention_scores_vs_ideal']:.2f}x the "
+               f"samples' score slots" if "attention_fill" in u else "")
         lines.append(f"  s={s} batch={x['batch']} ({x['batches']} batches of {x['dir']}):")
         lines.append(f"    padded:   {p['step_ms']:8.1f} ms/step {p['real_tokens_per_s']:9.0f} real tok/s, "
                      f"fill {p['fill']:.3f}")
