@@ -57,7 +57,8 @@ one only where it saves more than a call's fixed cost, ~0.27 ms on this CPU) doe
 one long sample made every row wide: on the demo's shards the rows computed 2.32x the score slots
 the samples need, now 1.20x, and the tiny step's speed-up over padded rose from 3.1x to 3.6 – 3.8x
 (30 batches, CPU clock; the FLOPs predict 4.04x, and the optimizer step, the same in both layouts,
-is the rest); at 128 (1.80x → 1.27x the slots) the step is as fast as before.
+is the rest), mini's from 4.4x to 5.1x (12 batches; FLOPs 4.77x); at 128 (1.80x → 1.27x the
+slots) the step is as fast as before.
 
 What bounds the ratio: the masked-only MLM head and the optimizer step cost the same in both
 layouts, so the speed-up stays below the ratio of computed tokens; ``tools/bench_step.py --data``
