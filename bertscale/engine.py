@@ -423,13 +423,31 @@ class Engine:
         With ``load_universal`` in the config, ``root/tag`` is a universal checkpoint (any number of ranks)."""
         folder = Path(root) / tag
         safe_load.check_directory(folder)
-        if self.ds_config.get("checkpoint", {}).get("load_universal"):
+        universal = bool(self.ds_config.get("checkpoint", {}).get("load_universal"))
+        if universal:
             for sub in sorted({f.parent for f in (folder / "zero").rglob("*.pt")}):  # a folder per parameter
                 safe_load.check_directory(sub)
         path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:  # DeepSpeed returns (None, None) instead of raising
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} under {root}")
+        if universal:
+            self._restore_group_settings(safe_load.load(folder / "zero" / "optimizer_state.pt")["param_groups"], folder)
+
+    def _restore_group_settings(self, saved: list[dict], folder: Path) -> None:
+        """Give each optimizer parameter group its own saved settings back after a universal load.
+
+        ZeRO-3's universal load copies the *first* group's settings into every group (DeepSpeed's
+        ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``: "the hyperparameters of each parameter
+        should be the same"), so biases and LayerNorms, our no-decay group, would silently decay from
+        then on. ZeRO-1/2's load restores each group's own; this makes every stage do so.
+        """
+        groups = self.engine.optimizer.param_groups
+        if len(saved) != len(groups):
+            raise RuntimeError(f"{folder}: the checkpoint's optimizer has {len(saved)} parameter groups, this "
+                               f"run's has {len(groups)}; it was saved by another optimizer setup")
+        for group, settings in zip(groups, saved):
+            group.update({k: v for k, v in settings.items() if k != "params"})
 
 
 def consolidated_state_dict(root: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:

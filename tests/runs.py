@@ -8,6 +8,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from bertscale import checkpoint as ckpt
+from bertscale.metrics import read_scalars
 from bertscale.shards import build_shards
 from bertscale.tokenizer import train_tokenizer
 from conftest import write_generated_corpus
@@ -48,6 +50,44 @@ def run_config(tmp: Path, data: dict[str, Path], *, out: Path | None = None, sta
              "steps": steps[1], "lr": 5e-4},
         ],
     }
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    """A finished run's logged total loss per step (its TensorBoard events), as (step, loss)."""
+    return read_scalars(out / "tensorboard")["loss/total"]
+
+
+def optimizer_state(info: ckpt.CheckpointInfo) -> dict[str, tuple[int, float]]:
+    """Per original tensor: LAMB's step count and the norm of its second moment (universal checkpoint)."""
+    from bertscale import safe_load
+
+    found = {}
+    for folder in sorted((ckpt.universal_checkpoint(info) / "zero").iterdir()):
+        if (folder / "exp_avg_sq.pt").is_file():
+            # ZeRO-3's universal checkpoint keeps no per-tensor step: the rank files' (one count) stands in
+            step = safe_load.load(folder / "step.pt") if (folder / "step.pt").is_file() else optimizer_steps(info)
+            moment = safe_load.load(folder / "exp_avg_sq.pt")
+            moment = moment["param"] if isinstance(moment, dict) else moment  # ZeRO-1/2 | ZeRO-3
+            found[folder.name] = (int(step), float(moment.norm()))
+    return found
+
+
+def rank_optimizer_states(info: ckpt.CheckpointInfo) -> list[dict]:
+    """Each rank's optimizer state dict (``state``, ``param_groups``) in a checkpoint's DeepSpeed files."""
+    from bertscale import safe_load
+
+    found = []
+    for file in sorted(info.path.glob("*optim_states.pt")):
+        sd = safe_load.load(file)["optimizer_state_dict"]
+        found.append(sd.get("optimizer_state_dict") or sd["base_optimizer_state"])  # ZeRO-3 | ZeRO-1/2
+    return found
+
+
+def optimizer_steps(info: ckpt.CheckpointInfo) -> int:
+    """The optimizer's step count in a checkpoint (the same for every tensor and rank, or an AssertionError)."""
+    steps = {int(v["step"]) for sd in rank_optimizer_states(info) for v in sd["state"].values()}
+    assert len(steps) == 1, f"{info.path}: optimizer step counts {sorted(steps)}"
+    return steps.pop()
 
 
 def write_config(tmp: Path, data: dict[str, Path], *, name: str = "run.json", **options) -> Path:

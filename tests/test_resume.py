@@ -24,9 +24,8 @@ import pytest
 
 from bertscale import checkpoint as ckpt
 from bertscale.convert import convert_checkpoint
-from bertscale.metrics import read_scalars
 from launcher.launch import pretrain
-from runs import write_config
+from runs import losses, optimizer_state, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +35,6 @@ LOSS_TOL = 0.01
 """Relative per-step loss deviation allowed after a world-size change (measured: see the test)."""
 MOMENT_TOL = 0.25
 """Relative deviation of LAMB's second-moment norms from the uninterrupted run's (measured: see the test)."""
-
-
-def losses(out: Path) -> list[tuple[int, float]]:
-    return read_scalars(out / "tensorboard")["loss/total"]
 
 
 @pytest.fixture(scope="module")
@@ -175,18 +170,6 @@ def environment(**values: str):
                 os.environ.pop(key)
             else:
                 os.environ[key] = value
-
-
-def optimizer_state(info: ckpt.CheckpointInfo) -> dict[str, tuple[int, float]]:
-    """Per original tensor: LAMB's step count and the norm of its second moment (universal checkpoint)."""
-    from bertscale import safe_load
-
-    found = {}
-    for folder in sorted((ckpt.universal_checkpoint(info) / "zero").iterdir()):
-        if (folder / "step.pt").is_file():
-            step = safe_load.load(folder / "step.pt")
-            found[folder.name] = (int(step), float(safe_load.load(folder / "exp_avg_sq.pt")["param"].norm()))
-    return found
 
 
 def test_mid_phase_resume_on_another_world_size_continues_the_same_run(data, reference_run, died_in_save, tmp_path):
