@@ -224,6 +224,9 @@ class ResumePlan:
     world_change: tuple[int, int] | None = None
     """(ranks that wrote ``resume``, ranks now) when the phase continues on another number of ranks:
     model and optimizer come from the universal checkpoint, the data position from rank 0's state."""
+    carry_through_universal: bool = False
+    """``carry_moments`` from ``previous`` written by another number of ranks: the moments come from its
+    universal checkpoint."""
 
     def resume_note(self, phase: PhaseSection, accumulation: int) -> str | None:
         """Mid-phase on another number of ranks: what changed and how accumulation follows."""
@@ -253,7 +256,8 @@ def plan_resume(cfg: RunConfig, phase_index: int, shape: RunShape, resume_from: 
     phase the run continues only with the same model, tokenizer, ranks, vocabulary rows and data order
     (``data_order``); a new phase starts from the previous phase's consolidated weights on any number of
     ranks; inside a phase another number of ranks continues through DeepSpeed's universal checkpoint
-    (``world_change``; ZeRO 1, 2 or 3, the same stage, a global batch the new ranks can make). Raises
+    (``world_change``; ZeRO 1, 2 or 3, the same stage, a global batch the new ranks can make), and so do
+    the previous phase's optimizer moments (``carry_optimizer_state``) on another number of ranks. Raises
     ``ResumeError`` naming every difference and what to do.
     """
     root = RunDir.of(cfg).checkpoints
@@ -287,13 +291,16 @@ def plan_resume(cfg: RunConfig, phase_index: int, shape: RunShape, resume_from: 
                           f"at step {span.start}; restore the earlier phases' steps or start a new run.out_dir")
     if phase.carry_optimizer_state:
         saved_world, saved_stage = previous.meta.get("world_size"), previous.meta.get("zero_stage")
-        if (saved_world, saved_stage) != (shape.world_size, shape.zero_stage):
+        if saved_stage != shape.zero_stage or (saved_world != shape.world_size and saved_stage not in UNIVERSAL_STAGES):
             raise ResumeError(
                 f"phase {phase.name!r} has carry_optimizer_state = true, but {previous.path} was written by "
                 f"{saved_world} ranks at ZeRO stage {saved_stage} and this run has {shape.world_size} ranks at "
-                f"stage {shape.zero_stage}; the optimizer shards are per rank. Use the same ranks and stage, or "
-                f"set phases.{phase.name}.carry_optimizer_state=false (fresh moments)")
-    return ResumePlan(previous=previous, carry_moments=phase.carry_optimizer_state)
+                f"stage {shape.zero_stage}; the optimizer state carries over at the same ZeRO stage (on any number "
+                f"of ranks at stages {', '.join(map(str, UNIVERSAL_STAGES))}). Use stage {saved_stage}, or set "
+                f"phases.{phase.name}.carry_optimizer_state=false (fresh moments)")
+        return ResumePlan(previous=previous, carry_moments=True,
+                          carry_through_universal=saved_world != shape.world_size)
+    return ResumePlan(previous=previous)
 
 
 def _check_same_model(found: CheckpointInfo, shape: RunShape) -> None:

@@ -185,7 +185,7 @@ class PhaseSection:
     mask_prob: float = 0.15
     """Fraction of tokens chosen for prediction."""
     carry_optimizer_state: bool = False
-    """Start with the previous phase's optimizer moments (same world size and ZeRO stage); the reference recipes reset them (false)."""
+    """Start with the previous phase's optimizer moments (same ZeRO stage; on another number of ranks through DeepSpeed's universal checkpoint); the reference recipes reset them (false)."""
 
 
 @dataclass

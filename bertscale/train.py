@@ -186,13 +186,19 @@ class Trainer:
             self.state.world_size_changes = list(previous.meta["state"].get("world_size_changes", []))
         self.accumulation = accumulation_steps(self.phase, dist.world_size)
         ds_config = build_ds_config(cfg.distributed.deepspeed_config, self.phase, dist.world_size,
-                                    cfg.optimizer, accelerator, load_universal=plan.world_change is not None)
+                                    cfg.optimizer, accelerator,
+                                    load_universal=plan.world_change is not None or plan.carry_through_universal)
         self.engine = Engine(model, ds_config, cfg.optimizer, accelerator, lr=self.phase.lr)
         if plan.previous is not None:
             note = plan.world_size_note(self.phase, shape, self.accumulation)
             if note:
                 self._log0(note)
-            if plan.carry_moments:
+            if plan.carry_through_universal:  # written by another number of ranks: any number can load this
+                if self.dist.rank == 0:
+                    ckpt.universal_checkpoint(plan.previous)
+                barrier()
+                self.engine.load_shards(plan.previous.path, ckpt.UNIVERSAL)
+            elif plan.carry_moments:
                 self.engine.load_shards(plan.previous.path.parent, plan.previous.tag)
             self._log0(f"phase {self.phase.name}: starting from the final weights of "
                        f"{cfg.phases[self.phase_index - 1].name} ({plan.previous.path}); optimizer moments "

@@ -235,3 +235,36 @@ def test_mid_phase_on_another_world_size_continues_through_the_universal_checkpo
     assert plan(1, stage=3, saved_stage=3).world_change == (2, 1)
     with pytest.raises(ckpt.ResumeError, match="universal checkpoint.*stages 1, 2, 3 only"):
         plan(1, stage=0, saved_stage=0)
+
+
+def test_a_phase_carries_optimizer_state_at_the_same_stage_on_any_number_of_ranks(tmp_path):
+    """``carry_optimizer_state`` at a phase start: the same ranks load the shards, other ranks the universal
+    checkpoint (ZeRO 1-3); another stage, or another number of ranks without ZeRO, is refused saying why."""
+    from bertscale.config import load_config
+    from bertscale.rundir import RunDir
+    from runs import write_config
+
+    data = {"tokenizer": tmp_path / "tok", "d128": tmp_path / "d128", "d512": tmp_path / "d512"}
+    cfg = load_config(write_config(tmp_path, data, out=tmp_path / "run"))  # phase1: 6 steps
+    path = make(RunDir.of(cfg).checkpoints, 6, phase_complete=True)
+    meta = json.loads((path / ckpt.META).read_text())
+
+    def plan(world: int, stage: int = 2, saved_stage: int = 2, carry: bool = True) -> ckpt.ResumePlan:
+        (path / ckpt.META).write_text(json.dumps({**meta, "world_size": 2, "zero_stage": saved_stage}))
+        cfg.phases[1].carry_optimizer_state = carry
+        shape = ckpt.RunShape(model_config={}, tokenizer_fingerprint=None, vocab_rows=None, world_size=world,
+                              zero_stage=stage)
+        return ckpt.plan_resume(cfg, 1, shape)
+
+    same = plan(2)
+    assert same.previous.path == path and same.carry_moments and not same.carry_through_universal
+    for world, stage in ((1, 2), (4, 2), (1, 1), (4, 3)):
+        other = plan(world, stage=stage, saved_stage=stage)
+        assert other.carry_moments and other.carry_through_universal and other.world_change is None
+    fresh = plan(1, carry=False)
+    assert not fresh.carry_moments and not fresh.carry_through_universal
+    with pytest.raises(ckpt.ResumeError, match="ZeRO stage 2 and this run has 2 ranks at stage 3.*Use stage 2"):
+        plan(2, stage=3)
+    with pytest.raises(ckpt.ResumeError, match="on any number of ranks at stages 1, 2, 3"):
+        plan(1, stage=0, saved_stage=0)
+    assert plan(2, stage=0, saved_stage=0).carry_moments  # no ZeRO, the same ranks: the shards as they are

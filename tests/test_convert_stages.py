@@ -1,7 +1,8 @@
 """What depends on the ZeRO stage, on runs at stages 1 and 3 (stage 2 is tests/test_pipeline.py and
 tests/test_resume.py): conversion from a mid-phase and a final tag loads into transformers with no
 missing keys and identical logits, the stages agree with each other (same seed, same data: only the
-partitioning differs), and a stage-3 run continues mid-phase on another number of ranks."""
+partitioning differs), a stage-3 run continues mid-phase on another number of ranks, and phase 2 carries
+stage 1's optimizer state onto another number of ranks."""
 
 from __future__ import annotations
 
@@ -126,3 +127,24 @@ def test_stage3_continues_mid_phase_on_another_world_size(runs, run_data, tmp_pa
     assert max(abs(r - 1) for r in ratios) < 0.25
     hf = transformers.BertForPreTraining.from_pretrained(convert_checkpoint(run / "checkpoints", tmp_path / "hf"))
     assert hf.config.num_hidden_layers == 1
+
+
+def test_phase2_carries_stage1_optimizer_state_onto_another_world_size(runs, run_data, tmp_path):
+    """``carry_optimizer_state``: phase 1 ended on 2 ranks at ZeRO-1; phase 2 starts on 1 rank with phase 1's
+    moments (through the universal checkpoint), not fresh ones."""
+    tmp, roots = runs
+    run = tmp_path / "run"
+    shutil.copytree(roots[1].parent, run, symlinks=True)
+    shutil.rmtree(ckpt.latest(run / "checkpoints").path)  # phase 2's final: phase 2 starts again
+    phase1_final = ckpt.latest(run / "checkpoints")
+    assert phase1_final.global_step == 4 and phase1_final.phase_complete and phase1_final.meta["world_size"] == 2
+    config = write_config(tmp_path, run_data, out=run, stage=1, steps=(4, 1), name="z1.toml")
+    pretrain(str(config), SETTINGS + ["distributed.num_gpus=1", "phases.phase2.carry_optimizer_state=true"])
+    final = ckpt.latest(run / "checkpoints")
+    assert final.global_step == 5 and final.meta["world_size"] == 1
+    # LAMB counted phase 1's 4 steps and phase 2's 1 (fresh moments, as the reference run had, count 1)
+    ours, reference = (rank_optimizer_states(c) for c in (final, ckpt.latest(roots[1])))
+    assert {int(v["step"]) for sd in ours for v in sd["state"].values()} == {5}
+    assert {int(v["step"]) for sd in reference for v in sd["state"].values()} == {1}
+    assert [[g["weight_decay"] for g in sd["param_groups"]] for sd in ours] == [[0.01, 0.0]]
+    assert "optimizer moments carried over" in (run / "train.log").read_text()
