@@ -334,6 +334,8 @@ def test_bench_step_data_reports_padded_and_unpadded(shard_dir, tokenizer_dir, t
     assert p["real_tokens_per_step"] == u["real_tokens_per_step"] > 0
     assert 0 < p["fill"] < 1 and u["fill"] == 1.0 and 0 < u["attention_fill"] <= 1
     assert u["attention_scores_vs_ideal"] >= 1  # rows never compute fewer score slots than the samples need
+    assert 0 < x["optimizer_step_ms"] < min(p["step_ms"], u["step_ms"])
+    assert x["speedup_without_optimizer"] > 0
     assert p["real_tokens_per_s"] > 0 and u["real_tokens_per_s"] > 0 and x["speedup"] > 0 and x["flop_ratio"] > 1
     # the same samples' model FLOPs over each layout's time: the ratio is the measured speedup
     assert u["model_tflops"] / p["model_tflops"] == pytest.approx(x["speedup"]) and "mfu" not in u
