@@ -189,6 +189,17 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(groups: list[dict], optimizer: OptimizerSection, lr: float) -> torch.optim.Optimizer:
+    """The optimizer the config names (our LAMB or torch's AdamW) over ``parameter_groups``, unsharded:
+    the engine then tells LAMB its ZeRO partitions; used alone, it is the single-process equivalent."""
+    if optimizer.name == "lamb":
+        return Lamb(groups, lr=lr, betas=tuple(optimizer.betas), eps=optimizer.eps,
+                    weight_decay=optimizer.weight_decay, bias_correction=optimizer.bias_correction,
+                    max_trust_ratio=optimizer.max_trust_ratio)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optimizer.betas), eps=optimizer.eps,
+                             weight_decay=optimizer.weight_decay, foreach=True)
+
+
 def _segments(offsets: list[int], numels: list[int], tensor_ids: list[int], lo: int, hi: int,
               ) -> tuple[tuple[int, int, int], ...]:
     """Where tensors laid out at ``offsets`` in a flat buffer meet the window [lo, hi), relative to lo."""
@@ -278,17 +289,7 @@ class Engine:
         import deepspeed
 
         groups = parameter_groups(model, optimizer.weight_decay)
-        client_optimizer = None
-        if "optimizer" not in ds_config:
-            if optimizer.name == "lamb":
-                client_optimizer = Lamb(groups, lr=lr, betas=tuple(optimizer.betas), eps=optimizer.eps,
-                                        weight_decay=optimizer.weight_decay,
-                                        bias_correction=optimizer.bias_correction,
-                                        max_trust_ratio=optimizer.max_trust_ratio)
-            else:
-                client_optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(optimizer.betas),
-                                                     eps=optimizer.eps, weight_decay=optimizer.weight_decay,
-                                                     foreach=True)
+        client_optimizer = None if "optimizer" in ds_config else build_optimizer(groups, optimizer, lr)
         if accelerator == "cpu":
             ds_config = right_sized_buckets(ds_config, sum(p.numel() for p in model.parameters()))
         self.ds_config = ds_config

@@ -29,11 +29,16 @@ A remote shard resumed mid-way is downloaded whole again and its leading samples
 ranges). A shard that cannot be read (after bounded retries, for remote ones) or fails a check is
 skipped: its place in the epoch is filled from the next readable shards, it is counted, and the log
 names it once.
+
+With workers (``num_workers`` > 0), torch's DataLoader runs the lane workers in processes; each batch
+crosses to the rank as one shared-memory buffer (``OneBuffer``) and is unpacked into the same dict
+of tensors the in-process loader gives.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from collections.abc import Iterator
@@ -366,10 +371,57 @@ class _EpochDataset(IterableDataset):
         super().__init__()
         self.ep, self.skip, self.workers = ep, skip, workers
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[OneBuffer]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        return _rank_batches(self.ep, self.skip, self.workers, physical)
+        return map(OneBuffer.of, _rank_batches(self.ep, self.skip, self.workers, physical))
+
+
+@dataclass(frozen=True)
+class OneBuffer:
+    """A batch as it crosses from a loader worker to its rank: every tensor's bytes in one uint8
+    ``buffer`` and a small ``header`` of ``(key, dtype, shape, byte offset)`` per tensor, in the
+    batch's key order; other values (``max_seqlen``, a worker's ``_corrupt`` reports) ride in the
+    header as they are, with a dtype of None.
+
+    Why: torch's DataLoader sends each tensor through a shared-memory file of its own, and the
+    receiving process fetches each file's descriptor from the worker in a round trip; a batch of
+    seven tensors paid seven. ``batch()`` gives the same dict back (same keys, order, dtypes, shapes
+    and values), its tensors views into the one buffer."""
+
+    buffer: torch.Tensor
+    header: tuple[tuple[str, torch.dtype | None, object, int], ...]  # key, dtype, shape (or the value), offset
+
+    ALIGN = 16  # bytes: every field starts where any dtype may view it
+
+    @classmethod
+    def of(cls, batch: dict) -> OneBuffer:
+        """Pack a batch (in the worker)."""
+        header, offset = [], 0
+        for key, value in batch.items():
+            if torch.is_tensor(value):
+                header.append((key, value.dtype, tuple(value.shape), offset))
+                offset += -(-value.numel() * value.element_size() // cls.ALIGN) * cls.ALIGN
+            else:
+                header.append((key, None, value, -1))
+        buffer = torch.empty(offset, dtype=torch.uint8)
+        for key, dtype, _, start in header:
+            if dtype is not None:
+                raw = batch[key].contiguous().reshape(-1).view(torch.uint8)
+                buffer[start : start + raw.numel()].copy_(raw)
+        return cls(buffer, tuple(header))
+
+    def batch(self) -> dict:
+        """The batch again (in the rank): views into the buffer, no copy."""
+        out = {}
+        for key, dtype, shape_or_value, start in self.header:
+            if dtype is None:
+                out[key] = shape_or_value
+                continue
+            shape = shape_or_value
+            nbytes = math.prod(shape) * dtype.itemsize
+            out[key] = self.buffer[start : start + nbytes].view(dtype).view(shape)
+        return out
 
 
 # --- the loader -----------------------------------------------------------------------------
@@ -542,10 +594,11 @@ class PretrainingLoader:
         # default from the global RNG that also drives dropout, and a resumed run creates its iterator
         # at another step than the run that never stopped. (Workers use no torch randomness: their
         # shuffles are seeded from seed, epoch, rank, worker and block.)
-        return iter(DataLoader(_EpochDataset(ep, skip, self.num_workers), batch_size=None,
-                               num_workers=self.num_workers,
-                               generator=torch.Generator().manual_seed(self.seed),
-                               worker_init_fn=_ignore_stop_signals))
+        # Each batch crosses from its worker as one buffer (``OneBuffer``), unpacked here.
+        return map(OneBuffer.batch, DataLoader(_EpochDataset(ep, skip, self.num_workers), batch_size=None,
+                                               num_workers=self.num_workers,
+                                               generator=torch.Generator().manual_seed(self.seed),
+                                               worker_init_fn=_ignore_stop_signals))
 
     def _account(self, epoch: int, batch: dict) -> dict:
         for shard, reason in batch.pop("_corrupt", ()):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from bertscale.loader import PretrainingLoader, eval_batches, plan_rank
+from bertscale.loader import OneBuffer, PretrainingLoader, eval_batches, plan_rank
 from bertscale.masking import IGNORE_INDEX
 from bertscale.tokenizer import TokenizerInfo
 
@@ -362,3 +362,44 @@ def test_reading_a_split_skips_a_damaged_shard_once_named_and_stops_before_shard
     with caplog.at_level(logging.WARNING):  # reading on does reach it: the check above can fail
         list(eval_batches(clean, split="train", batch_size=first, seed=1, tokenizer=info, max_batches=2))
     assert [r for r in caplog.records if second.name in r.getMessage()]
+
+
+def assert_same_batch(got, want):
+    """The same dict: keys in the same order, each tensor of the same dtype, shape and values, each other
+    value of the same type and value."""
+    assert list(got) == list(want)
+    for key, value in want.items():
+        if torch.is_tensor(value):
+            assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+            assert torch.equal(got[key], value), key
+        else:
+            assert type(got[key]) is type(value) and got[key] == value, key
+
+
+@pytest.mark.parametrize("unpadded", [False, True])
+def test_a_batch_from_a_worker_is_the_batch_built_in_process(uneven, unpadded):
+    """A worker sends each batch as one buffer (``OneBuffer``); the rank gets exactly the dict the
+    in-process loader builds, in both layouts (one logical worker either way, so the same batches)."""
+    here = list(itertools.islice(loader(uneven, unpadded=unpadded), 12))
+    there = list(itertools.islice(loader(uneven, unpadded=unpadded, num_workers=1), 12))
+    assert len(there) == 12 and ("cu_seqlens" in here[0]) == unpadded
+    for got, want in zip(there, here):
+        assert_same_batch(got, want)
+
+
+def test_one_buffer_round_trips_any_tensor_and_the_other_values():
+    """Odd sizes (fields must stay aligned for every dtype), a scalar, an empty tensor, a non-contiguous
+    one, and plain values beside the tensors."""
+    batch = {
+        "a": torch.arange(7, dtype=torch.int32),
+        "b": torch.arange(12, dtype=torch.int64).view(3, 4).t(),
+        "max_seqlen": 9,
+        "c": torch.tensor(3.5, dtype=torch.float64),
+        "d": torch.zeros(0, 5, dtype=torch.int64),
+        "e": torch.tensor([True, False, True]),
+        "_corrupt": [("shard-000003.tar", "truncated")],
+        "f": torch.arange(5, dtype=torch.uint8),
+    }
+    packed = OneBuffer.of(batch)
+    assert packed.buffer.dtype == torch.uint8 and packed.buffer.dim() == 1
+    assert_same_batch(packed.batch(), batch)

@@ -12,9 +12,10 @@ For each sequence length, in the same run:
   ranks) over the logged intervals after the first (which holds start-up and warm-up) is the figure;
   ``throughput/data_wait_fraction`` says how much of it ranks spent waiting on the loader.
 * **bare step**: ``--ranks`` processes with the trainer's threads each, each running only forward,
-  backward and an optimizer step (torch's AdamW; LAMB's extra work is per parameter, not per token) of
-  the same model in bf16 on that rank's same micro batches, read into memory first: no DeepSpeed, no
-  loader, no logging, no collectives.
+  backward and an optimizer step (our LAMB with the trainer's settings, built by the engine's own
+  ``build_optimizer``, unsharded: each process steps the whole model) of the same model in bf16 on
+  that rank's same micro batches, read into memory first: no DeepSpeed, no loader, no logging, no
+  collectives.
 
 ``pipeline_efficiency`` = trainer real tokens/s / bare real tokens/s. What the gap holds: ZeRO's
 gradient all-reduce and partitioned optimizer step, DeepSpeed's bookkeeping, the loader, host syncs
@@ -52,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 MICRO = {128: 32, 512: 16}  # the demo's micro batches (bertscale.demo.demo_config)
+LR = 1e-3  # the phase's peak lr; the optimizer's other settings are the config's defaults (no [optimizer])
 
 
 def _config(out: Path, data: Path, tok: Path, seq_len: int, steps: int, ranks: int, port: int, unpadded: bool) -> str:
@@ -81,7 +83,7 @@ data = "{data.as_posix()}"
 global_batch = {micro * ranks}
 micro_batch = {micro}
 steps = {3 * steps}
-lr = 1e-3
+lr = {LR}
 """
 
 
@@ -115,6 +117,8 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
                  unpadded: bool, start, results) -> None:
     import torch
 
+    from bertscale.config import OptimizerSection
+    from bertscale.engine import build_optimizer, parameter_groups
     from bertscale.loader import PretrainingLoader
     from bertscale.model import BertForPreTraining, PerfOptions, preset_config
     from bertscale.packing import model_inputs, real_tokens
@@ -129,7 +133,10 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
     torch.manual_seed(0)
     model = BertForPreTraining(preset_config("tiny", tok.vocab_size), PerfOptions.for_device("cpu"))
     model = model.to(torch.bfloat16).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    # the trainer's optimizer with the trainer's settings, unsharded (the trainer's ZeRO-2 ranks each step
+    # half of it, on fp32 master weights, and add the norm reductions LAMB's sharding needs)
+    settings = OptimizerSection()
+    opt = build_optimizer(parameter_groups(model, settings.weight_decay), settings, LR)
 
     def step(b):
         model(**b).loss.backward()
