@@ -537,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = RunDir.of(cfg)
     try:
         accelerator = detect_accelerator(cfg.distributed.accelerator)
-        dist = init_distributed(accelerator, cfg.distributed.timeout_minutes)
+        dist = init_distributed(accelerator, cfg.distributed.timeout_minutes,
+                                cfg.distributed.rendezvous_timeout_minutes)
         if accelerator == "cpu":
             threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
             torch.set_num_threads(threads)
