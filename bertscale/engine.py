@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +21,8 @@ from bertscale import safe_load
 from bertscale.config import ConfigError, OptimizerSection, PhaseSection, accumulation_steps
 from bertscale.lamb import FlatLayout, Lamb
 from bertscale.packing import batch_to, model_inputs
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +486,16 @@ def _all_reduce_in(tensor: torch.Tensor, group) -> torch.Tensor:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def broadcast_from_rank0(value: T) -> T:
+    """Rank 0's ``value`` on every rank (pickled over the process group; each rank's NCCL device carries it
+    there); ``value`` as it is without a process group. A collective: every rank calls it at the same point."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
