@@ -92,6 +92,10 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0,
     # value at creation, so the group is made with the rendezvous's and then given the collectives'.
     deepspeed.init_distributed(dist_backend=backend, timeout=rendezvous)
     if rendezvous != timeout:
+        if not hasattr(c10d, "_set_pg_timeout"):
+            raise ConfigError(f"distributed.rendezvous_timeout_minutes needs a torch whose process groups can change "
+                              f"their timeout (torch.distributed's _set_pg_timeout; this is {torch.__version__}): "
+                              f"upgrade torch, or leave it unset")
         c10d._set_pg_timeout(timeout)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
