@@ -106,6 +106,8 @@ class DistributedSection:
     """torch intra-op threads per rank on CPU (default: cores / local ranks)."""
     timeout_minutes: float = 10.0
     """How long a collective waits for a missing rank before the run fails (instead of hanging)."""
+    rendezvous_timeout_minutes: float | None = None
+    """How long the ranks wait for one another to join at start, apart from timeout_minutes, e.g. longer where a scheduler starts nodes minutes apart while a lost node should fail the run in seconds (default: timeout_minutes)."""
 
 
 @dataclass
@@ -415,6 +417,7 @@ _RANGES = [
     ("distributed", "master_port", 1, 65535, False, False, True),
     ("distributed", "threads_per_rank", 1, None, False, False, True),
     ("distributed", "timeout_minutes", 0, None, True, False, False),
+    ("distributed", "rendezvous_timeout_minutes", 0, None, True, False, True),
     ("optimizer", "eps", 0, None, True, False, False),
     ("optimizer", "weight_decay", 0, None, False, False, False),
     ("optimizer", "grad_clip", 0, None, False, False, False),

@@ -10,6 +10,7 @@ Everything streams line by line; nothing loads a whole file into memory.
 from __future__ import annotations
 
 import ast
+import functools
 import gzip
 import hashlib
 import json
@@ -18,7 +19,7 @@ import os
 import re
 import sysconfig
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -420,6 +421,17 @@ def _stdlib_docstrings(root: Path) -> Iterator[tuple[str, str, str]]:
                 kept += 1
 
 
+@functools.lru_cache(maxsize=1)
+def _all_stdlib_docstrings(root: Path) -> tuple[tuple[str, str, str], ...]:
+    """Every ``_stdlib_docstrings`` of ``root``, parsed once per process: the corpus and the probe are chosen
+    from the same list, and parsing the whole library takes seconds."""
+    return tuple(_stdlib_docstrings(root))
+
+
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def _hash_order(place: str) -> bytes:
     return hashlib.blake2b(place.encode(), digest_size=8).digest()
 
@@ -443,10 +455,13 @@ def write_stdlib_corpus(out_path: Path, max_documents: int | None = None,
     """
     out_path = Path(out_path)
     stats = CorpusStats(files=1)
-    docstrings = list(_stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"])))
+    if probe_path is None and max_documents is not None:
+        docstrings: Iterable[tuple[str, str, str]] = _stdlib_docstrings(_stdlib_root())  # parsed up to the cut
+    else:
+        docstrings = _all_stdlib_docstrings(_stdlib_root())
     probe = _write_probe(probe_path, docstrings) if probe_path is not None else set()
     # by text too: a docstring repeated elsewhere in the library (an overridden method's, say) is held out
-    probe_texts = {text for _, place, text in docstrings if place in probe}
+    probe_texts = {text for _, place, text in docstrings if place in probe} if probe else set()
     parts: list[str] = []
     for _, place, text in docstrings:
         if text in probe_texts:
@@ -464,7 +479,7 @@ def write_stdlib_probe(probe_path: Path) -> int:
     """Write ``PROBE_DOCS_PER_FAMILY`` docstrings of each of ``PROBE_FAMILIES`` to ``probe_path`` as jsonl
     (``text``, ``label``: the package, ``where``: ``file:n``), family by family, each in a fixed hashed
     order (so its first rows spread over the package's files); returns how many."""
-    return len(_write_probe(probe_path, list(_stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"])))))
+    return len(_write_probe(probe_path, _all_stdlib_docstrings(_stdlib_root())))
 
 
 def _write_probe(probe_path: Path, docstrings: Sequence[tuple[str, str, str]]) -> set[str]:

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +21,8 @@ from bertscale import safe_load
 from bertscale.config import ConfigError, OptimizerSection, PhaseSection, accumulation_steps
 from bertscale.lamb import FlatLayout, Lamb
 from bertscale.packing import batch_to, model_inputs
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +68,18 @@ def _without_shm_inference_allreduce() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
-def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> DistInfo:
-    """Join the process group the deepspeed launcher set up (env:// rendezvous)."""
+def init_distributed(accelerator: str, timeout_minutes: float = 10.0,
+                     rendezvous_minutes: float | None = None) -> DistInfo:
+    """Join the process group the deepspeed launcher set up (env:// rendezvous), waiting up to
+    ``rendezvous_minutes`` (default ``timeout_minutes``) for every rank to join; its collectives then
+    give up after ``timeout_minutes``."""
     import deepspeed
 
     import torch.distributed.distributed_c10d as c10d
 
     backend = "nccl" if accelerator == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)
+    rendezvous = datetime.timedelta(minutes=rendezvous_minutes) if rendezvous_minutes is not None else timeout
     # DeepSpeed builds its data-parallel groups with new_group() and no timeout, which falls back to
     # torch's 30-minute default: a rank whose peer vanished (link down, no TCP reset) would wait that
     # long. Make our timeout the default for every group created from here on.
@@ -81,7 +88,15 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> DistInf
         c10d.default_pg_nccl_timeout = timeout
     if accelerator != "cuda":
         _without_shm_inference_allreduce()
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    # The group's timeout bounds both the wait for every rank to join and its collectives; torch takes one
+    # value at creation, so the group is made with the rendezvous's and then given the collectives'.
+    deepspeed.init_distributed(dist_backend=backend, timeout=rendezvous)
+    if rendezvous != timeout:
+        if not hasattr(c10d, "_set_pg_timeout"):
+            raise ConfigError(f"distributed.rendezvous_timeout_minutes needs a torch whose process groups can change "
+                              f"their timeout (torch.distributed's _set_pg_timeout; this is {torch.__version__}): "
+                              f"upgrade torch, or leave it unset")
+        c10d._set_pg_timeout(timeout)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -494,6 +509,16 @@ def _all_reduce_in(tensor: torch.Tensor, group) -> torch.Tensor:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def broadcast_from_rank0(value: T) -> T:
+    """Rank 0's ``value`` on every rank (pickled over the process group; each rank's NCCL device carries it
+    there); ``value`` as it is without a process group. A collective: every rank calls it at the same point."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

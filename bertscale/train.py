@@ -32,7 +32,7 @@ from bertscale.config import (ARCHITECTURE_OVERRIDES, ConfigError, RunConfig, ac
                               max_predictions)
 from bertscale.console import Progress
 from bertscale.files import WriteError, open_log, write_failure
-from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, build_ds_config,
+from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, broadcast_from_rank0, build_ds_config,
                               consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
                               zero_stage)
 from bertscale.evaluate import EvalTally, Unigram, fit_unigram
@@ -461,8 +461,10 @@ class Trainer:
 
     @functools.cached_property
     def unigram(self) -> Unigram | None:
-        """The MLM baselines' unigram, fitted once per phase on its training split (``evaluate.fit_unigram``)."""
-        return fit_unigram(self.phase.data, self.tokenizer)
+        """The MLM baselines' unigram, fitted once per phase on its training split (``evaluate.fit_unigram``)
+        by rank 0 alone and broadcast: the other ranks would read (or download) the same samples for the same
+        counts. A collective: every rank first asks for it in the same ``evaluate``."""
+        return broadcast_from_rank0(fit_unigram(self.phase.data, self.tokenizer) if self.dist.rank == 0 else None)
 
 
 class StopRequest:
@@ -543,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = RunDir.of(cfg)
     try:
         accelerator = detect_accelerator(cfg.distributed.accelerator)
-        dist = init_distributed(accelerator, cfg.distributed.timeout_minutes)
+        dist = init_distributed(accelerator, cfg.distributed.timeout_minutes,
+                                cfg.distributed.rendezvous_timeout_minutes)
         if accelerator == "cpu":
             threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
             torch.set_num_threads(threads)

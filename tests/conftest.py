@@ -104,14 +104,20 @@ steps) and a figure every step."""
 
 
 @pytest.fixture(scope="session")
-def plain_run(run_data, tmp_path_factory) -> dict[str, list[tuple[int, float]]]:
-    """The scalars of one real 2-rank run on ``run_data`` (4 + 2 steps, local folders, unpadded batches,
-    ``PLAIN_RUN_SETTINGS``): the reference that runs changing one thing (padded batches, data served over
-    HTTP) must reproduce."""
-    from bertscale.metrics import read_scalars
+def plain_run_dir(run_data, tmp_path_factory) -> Path:
+    """The output folder of one real 2-rank run on ``run_data`` (4 + 2 steps, local folders, unpadded batches,
+    ``PLAIN_RUN_SETTINGS``; ``runs.run_config`` otherwise: seed 7, eval_batches 2); tests read, never change it."""
     from launcher.launch import pretrain
     from runs import write_config
 
     tmp = tmp_path_factory.mktemp("plain-run")
-    out = pretrain(str(write_config(tmp, run_data, steps=(4, 2))), PLAIN_RUN_SETTINGS + ["train.unpadded=true"])
-    return read_scalars(out / "tensorboard")
+    return pretrain(str(write_config(tmp, run_data, steps=(4, 2))), PLAIN_RUN_SETTINGS + ["train.unpadded=true"])
+
+
+@pytest.fixture(scope="session")
+def plain_run(plain_run_dir) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of ``plain_run_dir``: the reference that runs changing one thing (padded batches, data
+    served over HTTP) must reproduce."""
+    from bertscale.metrics import read_scalars
+
+    return read_scalars(plain_run_dir / "tensorboard")

@@ -339,8 +339,8 @@ def test_string_fields_take_the_override_text_verbatim(tmp_path, item, attr, exp
 
 def test_non_string_overrides_are_parsed_as_toml(tmp_path):
     cfg = load_config(write(tmp_path, GOOD), ["distributed.timeout_minutes=2.5", "train.eval_interval=0x10",
-                                              "phases.1.mask_prob=0.2"])
-    assert cfg.distributed.timeout_minutes == 2.5
+                                              "phases.1.mask_prob=0.2", "distributed.rendezvous_timeout_minutes=5"])
+    assert cfg.distributed.timeout_minutes == 2.5 and cfg.distributed.rendezvous_timeout_minutes == 5.0
     assert cfg.train.eval_interval == 16
     assert cfg.phases[1].mask_prob == 0.2
 
@@ -377,6 +377,8 @@ def test_validate_accepts_the_good_config(tmp_path):
     ("model.hidden_size=0", "model.hidden_size: 0 must be a finite number >= 1; or leave it unset"),
     ("distributed.timeout_minutes=inf", "distributed.timeout_minutes: inf must be a finite number > 0"),
     ("distributed.timeout_minutes=0", "distributed.timeout_minutes: 0.0 must be a finite number > 0"),
+    ("distributed.rendezvous_timeout_minutes=-1",
+     "distributed.rendezvous_timeout_minutes: -1.0 must be a finite number > 0; or leave it unset"),
     ("distributed.threads_per_rank=0", "distributed.threads_per_rank: 0 must be a finite number >= 1"),
     ("train.save_interval=0", "train.save_interval: 0 must be a finite number >= 1"),
     ("train.shuffle_buffer=-5", "train.shuffle_buffer: -5 must be a finite number >= 0"),

@@ -116,11 +116,51 @@ def test_two_nodes_no_ssh_train_both_phases_and_convert(run_data, tmp_path):
     assert (hf / "model.safetensors").is_file() and (hf / "config.json").is_file()
 
 
+JOIN = """
+import os, sys, time
+import torch
+import torch.distributed.distributed_c10d as c10d
+from bertscale.engine import init_distributed
+start = time.monotonic()
+try:
+    init_distributed("cpu", float(sys.argv[1]), float(sys.argv[2]))
+except Exception as exc:
+    print(f"gave up after {time.monotonic() - start:.0f}s: {type(exc).__name__}")
+else:
+    gloo = c10d._get_default_group()._get_backend(torch.device("cpu"))
+    print(f"collectives {gloo.options._timeout.total_seconds()}s, joining {c10d._get_default_store().timeout.total_seconds()}s")
+"""
+
+
+def join(world_size: int, timeout_minutes: float, rendezvous_minutes: float) -> str:
+    """What rank 0 of ``world_size`` ranks, started alone in a process of its own, says after
+    ``engine.init_distributed(timeout_minutes, rendezvous_minutes)``."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size)}
+    done = subprocess.run([sys.executable, "-c", JOIN, str(timeout_minutes), str(rendezvous_minutes)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_the_rendezvous_and_the_collectives_have_their_own_timeouts():
+    """distributed.rendezvous_timeout_minutes bounds the wait for every rank to join, timeout_minutes the
+    collectives of the group that results (what the lost-node tests below wait out)."""
+    assert join(1, timeout_minutes=0.25, rendezvous_minutes=2) == "collectives 15.0s, joining 120.0s"
+    # a peer that never comes: rank 0 gives up after the rendezvous's 3 s, not the collectives' 10 minutes
+    said = join(2, timeout_minutes=10, rendezvous_minutes=0.05)
+    assert said.startswith("gave up after ") and int(said.split()[3].rstrip("s:")) < 60, said
+
+
+# The collectives give up 15 s after a node is lost; the nodes may take two minutes to join, as a node
+# starts late on a loaded machine.
+SHORT_TIMEOUT = ["--set", "distributed.timeout_minutes=0.25", "--set", "distributed.rendezvous_timeout_minutes=2"]
+
+
 def test_lost_node_fails_within_timeout_and_rerun_resumes(run_data, tmp_path):
     config_path = write_config(tmp_path, run_data, ranks=1, steps=(40, 2))
     port = free_port()
-    # the timeout also bounds the rendezvous wait: a minute lets a node start late on a loaded machine
-    timeout = ["--set", "distributed.timeout_minutes=1", "--set", "train.save_interval=5"]
+    timeout = [*SHORT_TIMEOUT, "--set", "train.save_interval=5"]
     procs = start_nodes(config_path, port, tmp_path, timeout)
     root = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 240
@@ -200,7 +240,7 @@ def start_hosts(config: Path, hosts: dict, logs: Path, extra: list[str] = ()) ->
 
 def test_two_hosts_in_network_namespaces_and_one_cut_off(two_hosts, run_data, tmp_path):
     config = write_config(tmp_path, run_data, ranks=1, steps=(40, 2))
-    settings = ["--set", "distributed.timeout_minutes=1", "--set", "train.save_interval=5"]
+    settings = [*SHORT_TIMEOUT, "--set", "train.save_interval=5"]
     procs = start_hosts(config, two_hosts, tmp_path, settings)
     root = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 240

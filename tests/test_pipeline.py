@@ -185,6 +185,29 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(trained):
     assert len(busy) == 4 and all(0 < b <= 1.05 * os.cpu_count() for b in busy), busy
 
 
+BASELINES = ("baseline_mlm_accuracy", "baseline_mlm_loss", "baseline_mlm_accuracy_all_positions",
+             "baseline_mlm_loss_all_positions", "baseline_nsp_accuracy")
+
+
+def test_the_baselines_training_logs_are_those_evaluate_reports_on_the_same_data(plain_run_dir, run_data, tmp_path):
+    """The ``eval/baseline_*`` scalars of a real 2-rank run (the unigram fitted by rank 0 and broadcast,
+    the held-out tallies summed over both ranks) equal what ``bertscale eval`` reports on each phase's data
+    and positions: the same split, seed, batch size and batch count as the trainer's evaluation. The
+    baselines do not depend on the model, so the final one stands in for both phases'."""
+    from bertscale.metrics import read_scalars
+
+    config = json.loads((plain_run_dir / "run_config.json").read_text())
+    scalars = read_scalars(plain_run_dir / "tensorboard")
+    hf_dir = convert_checkpoint(plain_run_dir / "checkpoints", tmp_path / "hf")
+    for phase, step in zip(config["phases"], (4, 6)):  # each phase's eval at its end
+        got = evaluate(hf_dir, phase["data"], split="valid", batch_size=phase["micro_batch"],
+                       max_batches=config["train"]["eval_batches"], seed=config["run"]["seed"])
+        assert "'train' split of" in got["baseline_fitted_on"]
+        for key in BASELINES:
+            logged = dict(scalars[f"eval/{key}"])[step]
+            assert logged == pytest.approx(got[key], rel=1e-6), (phase["name"], key)  # TensorBoard keeps float32
+
+
 @pytest.mark.slow
 def test_unpadded_and_padded_training_take_the_same_steps(run_data, plain_run, tmp_path):
     """The trainer's unpadded batches are the padded batches' samples and masks: without dropout (whose
