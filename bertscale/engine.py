@@ -448,7 +448,8 @@ class Engine:
         if path is None:  # DeepSpeed returns (None, None) instead of raising
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} under {root}")
         if universal:
-            self._restore_group_settings(safe_load.load(folder / "zero" / "optimizer_state.pt")["param_groups"], folder)
+            saved = safe_load.load(folder / "zero" / "optimizer_state.pt")["param_groups"]
+            self._restore_group_settings(saved, folder)
 
     def _restore_group_settings(self, saved: list[dict], folder: Path) -> None:
         """Give each optimizer parameter group its own saved settings back after a universal load.

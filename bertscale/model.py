@@ -417,25 +417,20 @@ def attention_rows(lengths: Sequence[int], multiple: int = 8, heads: int = 1,
         best, widths = trial, sorted(widths + [w], reverse=True)
     _, row_width, where = best
     # Group the rows by width (widest first), each group one [rows, width] block of slots.
-    groups = sorted(set(row_width), reverse=True)
-    row_start, segments, slot_base = {}, [], 0
-    for w in groups:
+    shapes, row_start, slots = [], {}, 0
+    for w in sorted(set(row_width), reverse=True):
         rows = [r for r, rw in enumerate(row_width) if rw == w]
-        for k, r in enumerate(rows):
-            row_start[r] = slot_base + k * w
-        segments.append(np.full((len(rows), w), -1, dtype=np.int64))
-        slot_base += len(rows) * w
+        row_start.update((r, slots + k * w) for k, r in enumerate(rows))
+        shapes.append((len(rows), w))
+        slots += len(rows) * w
     slot = np.concatenate([np.arange(lengths[i]) + row_start[where[i][0]] + where[i][1] for i in range(len(lengths))])
-    index = np.zeros(slot_base, dtype=np.int64)
+    index = np.zeros(slots, dtype=np.int64)
     index[slot] = np.arange(len(slot))
-    flat_segment = np.full(slot_base, -1, dtype=np.int64)
-    flat_segment[slot] = np.repeat(np.arange(len(lengths)), lengths)
-    offset = 0
-    for seg in segments:
-        seg[...] = flat_segment[offset:offset + seg.size].reshape(seg.shape)
-        offset += seg.size
+    segment = np.full(slots, -1, dtype=np.int64)
+    segment[slot] = np.repeat(np.arange(len(lengths)), lengths)
+    parts = np.split(segment, np.cumsum([n * w for n, w in shapes])[:-1])
     return AttentionRows(index=torch.from_numpy(index), back=torch.from_numpy(slot),
-                         segments=tuple(torch.from_numpy(seg) for seg in segments))
+                         segments=tuple(torch.from_numpy(part.reshape(shape)) for part, shape in zip(parts, shapes)))
 
 
 @dataclass(frozen=True)

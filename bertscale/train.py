@@ -193,11 +193,8 @@ class Trainer:
             note = plan.world_size_note(self.phase, shape, self.accumulation)
             if note:
                 self._log0(note)
-            if plan.carry_through_universal:  # written by another number of ranks: any number can load this
-                if self.dist.rank == 0:
-                    ckpt.universal_checkpoint(plan.previous)
-                barrier()
-                self.engine.load_shards(plan.previous.path, ckpt.UNIVERSAL)
+            if plan.carry_through_universal:  # written by another number of ranks
+                self._load_universal(plan.previous)
             elif plan.carry_moments:
                 self.engine.load_shards(plan.previous.path.parent, plan.previous.tag)
             self._log0(f"phase {self.phase.name}: starting from the final weights of "
@@ -241,15 +238,20 @@ class Trainer:
         if self.phase_index == 0 and resume is None:
             self.metrics.log_config(cfg.to_dict())
 
+    def _load_universal(self, source: ckpt.CheckpointInfo) -> None:
+        """Model and optimizer from ``source``'s universal checkpoint, which any number of ranks can load
+        (made by the launcher or an earlier attempt; rank 0 makes it if it is missing)."""
+        if self.dist.rank == 0:
+            ckpt.universal_checkpoint(source)
+        barrier()
+        self.engine.load_shards(source.path, ckpt.UNIVERSAL)
+
     def _resume_on_other_ranks(self, plan: ckpt.ResumePlan) -> None:
         """Continue a phase that other ranks started: model and optimizer from the universal checkpoint
-        (made by the launcher; rank 0 makes it if it is missing), the data position in global steps from
+        (``_load_universal``), the data position in global steps from
         rank 0's loader state (the same on every rank), RNG streams seeded afresh per rank."""
         resume, (before, now) = plan.resume, plan.world_change
-        if self.dist.rank == 0:
-            ckpt.universal_checkpoint(resume)
-        barrier()
-        self.engine.load_shards(resume.path, ckpt.UNIVERSAL)
+        self._load_universal(resume)
         self.state.load_state_dict(resume.meta["state"])
         self.state.world_size_changes.append({"global_step": self.state.global_step, "from": before, "to": now})
         self.loader.load_state_dict(ckpt.read_rank_state(resume.path, 0, restore_rng=False)["loader"])

@@ -24,7 +24,10 @@ and masked as training reads them (``bertscale.loader.eval_batches``, train spli
 once padded to each batch's longest sample and once unpadded (``bertscale.packing``), steps
 alternating on the same model. It reports per sequence length ``real_tokens_per_s`` (non-padding
 tokens per second), ``fill`` (real / computed token positions) and their ratio, and the ratio the
-model FLOPs predict (padded FLOPs / unpadded FLOPs, both counted over the samples' own lengths).
+model FLOPs predict (padded FLOPs / unpadded FLOPs, both counted over the samples' own lengths);
+the optimizer step timed alone (``optimizer_step_ms``: the same in both layouts, it holds the
+measured ratio below the FLOPs') and the ratio without it; on CPU, how many score slots the
+attention rows compute per slot the samples need (``attention_scores_vs_ideal``).
 Measured figures and the commands that produced them are in tools/README.md.
 """
 
