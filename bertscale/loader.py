@@ -37,10 +37,12 @@ of tensors the in-process loader gives.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -344,9 +346,29 @@ class _WorkerStream:
 def _ignore_stop_signals(worker_id: int) -> None:
     """A scheduler's SIGTERM (or a terminal's SIGINT) reaches every process of the job: the rank decides
     when to stop and save; a worker killed by it would crash the rank instead. Workers end with their
-    rank (torch's worker watchdog)."""
+    rank (torch's worker watchdog), when their iterator is dropped, or at exit (``_stop_live_workers``)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_LIVE_WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+"""The DataLoader iterators (with worker processes) this process has made and not yet dropped."""
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    """Stop the workers of iterators still alive when the interpreter exits.
+
+    multiprocessing's own exit hook stops daemonic children with SIGTERM and then waits for them, and
+    our workers ignore SIGTERM (``_ignore_stop_signals``): a script that still held a live iterator
+    (``it = iter(loader); next(it)`` at module level) waited forever at exit. atexit runs hooks last
+    registered first, and this module registers after torch and multiprocessing, so this runs before
+    theirs: it shuts each iterator's workers down as torch does when the iterator is dropped (done event,
+    then a join)."""
+    for it in list(_LIVE_WORKER_ITERATORS):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _rank_batches(ep: _Epoch, skip: int, every: int = 1, offset: int = 0) -> Iterator[dict]:
@@ -595,10 +617,11 @@ class PretrainingLoader:
         # at another step than the run that never stopped. (Workers use no torch randomness: their
         # shuffles are seeded from seed, epoch, rank, worker and block.)
         # Each batch crosses from its worker as one buffer (``OneBuffer``), unpacked here.
-        return map(OneBuffer.batch, DataLoader(_EpochDataset(ep, skip, self.num_workers), batch_size=None,
-                                               num_workers=self.num_workers,
-                                               generator=torch.Generator().manual_seed(self.seed),
-                                               worker_init_fn=_ignore_stop_signals))
+        workers = iter(DataLoader(_EpochDataset(ep, skip, self.num_workers), batch_size=None,
+                                  num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                                  worker_init_fn=_ignore_stop_signals))
+        _LIVE_WORKER_ITERATORS.add(workers)
+        return map(OneBuffer.batch, workers)
 
     def _account(self, epoch: int, batch: dict) -> dict:
         for shard, reason in batch.pop("_corrupt", ()):

@@ -1,5 +1,9 @@
 import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +124,23 @@ def test_workers_cover_an_epoch_and_drop_last(shard_dir, info):
     ids, nxt = epoch_ids(dropped)
     assert len(ids) % 16 == 0 and total - 16 < len(ids) <= total and len(set(ids)) == len(ids)
     assert nxt["input_ids"].shape[0] == 16
+
+
+def test_a_script_holding_a_live_iterator_with_workers_exits(shard_dir, tokenizer_dir, tmp_path):
+    """Workers ignore SIGTERM (the rank decides when to stop), which is how multiprocessing's exit hook
+    stops daemonic children: a script still holding a live iterator at exit used to wait forever."""
+    script = tmp_path / "hold.py"
+    script.write_text(
+        "from bertscale.loader import PretrainingLoader\n"
+        "from bertscale.tokenizer import tokenizer_info\n"
+        f"loader = PretrainingLoader({str(shard_dir)!r}, micro_batch=4, rank=0, world_size=1, seed=3,\n"
+        f"                           tokenizer=tokenizer_info({str(tokenizer_dir)!r}), num_workers=2)\n"
+        "it = iter(loader)\n"
+        "print('batch', tuple(next(it)['input_ids'].shape), flush=True)\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0 and r.stdout.startswith("batch (4, "), r.stderr[-2000:]
 
 
 def test_deterministic_and_epochs_differ(shard_dir, info):
