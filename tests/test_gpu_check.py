@@ -18,15 +18,19 @@ def test_gpu_check_smoke_mode_runs_every_step_and_summarises(tmp_path):
     out, work = tmp_path / "out", tmp_path / "tmp"
     out.mkdir(), work.mkdir()
     env = dict(os.environ, GPU_CHECK_SMOKE="1", PYTHON=sys.executable, OUT=str(out), TMPDIR=str(work),
-               GPU_CHECK_ONLY="build_data|bench_data_128|pretrain_base|convert")
+               GPU_CHECK_ONLY="build_data|bench_data_128|pretrain_base|convert|pretrain_fp16_compile|pretrain_zero3")
     r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary == json.loads((out / "gpu_check.json").read_text())
-    assert summary["passed"] and set(summary["steps"]) == {"build_data", "bench_data_128", "pretrain_base", "convert"}
+    assert summary["passed"] and set(summary["steps"]) == {"build_data", "bench_data_128", "pretrain_base", "convert",
+                                                           "pretrain_fp16_compile", "pretrain_zero3", "convert_zero3"}
     shards = summary["large_128_real_shards"]
     assert shards["unpadded_fill"] == 1.0 and 0 < shards["padded_fill"] < 1 and shards["attention_kernel"] == "rows"
-    assert any("training finished" in line for line in summary["pretrain_last_lines"])
-    assert "=== convert: exit 0" in (out / "steps.log").read_text()
+    for run in ("pretrain_last_lines", "fp16_compile_last_lines", "zero3_last_lines"):
+        assert any("training finished" in line for line in summary[run]), run
+    steps_log = (out / "steps.log").read_text()
+    assert "=== convert: exit 0" in steps_log and "=== convert_zero3: exit 0" in steps_log
+    assert "ZeRO stage 3, optimizer lamb" in steps_log  # the ZeRO-3 step ran ZeRO-3
     assert list(work.glob("gpu_check.*")) == []  # its work folder is removed

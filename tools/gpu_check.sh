@@ -10,7 +10,9 @@
 # 3. tools/bench_step.py for `large` in bf16 at 128 and 512: synthetic full rows (ours vs transformers,
 #    MFU) and real shards, padded vs unpadded (MFU of the samples' model FLOPs);
 # 4. a 2-phase `bertscale pretrain` of `base` (bf16, ZeRO-2, LAMB; 60 + 40 steps) on shards built here
-#    from the standard library's docstrings, then `bertscale convert` of its checkpoint.
+#    from the standard library's docstrings, then `bertscale convert` of its checkpoint;
+# 5. the trainer's other CUDA paths, short runs of `mini`: fp16 with dynamic loss scaling and the
+#    compiled encoder layers (ZeRO-2), and ZeRO-3 in bf16 over both phases, then converted.
 # Each step has its own time limit (the whole fits in about 8 minutes); a failing step is recorded and
 # the rest still run. The last line printed is the JSON summary (also $OUT/gpu_check.json when $OUT is
 # set, with every step's log in $OUT/steps.log). Exit status: 0 when every step passed.
@@ -34,9 +36,13 @@ SMOKE=${GPU_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
     BIG=tiny; BASE=tiny; ACC=cpu; DEV="--device cpu --threads 1"; ITERS=1; STEPS1=4; STEPS2=2; B128=8; B512=4
     VOCAB=2000; DOCS=400; GB1=16; MB1=8; GB2=8; MB2=4
+    # DeepSpeed has no fp16 on CPU and compiling takes minutes there: step 5 checks its plumbing in bf16,
+    # eager, ZeRO-3 over one phase
+    SMALL=tiny; FP16=zero2_bf16; COMPILE=false; VSTEPS=3; ZPHASES=1
 else
     BIG=large; BASE=base; ACC=cuda; DEV=""; ITERS=10; STEPS1=60; STEPS2=40; B128=256; B512=128
     VOCAB=30522; DOCS=None; GB1=256; MB1=128; GB2=64; MB2=32
+    SMALL=mini; FP16=zero2_fp16; COMPILE=true; VSTEPS=20; ZPHASES=2
 fi
 if [ "$SMOKE" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "gpu_check: torch sees no CUDA device here; run this on a GPU machine" >&2
@@ -105,19 +111,21 @@ step bench_data_512 90 "$PY" tools/bench_step.py --preset $BIG --precision bf16 
     --tokenizer "$DATA/tokenizer" --batch $B512 --iters $ITERS --warmup 1 --json $DEV
 
 # --- 4. two phases of base through the real launcher, then convert -------------------------------------
-RUN=$WORK/run
-cat > "$WORK/base.toml" <<EOF
+run_config() {  # run_config OUT_DIR PRESET DS_CONFIG COMPILE STEPS1 STEPS2 [PHASES]: a pretrain config on stdout
+    local out=$1 preset=$2 ds=$3 compile=$4 steps1=$5 steps2=$6 phases=${7:-2}
+    cat <<EOF
 [run]
 name = "gpu_check"
-out_dir = "$RUN"
+out_dir = "$out"
 seed = 1
 
 [model]
-preset = "$BASE"
+preset = "$preset"
 tokenizer = "$DATA/tokenizer"
+compile = $compile
 
 [distributed]
-deepspeed_config = "$ROOT/ds_configs/zero2_bf16.json"
+deepspeed_config = "$ROOT/ds_configs/$ds.json"
 accelerator = "$ACC"
 num_gpus = 1
 
@@ -135,9 +143,11 @@ seq_len = 128
 data = "$D128"
 global_batch = $GB1
 micro_batch = $MB1
-steps = $STEPS1
+steps = $steps1
 lr = 2e-3
 warmup = 0.2
+EOF
+    [ "$phases" = 1 ] || cat <<EOF
 
 [[phases]]
 name = "phase2"
@@ -145,12 +155,22 @@ seq_len = 512
 data = "$D512"
 global_batch = $GB2
 micro_batch = $MB2
-steps = $STEPS2
+steps = $steps2
 lr = 1e-3
 warmup = 0.2
 EOF
+}
+RUN=$WORK/run
+run_config "$RUN" "$BASE" zero2_bf16 false "$STEPS1" "$STEPS2" > "$WORK/base.toml"
 step pretrain_base 200 "$PY" -m bertscale pretrain --config "$WORK/base.toml"
 step convert 60 "$PY" -m bertscale convert --checkpoint "$RUN/checkpoints" --out "$WORK/hf"
+
+# --- 5. fp16 with the compiled layers; ZeRO-3 -----------------------------------------------------------
+run_config "$WORK/run_fp16" "$SMALL" "$FP16" "$COMPILE" "$VSTEPS" 0 1 > "$WORK/fp16.toml"
+step pretrain_fp16_compile 180 "$PY" -m bertscale pretrain --config "$WORK/fp16.toml"
+run_config "$WORK/run_zero3" "$SMALL" zero3_bf16 false "$VSTEPS" "$(( (VSTEPS + 1) / 2 ))" $ZPHASES > "$WORK/zero3.toml"
+step pretrain_zero3 150 "$PY" -m bertscale pretrain --config "$WORK/zero3.toml"
+step convert_zero3 60 "$PY" -m bertscale convert --checkpoint "$WORK/run_zero3/checkpoints" --out "$WORK/hf_zero3"
 
 # --- summary ----------------------------------------------------------------------------------------
 STATUS_LINES=$(for k in "${!STATUS[@]}"; do echo "$k ${STATUS[$k]}"; done)
@@ -189,11 +209,12 @@ for s in (128, 512):
             **{f"{n}_{k}": x[n].get(k) for n in ("padded", "unpadded")
                for k in ("fill", "real_tokens_per_s", "mfu")},
             "attention_kernel": x["unpadded"].get("attention_kernel")}
-p = logs / "pretrain_base.log"
-if p.exists():
-    text = p.read_text(errors="replace")
-    out["pretrain_last_lines"] = [l[:240] for l in text.strip().splitlines()
-                                  if re.search(r"step|finished|error|Error", l)][-6:]
+for name, key in (("pretrain_base", "pretrain_last_lines"), ("pretrain_fp16_compile", "fp16_compile_last_lines"),
+                  ("pretrain_zero3", "zero3_last_lines")):
+    p = logs / f"{name}.log"
+    if p.exists():
+        text = p.read_text(errors="replace")
+        out[key] = [l[:240] for l in text.strip().splitlines() if re.search(r"step|finished|scale|error|Error", l)][-6:]
 print(json.dumps(out))
 if "${OUT:-}":
     Path("${OUT:-}", "gpu_check.json").write_text(json.dumps(out, indent=1))
