@@ -56,7 +56,8 @@ MICRO = {128: 32, 512: 16}  # the demo's micro batches (bertscale.demo.demo_conf
 LR = 1e-3  # the phase's peak lr; the optimizer's other settings are the config's defaults (no [optimizer])
 
 
-def _config(out: Path, data: Path, tok: Path, seq_len: int, steps: int, ranks: int, port: int, unpadded: bool) -> str:
+def _config(out: Path, data: Path, tok: Path, seq_len: int, steps: int, ranks: int, port: int, unpadded: bool,
+            preset: str = "tiny") -> str:
     micro = MICRO.get(seq_len, 16)
     return f"""
 [run]
@@ -64,7 +65,7 @@ name = "bench_pipeline"
 out_dir = "{out.as_posix()}"
 seed = 1
 [model]
-preset = "tiny"
+preset = "{preset}"
 tokenizer = "{tok.as_posix()}"
 [distributed]
 deepspeed_config = "{(REPO / 'ds_configs' / 'zero2_bf16.json').as_posix()}"
@@ -95,7 +96,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool, work: Path) -> dict:
+def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool, work: Path,
+                 preset: str = "tiny") -> dict:
     """Real tokens/s of ``bertscale pretrain`` over intervals 2 and 3 of 3 (``steps`` steps each)."""
     from bertscale.metrics import read_scalars
     from launcher.launch import pretrain
@@ -103,7 +105,7 @@ def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, un
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"run{seq_len}"
     config = work / f"run{seq_len}.toml"
-    config.write_text(_config(out, data, tok, seq_len, steps, ranks, free_port(), unpadded), encoding="utf-8")
+    config.write_text(_config(out, data, tok, seq_len, steps, ranks, free_port(), unpadded, preset), encoding="utf-8")
     pretrain(str(config))
     s = read_scalars(out / "tensorboard")
     tail = lambda tag: [v for _, v in s[tag]][1:]  # noqa: E731 - intervals after the first
@@ -114,7 +116,7 @@ def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, un
 
 
 def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, steps: int, threads: int,
-                 unpadded: bool, start, results) -> None:
+                 unpadded: bool, start, results, preset: str = "tiny") -> None:
     import torch
 
     from bertscale.config import OptimizerSection
@@ -131,7 +133,7 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
     it = iter(loader)
     batches = [model_inputs(next(it)) for _ in range(3 * steps)]
     torch.manual_seed(0)
-    model = BertForPreTraining(preset_config("tiny", tok.vocab_size), PerfOptions.for_device("cpu"))
+    model = BertForPreTraining(preset_config(preset, tok.vocab_size), PerfOptions.for_device("cpu"))
     model = model.to(torch.bfloat16).train()
     # the trainer's optimizer with the trainer's settings, unsharded (the trainer's ZeRO-2 ranks each step
     # half of it, on fp32 master weights, and add the norm reductions LAMB's sharding needs)
@@ -162,12 +164,12 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
     results.put((rank, [real_tokens(b) for b in timed] * 2, free, lockstep, cpu))
 
 
-def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool) -> dict:
+def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool, preset: str = "tiny") -> dict:
     threads = max(1, (os.cpu_count() or 1) // ranks)  # what the launcher gives each CPU rank
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(ranks), ctx.Queue()
     procs = [ctx.Process(target=_bare_worker, args=(r, ranks, str(data), str(tok), seq_len, steps, threads, unpadded,
-                                                    start, results)) for r in range(ranks)]
+                                                    start, results, preset)) for r in range(ranks)]
     for p in procs:
         p.start()
     got = [results.get(timeout=1800) for _ in procs]
@@ -191,12 +193,15 @@ def find(folder: Path, seq_len: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bertscale.model import PRESETS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a demo output folder: data128/, data512/, tokenizer/")
     p.add_argument("--tokenizer", default=None, help="default: DATA/tokenizer")
     p.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per logged interval (3 intervals)")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size on both sides (tiny: the demo's)")
     p.add_argument("--padded", action="store_true", help="both sides on padded batches (train.unpadded = false)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure trainer and bare this many times, alternating; the figures are the rounds' medians")
@@ -206,15 +211,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--rounds must be at least 1 (got {a.rounds})")
     folder = Path(a.data).resolve()
     tok = Path(a.tokenizer).resolve() if a.tokenizer else folder / "tokenizer"
-    out: dict = {"ranks": a.ranks, "steps_timed": 2 * a.steps, "layout": "padded" if a.padded else "unpadded",
+    out: dict = {"preset": a.preset, "ranks": a.ranks, "steps_timed": 2 * a.steps, "layout": "padded" if a.padded else "unpadded",
                  "rounds": a.rounds, "lengths": {}}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline.") as work:
         for seq_len in a.seq_len:
             data = find(folder, seq_len)
             rounds = []
             for i in range(a.rounds):
-                trainer = trainer_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, Path(work) / f"round{i}")
-                bare = bare_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded)
+                trainer = trainer_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, Path(work) / f"round{i}",
+                                       a.preset)
+                bare = bare_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, a.preset)
                 rounds.append(_ratios(trainer, bare))
                 print(f"seq_len {seq_len} round {i + 1}/{a.rounds}: trainer {trainer['real_tokens_per_s']:.0f} real "
                       f"tok/s (data wait {trainer['data_wait_fraction']:.1%}, fill {trainer['fill']:.2f}), bare step "
