@@ -135,7 +135,11 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
 
     problems = []
     try:
-        load_ds_config(cfg.distributed.deepspeed_config)
+        ds = load_ds_config(cfg.distributed.deepspeed_config)
+        if accelerator == "cpu" and ds.get("fp16", {}).get("enabled"):
+            problems.append(f"{cfg.distributed.deepspeed_config} enables fp16, which DeepSpeed has no CPU support for "
+                            f"(its ranks would fail at start: 'Type fp16 is not supported on your device'): on CPU "
+                            f"use a bf16 config such as ds_configs/zero2_bf16.json, or run on CUDA devices")
     except ConfigError as exc:
         problems.append(str(exc))
     try:

@@ -28,7 +28,7 @@ from launcher.launch import pretrain
 from launcher.plan import (deepspeed_command, deepspeed_executable, no_ssh_hostfile, node_file, parse_hostfile, plan,
                            preflight, resume_source, world_size)
 from launcher.ports import check_port, pick_port
-from runs import build_data, run_config, write_config
+from runs import REPO, build_data, run_config, write_config
 
 
 def write(path: Path, text: str) -> Path:
@@ -408,6 +408,16 @@ def real_cfg(built: dict[str, Path], tmp_path: Path, **phase1) -> RunConfig:
 
 def test_preflight_passes_on_matching_data(data, tmp_path):
     preflight(real_cfg(data, tmp_path), 2)
+
+
+def test_preflight_refuses_fp16_on_cpu(data, tmp_path):
+    """DeepSpeed has no fp16 on CPU: the run is refused before any rank starts, not by every rank at start."""
+    cfg = real_cfg(data, tmp_path)
+    cfg.distributed.deepspeed_config = str(REPO / "ds_configs" / "zero2_fp16.json")
+    with pytest.raises(ConfigError, match=r"zero2_fp16\.json enables fp16, which DeepSpeed has no CPU support for.*"
+                                          r"use a bf16 config such as ds_configs/zero2_bf16\.json"):
+        preflight(cfg, 2, "cpu")
+    preflight(cfg, 2, "cuda")  # on GPUs the same config passes
 
 
 def test_preflight_seq_len_mismatch(data, tmp_path):

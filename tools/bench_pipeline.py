@@ -164,7 +164,8 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
     results.put((rank, [real_tokens(b) for b in timed] * 2, free, lockstep, cpu))
 
 
-def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool, preset: str = "tiny") -> dict:
+def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool,
+              preset: str = "tiny") -> dict:
     threads = max(1, (os.cpu_count() or 1) // ranks)  # what the launcher gives each CPU rank
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(ranks), ctx.Queue()
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per logged interval (3 intervals)")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size on both sides (tiny: the demo's)")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="model size on both sides (tiny: the demo's)")
     p.add_argument("--padded", action="store_true", help="both sides on padded batches (train.unpadded = false)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure trainer and bare this many times, alternating; the figures are the rounds' medians")
@@ -211,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--rounds must be at least 1 (got {a.rounds})")
     folder = Path(a.data).resolve()
     tok = Path(a.tokenizer).resolve() if a.tokenizer else folder / "tokenizer"
-    out: dict = {"preset": a.preset, "ranks": a.ranks, "steps_timed": 2 * a.steps, "layout": "padded" if a.padded else "unpadded",
-                 "rounds": a.rounds, "lengths": {}}
+    out: dict = {"preset": a.preset, "ranks": a.ranks, "steps_timed": 2 * a.steps,
+                 "layout": "padded" if a.padded else "unpadded", "rounds": a.rounds, "lengths": {}}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline.") as work:
         for seq_len in a.seq_len:
             data = find(folder, seq_len)
