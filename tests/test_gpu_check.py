@@ -28,8 +28,10 @@ def test_gpu_check_smoke_mode_runs_every_step_and_summarises(tmp_path):
                                                            "pretrain_fp16_compile", "pretrain_zero3", "convert_zero3"}
     shards = summary["large_128_real_shards"]
     assert shards["unpadded_fill"] == 1.0 and 0 < shards["padded_fill"] < 1 and shards["attention_kernel"] == "rows"
-    for run in ("pretrain_last_lines", "fp16_compile_last_lines", "zero3_last_lines"):
+    for run in ("pretrain_last_lines", "zero3_last_lines"):
         assert any("training finished" in line for line in summary[run]), run
+    # on CPU the fp16 step checks its config only (--dry-run; DeepSpeed has no fp16 there): its phase plan
+    assert any("phase phase1: seq_len 128, 3 steps" in line for line in summary["fp16_compile_last_lines"])
     steps_log = (out / "steps.log").read_text()
     assert "=== convert: exit 0" in steps_log and "=== convert_zero3: exit 0" in steps_log
     assert "ZeRO stage 3, optimizer lamb" in steps_log  # the ZeRO-3 step ran ZeRO-3
