@@ -13,8 +13,9 @@
 #    from the standard library's docstrings, then `bertscale convert` of its checkpoint;
 # 5. the trainer's other CUDA paths, short runs of `mini`: fp16 with dynamic loss scaling and the
 #    compiled encoder layers (ZeRO-2), and ZeRO-3 in bf16 over both phases, then converted.
-# Each step has its own time limit (the whole fits in about 8 minutes); a failing step is recorded and
-# the rest still run. The last line printed is the JSON summary (also $OUT/gpu_check.json when $OUT is
+# Each step has its own time limit (on an H200 steps 1-4 took ~4 minutes; step 5, not yet run there, should
+# add ~3; GPU_CHECK_ONLY splits the whole over several calls); a failing step is recorded and the rest still
+# run. The last line printed is the JSON summary (also $OUT/gpu_check.json when $OUT is
 # set, with every step's log in $OUT/steps.log). Exit status: 0 when every step passed.
 #
 # GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. 'build_data|pretrain_base|convert').
