@@ -16,7 +16,7 @@ from bertscale.convert import convert_checkpoint
 from bertscale.hf_format import load_hf
 from bertscale.model import BertConfig, BertForPreTraining
 from launcher.launch import pretrain
-from runs import losses, optimizer_state, rank_optimizer_states, write_config
+from runs import losses, optimizer_state, optimizer_steps, rank_optimizer_states, write_config
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -143,8 +143,6 @@ def test_phase2_carries_stage1_optimizer_state_onto_another_world_size(runs, run
     final = ckpt.latest(run / "checkpoints")
     assert final.global_step == 5 and final.meta["world_size"] == 1
     # LAMB counted phase 1's 4 steps and phase 2's 1 (fresh moments, as the reference run had, count 1)
-    ours, reference = (rank_optimizer_states(c) for c in (final, ckpt.latest(roots[1])))
-    assert {int(v["step"]) for sd in ours for v in sd["state"].values()} == {5}
-    assert {int(v["step"]) for sd in reference for v in sd["state"].values()} == {1}
-    assert [[g["weight_decay"] for g in sd["param_groups"]] for sd in ours] == [[0.01, 0.0]]
+    assert optimizer_steps(final) == 5 and optimizer_steps(ckpt.latest(roots[1])) == 1
+    assert [[g["weight_decay"] for g in sd["param_groups"]] for sd in rank_optimizer_states(final)] == [[0.01, 0.0]]
     assert "optimizer moments carried over" in (run / "train.log").read_text()

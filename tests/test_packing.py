@@ -335,7 +335,8 @@ def test_bench_step_data_reports_padded_and_unpadded(shard_dir, tokenizer_dir, t
     assert 0 < p["fill"] < 1 and u["fill"] == 1.0 and 0 < u["attention_fill"] <= 1
     assert u["attention_scores_vs_ideal"] >= 1  # rows never compute fewer score slots than the samples need
     assert 0 < x["optimizer_step_ms"] < min(p["step_ms"], u["step_ms"])
-    assert x["speedup_without_optimizer"] > 0
+    opt = x["optimizer_step_ms"]  # the ratio of the two steps' times with the optimizer's taken out of both
+    assert x["speedup_without_optimizer"] == pytest.approx((p["step_ms"] - opt) / (u["step_ms"] - opt))
     assert p["real_tokens_per_s"] > 0 and u["real_tokens_per_s"] > 0 and x["speedup"] > 0 and x["flop_ratio"] > 1
     # the same samples' model FLOPs over each layout's time: the ratio is the measured speedup
     assert u["model_tflops"] / p["model_tflops"] == pytest.approx(x["speedup"]) and "mfu" not in u
@@ -389,4 +390,3 @@ def test_gpu_flash_varlen_matches_jagged_and_padded(real_batch, info):
     assert torch.isfinite(runs[0][0].loss) and not torch.equal(runs[0][0].loss, out_v.loss)
     assert torch.equal(runs[0][0].loss, runs[1][0].loss)
     assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
-
