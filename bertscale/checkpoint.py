@@ -202,13 +202,15 @@ def data_order(cfg: RunConfig, phase_index: int) -> dict[str, object]:
 @dataclass(frozen=True)
 class RunShape:
     """What this run is, for matching a checkpoint against it: the model it builds (``model_config``:
-    the Hugging Face config dict), its tokenizer, its vocabulary rows, ranks and ZeRO stage."""
+    the Hugging Face config dict), its tokenizer, its vocabulary rows, ranks, ZeRO stage and precision."""
 
     model_config: dict
     tokenizer_fingerprint: str
     vocab_rows: int
     world_size: int
     zero_stage: int
+    precision: str
+    """bf16, fp16 or fp32 (``bertscale.precision``)."""
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,48 @@ class ResumePlan:
     """(ranks that wrote ``resume``, ranks now) when the phase continues on another number of ranks:
     model and optimizer come from the universal checkpoint, the data position from rank 0's state."""
     carry_through_universal: bool = False
-    """``carry_moments`` from ``previous`` written by another number of ranks: the moments come from its
-    universal checkpoint."""
+    """``carry_moments`` from ``previous`` written by another number of ranks or in another precision: the
+    moments come from its universal checkpoint."""
+    precision_change: tuple[str, str] | None = None
+    """(precision ``resume`` was trained in, precision now) when the phase continues in another one: model, fp32
+    weights and optimizer come from the universal checkpoint, and the steps from there on are not bit for bit
+    those of an uninterrupted run."""
+
+    @property
+    def through_universal(self) -> bool:
+        """The phase continues ``resume`` through its universal checkpoint (other ranks or another precision)."""
+        return self.resume is not None and (self.world_change is not None or self.precision_change is not None)
+
+    def universal_change(self) -> str | None:
+        """Why the phase continues through the universal checkpoint, in words (the launcher's log), or None."""
+        if not self.through_universal:
+            return None
+        why = []
+        if self.world_change is not None:
+            why.append(f"{self.world_change[1]} ranks continue a phase that {self.world_change[0]} ranks started")
+        if self.precision_change is not None:
+            why.append(f"the phase continues in {self.precision_change[1]}, trained so far in {self.precision_change[0]}")
+        return "; ".join(why)
+
+    def precision_resume_note(self) -> str | None:
+        """Mid-phase in another precision: what carries over exactly and what does not."""
+        if self.precision_change is None:
+            return None
+        before, now = self.precision_change
+        return (f"precision changed from {before} to {now} at global step {self.resume.global_step} (the launcher's "
+                f"precision line says why): the fp32 master weights and optimizer moments carry over "
+                f"exactly through the universal checkpoint {self.resume.path / UNIVERSAL}, but every step from here "
+                f"computes in {now}, so this run is no longer bit for bit the {before} run it continues; recorded in "
+                f"the run state (precision_changes). Set train.precision = \"{before}\" to continue as it was trained")
+
+    def precision_note(self, phase: PhaseSection, shape: RunShape) -> str | None:
+        """At a phase start in another precision than the previous phase's: said, not hidden."""
+        saved = self.previous.meta.get("precision") if self.previous is not None else None
+        if saved is None or saved == shape.precision:
+            return None
+        return (f"phase {phase.name}: trains in {shape.precision}, the previous phase in {saved}; it starts from "
+                f"the previous phase's fp32 weights" + (" and, through its universal checkpoint, its optimizer moments"
+                                                         if self.carry_moments else ""))
 
     def resume_note(self, phase: PhaseSection, accumulation: int) -> str | None:
         """Mid-phase on another number of ranks: what changed and how accumulation follows."""
@@ -269,9 +311,11 @@ def plan_resume(cfg: RunConfig, phase_index: int, shape: RunShape, resume_from: 
     if source is not None and source.phase_index == phase_index and not source.phase_complete:
         _check_same_position(source, phase, span, shape)
         _check_same_data_order(source, cfg, phase_index)
-        saved_world = source.meta.get("world_size")
+        saved_world, saved_precision = source.meta.get("world_size"), source.meta.get("precision")
         return ResumePlan(resume=source, changed=tuple(_changed_settings(source, cfg, phase_index)),
-                          world_change=(saved_world, shape.world_size) if saved_world != shape.world_size else None)
+                          world_change=(saved_world, shape.world_size) if saved_world != shape.world_size else None,
+                          precision_change=(saved_precision, shape.precision)
+                          if saved_precision is not None and saved_precision != shape.precision else None)
     if source is not None and source.phase_index >= phase_index and source.phase_complete:
         raise ResumeError(f"phase {phase.name!r} is already complete ({source.path}); the launcher skips "
                           f"finished phases")
@@ -298,8 +342,9 @@ def plan_resume(cfg: RunConfig, phase_index: int, shape: RunShape, resume_from: 
                 f"stage {shape.zero_stage}; the optimizer state carries over at the same ZeRO stage (on any number "
                 f"of ranks at stages {', '.join(map(str, UNIVERSAL_STAGES))}). Use stage {saved_stage}, or set "
                 f"phases.{phase.name}.carry_optimizer_state=false (fresh moments)")
+        saved_precision = previous.meta.get("precision", shape.precision)
         return ResumePlan(previous=previous, carry_moments=True,
-                          carry_through_universal=saved_world != shape.world_size)
+                          carry_through_universal=saved_world != shape.world_size or saved_precision != shape.precision)
     return ResumePlan(previous=previous)
 
 
@@ -380,6 +425,7 @@ def _changed_settings(source: CheckpointInfo, cfg: RunConfig, phase_index: int) 
         return []
     before, now = _flatten(saved), _flatten(cfg.to_dict())
     order = {k.replace("phase.", f"phases.{cfg.phases[phase_index].name}.", 1) for k in data_order(cfg, phase_index)}
+    order.add("train.precision")  # a precision change has its own note (ResumePlan.precision_resume_note)
     return [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
             if before.get(key) != now.get(key) and key not in order]
 

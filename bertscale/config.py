@@ -82,8 +82,8 @@ class ModelSection:
 
 @dataclass
 class DistributedSection:
-    deepspeed_config: str = "ds_configs/zero2_bf16.json"
-    """Base DeepSpeed JSON (ZeRO stage, precision); batch sizes and clipping are filled in per phase. Relative: against the current directory, else the bertscale checkout's shipped ds_configs/."""
+    deepspeed_config: str = "ds_configs/zero2.json"
+    """Base DeepSpeed JSON (ZeRO settings); batch sizes, clipping and the precision section (train.precision) are filled in per phase. Relative: against the current directory, else the bertscale checkout's shipped ds_configs/."""
     accelerator: str = "auto"
     """auto (CUDA when present, else CPU), cuda or cpu. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu and gloo. A hostfile launch (not no_ssh) needs cuda or cpu said: the launching machine cannot see its nodes' devices."""
     num_gpus: int | None = None
@@ -138,6 +138,8 @@ class OptimizerSection:
 
 @dataclass
 class TrainSection:
+    precision: str = "auto"
+    """auto, bf16, fp16 or fp32. auto: bf16 where the hardware computes it natively (CUDA: Ampere and newer; CPU: avx512_bf16, amx_bf16 or ARM bf16), else fp16 with dynamic loss scaling on CUDA and fp32 on CPU (bertscale/precision.py). The launcher decides on the ranks' machine and records why in OUT/run_config.json; a DeepSpeed JSON enabling bf16 or fp16 itself wins."""
     log_interval: int = 10
     """Optimizer steps between console lines and TensorBoard points."""
     save_interval: int = 1000
@@ -220,6 +222,11 @@ class RunConfig:
 
 SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
+DECIDED = "decided"
+"""A top-level table of ``OUT/run_config.json`` that is not configuration: what the launcher decided on the
+ranks' machine and why (``precision``: the choice, what was asked, the reason). Ignored when the file is read
+back: ``train.precision`` beside it already holds the choice."""
+
 
 def _known(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
@@ -282,6 +289,8 @@ def from_dict(data: dict, errors: list[str] | None = None) -> RunConfig:
     errors = [] if errors is None else errors
     cfg = RunConfig()
     for key, value in data.items():
+        if key == DECIDED:
+            continue
         if key not in SECTIONS:
             errors.append(f"{key}: unknown section{_suggest(key, list(SECTIONS))}")
             continue
@@ -470,6 +479,7 @@ def validate(cfg: RunConfig) -> list[str]:
     finite and in its range (named with the key and the range), every path set."""
     e: list[str] = []
     from bertscale.model import PRESETS  # local: the model owns the preset table
+    from bertscale.precision import PRECISIONS  # and the precision module its choices
 
     for section, key, *bounds in _RANGES:
         _check_ranges(e, section, getattr(cfg, section), [(key, *bounds)])
@@ -488,7 +498,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if not cfg.run.out_dir:
         e.append("run.out_dir: set it to the directory for checkpoints and logs, e.g. runs/bert")
     if not cfg.distributed.deepspeed_config:
-        e.append("distributed.deepspeed_config: set it to a DeepSpeed JSON, e.g. ds_configs/zero2_bf16.json")
+        e.append("distributed.deepspeed_config: set it to a DeepSpeed JSON, e.g. ds_configs/zero2.json")
     if cfg.distributed.accelerator not in ("auto", "cpu", "cuda"):
         e.append(f"distributed.accelerator: {cfg.distributed.accelerator!r} must be auto, cpu or cuda")
     if cfg.distributed.launcher not in ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"):
@@ -498,6 +508,10 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.distributed.node_rank is not None and not 0 <= cfg.distributed.node_rank < cfg.distributed.num_nodes:
         e.append(f"distributed.node_rank: {cfg.distributed.node_rank} must be in [0, num_nodes="
                  f"{cfg.distributed.num_nodes})")
+    if cfg.train.precision not in PRECISIONS:
+        close = difflib.get_close_matches(str(cfg.train.precision).lower(), PRECISIONS, n=1)
+        e.append(f"train.precision: {cfg.train.precision!r} must be one of {', '.join(PRECISIONS)}"
+                 + (f" (did you mean {close[0]!r}?)" if close else ""))
     if cfg.optimizer.name not in ("lamb", "adamw"):
         e.append(f"optimizer.name: {cfg.optimizer.name!r} must be lamb or adamw")
     if len(cfg.optimizer.betas) != 2 or not all(_in_range(b, 0, 1, high_open=True) for b in cfg.optimizer.betas):

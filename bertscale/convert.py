@@ -1,6 +1,6 @@
 """`bertscale convert`: a sharded DeepSpeed checkpoint to standard weights.
 
-Consolidates the ZeRO shards (stage 1, 2 or 3; bf16 or fp16 runs; any complete tag, mid-phase or
+Consolidates the ZeRO shards (stage 1, 2 or 3; bf16, fp16 or fp32 runs; any complete tag, mid-phase or
 final) into full fp32 weights. Formats:
 
 - ``hf`` (default): ``config.json``, ``model.safetensors`` and the tokenizer files, which

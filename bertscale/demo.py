@@ -66,12 +66,12 @@ def demo_config(out: Path, ranks: int, steps1: int, steps2: int) -> dict:
 
 
 def default_ds_config() -> Path:
-    """ds_configs/zero2_bf16.json beside the package (source checkout) or shipped inside it."""
+    """ds_configs/zero2.json beside the package (source checkout) or shipped inside it."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "ds_configs" / "zero2_bf16.json", here / "ds_configs" / "zero2_bf16.json"):
+    for candidate in (here.parent / "ds_configs" / "zero2.json", here / "ds_configs" / "zero2.json"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError("ds_configs/zero2_bf16.json not found beside the bertscale package")
+    raise FileNotFoundError("ds_configs/zero2.json not found beside the bertscale package")
 
 
 def prepare_data(out: Path, corpus: list[str] | None = None, vocab_size: int = 8000,

@@ -117,8 +117,8 @@ def load_ds_config(base_path: str | os.PathLike) -> dict:
     try:
         base = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"distributed.deepspeed_config: {path} does not exist; pick one of the shipped "
-                          f"ds_configs/*.json ({', '.join(shipped_ds_configs()) or 'see the bertscale checkout'})"
+        raise ConfigError(f"distributed.deepspeed_config: {path} does not exist; {_replaced(path)}pick one of the "
+                          f"shipped ds_configs/*.json ({', '.join(shipped_ds_configs()) or 'see the bertscale checkout'})"
                           ) from None
     except OSError as exc:
         raise ConfigError(f"distributed.deepspeed_config: cannot read {path}: {exc.strerror or exc}") from None
@@ -133,6 +133,16 @@ def load_ds_config(base_path: str | os.PathLike) -> dict:
     tables = [k for k in ("zero_optimization", "fp16", "bf16", "checkpoint") if k in base and not isinstance(base[k], dict)]
     if tables:
         raise ConfigError(f"{path}: {', '.join(tables)} must be JSON objects")
+    loose = [f"{k}.enabled" for k in ("bf16", "fp16") if "enabled" in base.get(k, {}) and not isinstance(base[k]["enabled"], bool)]
+    if loose:
+        raise ConfigError(f"{path}: {', '.join(loose)} must be true or false ('auto' is the Hugging Face Trainer's "
+                          f"placeholder); remove the table and let train.precision decide, or say true or false")
+    if "bfloat16" in base:
+        raise ConfigError(f"{path} has a 'bfloat16' table (DeepSpeed's old name): rename it 'bf16', or remove it and "
+                          f"set train.precision in the run configuration")
+    if isinstance(base.get("torch_autocast"), dict) and base["torch_autocast"].get("enabled"):
+        raise ConfigError(f"{path} enables torch_autocast, which bertscale does not train with: remove it and set "
+                          f"train.precision (bf16, fp16 or fp32; auto picks what the hardware computes natively)")
     stage = base.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage!r})")
@@ -155,6 +165,29 @@ def load_ds_config(base_path: str | os.PathLike) -> dict:
     return base
 
 
+def _replaced(path: Path) -> str:
+    """For a shipped config of earlier releases (``zero2_bf16.json``): what replaced it."""
+    name = path.name
+    for stage in (1, 2, 3):
+        for precision in ("bf16", "fp16"):
+            if name == f"zero{stage}_{precision}.json":
+                return (f"ds_configs/{name} was split in two: its ZeRO settings are ds_configs/zero{stage}.json and "
+                        f"its precision is the run configuration's train.precision (= \"{precision}\", or \"auto\" "
+                        f"for what the hardware computes natively); ")
+    return ""
+
+
+def json_precision(base: dict) -> str | None:
+    """The precision a base DeepSpeed JSON sets explicitly, or None when it leaves it to ``train.precision``:
+    a ``bf16`` or ``fp16`` table with ``enabled`` true sets that precision; tables that only disable them
+    (``enabled`` false) set fp32. A table without ``enabled`` holds options only."""
+    said = {k: bool(base[k]["enabled"]) for k in ("bf16", "fp16") if isinstance(base.get(k), dict) and "enabled" in base[k]}
+    if not said:
+        return None
+    enabled = [k for k, on in said.items() if on]
+    return enabled[0] if enabled else "fp32"
+
+
 def shipped_ds_configs() -> list[str]:
     """The base DeepSpeed configs of the bertscale checkout, if it is there."""
     folder = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -162,10 +195,17 @@ def shipped_ds_configs() -> list[str]:
 
 
 def build_ds_config(base_path: str | os.PathLike, phase: PhaseSection, world_size: int,
-                    optimizer: OptimizerSection, accelerator: str, load_universal: bool = False) -> dict:
-    """The DeepSpeed config of one phase: the base file plus batch sizes, clipping and optimizer.
-    ``load_universal``: the phase continues from a universal checkpoint (``Engine.load_shards``)."""
+                    optimizer: OptimizerSection, accelerator: str, precision: str,
+                    load_universal: bool = False) -> dict:
+    """The DeepSpeed config of one phase: the base file plus batch sizes, clipping, optimizer and the
+    ``precision`` the launcher chose (bf16, fp16 or fp32; ``bertscale.precision``), unless the base file sets
+    one itself, which wins. ``load_universal``: the phase continues from a universal checkpoint
+    (``Engine.load_shards``)."""
     cfg = load_ds_config(base_path)
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision must be bf16, fp16 or fp32 (decided by bertscale.precision.choose), not {precision!r}")
+    if json_precision(cfg) is None and precision != "fp32":  # fp32: neither table enabled, DeepSpeed's default
+        cfg[precision] = {**cfg.get(precision, {}), "enabled": True}
     if load_universal:
         cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
     cfg["train_micro_batch_size_per_gpu"] = phase.micro_batch
@@ -335,6 +375,11 @@ class Engine:
     @property
     def accumulation(self) -> int:
         return self.engine.gradient_accumulation_steps()
+
+    @property
+    def precision(self) -> str:
+        """What DeepSpeed trains in: bf16, fp16 or fp32 (recorded in every checkpoint)."""
+        return "bf16" if self.engine.bfloat16_enabled() else "fp16" if self.engine.fp16_enabled() else "fp32"
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

@@ -21,6 +21,8 @@ class RunState:
     """True in the checkpoint written at the last step of a phase."""
     world_size_changes: list[dict] = field(default_factory=list)
     """Mid-phase resumes on another number of ranks: ``{"global_step", "from", "to"}`` each."""
+    precision_changes: list[dict] = field(default_factory=list)
+    """Mid-phase resumes in another precision (bf16, fp16, fp32): ``{"global_step", "from", "to"}`` each."""
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from bertscale import checkpoint as ckpt
-from bertscale import safe_load
+from bertscale import precision, safe_load
 from bertscale.config import (ARCHITECTURE_OVERRIDES, ConfigError, RunConfig, accumulation_steps, load_config,
                               max_predictions)
 from bertscale.console import Progress
 from bertscale.files import WriteError, open_log, write_failure
 from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, broadcast_from_rank0, build_ds_config,
-                              consolidated_state_dict, detect_accelerator, init_distributed, load_ds_config,
-                              zero_stage)
+                              consolidated_state_dict, detect_accelerator, init_distributed, json_precision,
+                              load_ds_config, zero_stage)
 from bertscale.evaluate import EvalTally, Unigram, fit_unigram
 from bertscale.hf_format import (architectures, check_pretrained, load_pretrained_into, load_state_dict_into,
                                  read_hf_config)
@@ -140,17 +140,30 @@ def perf_options(cfg: RunConfig, accelerator: str) -> PerfOptions:
                        gradient_checkpointing=m.gradient_checkpointing)
 
 
+def run_precision(cfg: RunConfig, accelerator: str) -> str:
+    """bf16, fp16 or fp32: what this configuration trains in. The launcher has already put its choice in
+    ``train.precision``; a DeepSpeed JSON that sets one wins (as ``build_ds_config`` applies it); ``auto``
+    (a configuration that did not come through the launcher) is decided here as the launcher would."""
+    fixed = json_precision(load_ds_config(cfg.distributed.deepspeed_config))
+    if fixed is not None:
+        return fixed
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    devices = torch.cuda.device_count() if accelerator == "cuda" else 1
+    return precision.choose("auto", accelerator, devices).name
+
+
 def run_shape(cfg: RunConfig, accelerator: str, world_size: int,
               tokenizer: TokenizerInfo | None = None) -> ckpt.RunShape:
-    """The model, vocabulary rows, ranks and ZeRO stage this configuration trains with (checked against
-    a checkpoint before resuming it; the launcher checks the same before starting any rank)."""
+    """The model, vocabulary rows, ranks, ZeRO stage and precision this configuration trains with (checked
+    against a checkpoint before resuming it; the launcher checks the same before starting any rank)."""
     tokenizer = tokenizer or tokenizer_info(cfg.model.tokenizer)
     config = model_config(cfg, tokenizer.vocab_size)
     multiple = perf_options(cfg, accelerator).pad_vocab_multiple
     stage = zero_stage(load_ds_config(cfg.distributed.deepspeed_config))
     return ckpt.RunShape(model_config=config.to_hf_dict(), tokenizer_fingerprint=tokenizer.fingerprint,
                          vocab_rows=-(-config.vocab_size // multiple) * multiple,  # with tensor-core padding
-                         world_size=world_size, zero_stage=stage)
+                         world_size=world_size, zero_stage=stage, precision=run_precision(cfg, accelerator))
 
 
 class Trainer:
@@ -184,15 +197,16 @@ class Trainer:
             self.state.samples_seen = previous.meta["state"]["samples_seen"]
             self.state.tokens_seen = previous.meta["state"]["tokens_seen"]
             self.state.world_size_changes = list(previous.meta["state"].get("world_size_changes", []))
+            self.state.precision_changes = list(previous.meta["state"].get("precision_changes", []))
         self.accumulation = accumulation_steps(self.phase, dist.world_size)
         ds_config = build_ds_config(cfg.distributed.deepspeed_config, self.phase, dist.world_size,
-                                    cfg.optimizer, accelerator,
-                                    load_universal=plan.world_change is not None or plan.carry_through_universal)
+                                    cfg.optimizer, accelerator, shape.precision,
+                                    load_universal=plan.through_universal or plan.carry_through_universal)
         self.engine = Engine(model, ds_config, cfg.optimizer, accelerator, lr=self.phase.lr)
         if plan.previous is not None:
-            note = plan.world_size_note(self.phase, shape, self.accumulation)
-            if note:
-                self._log0(note)
+            for note in (plan.world_size_note(self.phase, shape, self.accumulation), plan.precision_note(self.phase, shape)):
+                if note:
+                    self._log0(note)
             if plan.carry_through_universal:  # written by another number of ranks
                 self._load_universal(plan.previous)
             elif plan.carry_moments:
@@ -217,8 +231,8 @@ class Trainer:
             with_sample_ids=bool(os.environ.get(SAMPLE_LOG_ENV)),
             unpadded=cfg.train.unpadded and not cfg.train.replicate_data)  # replicated: unpadded per slice
         resume = plan.resume
-        if resume is not None and plan.world_change is not None:
-            self._resume_on_other_ranks(plan)
+        if resume is not None and plan.through_universal:
+            self._resume_through_universal(plan)
         elif resume is not None:
             self.engine.load_shards(resume.path.parent, resume.tag)
             self.state.load_state_dict(resume.meta["state"])
@@ -246,23 +260,33 @@ class Trainer:
         barrier()
         self.engine.load_shards(source.path, ckpt.UNIVERSAL)
 
-    def _resume_on_other_ranks(self, plan: ckpt.ResumePlan) -> None:
-        """Continue a phase that other ranks started: model and optimizer from the universal checkpoint
-        (``_load_universal``), the data position in global steps from
-        rank 0's loader state (the same on every rank), RNG streams seeded afresh per rank."""
-        resume, (before, now) = plan.resume, plan.world_change
+    def _resume_through_universal(self, plan: ckpt.ResumePlan) -> None:
+        """Continue a phase that other ranks, or another precision, started: model, fp32 weights and optimizer
+        from the universal checkpoint (``_load_universal``). On other ranks the data position in global steps
+        comes from rank 0's loader state (the same on every rank) and the RNG streams are seeded afresh per
+        rank; on the same ranks each rank takes its own loader and RNG state back."""
+        resume = plan.resume
         self._load_universal(resume)
         self.state.load_state_dict(resume.meta["state"])
-        self.state.world_size_changes.append({"global_step": self.state.global_step, "from": before, "to": now})
-        self.loader.load_state_dict(ckpt.read_rank_state(resume.path, 0, restore_rng=False)["loader"])
-        # the saved RNG states belong to ranks that no longer exist: dropout draws afresh, reproducibly
-        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.state.global_step, self.dist.rank])
-                   .generate_state(1)[0])
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        self._log0(plan.resume_note(self.phase, self.accumulation))
-        self._log0(f"resumed from {resume.path} at global step {self.state.global_step}")
+        step = self.state.global_step
+        if plan.precision_change is not None:
+            before, now = plan.precision_change
+            self.state.precision_changes.append({"global_step": step, "from": before, "to": now})
+        if plan.world_change is None:
+            self.loader.load_state_dict(ckpt.read_rank_state(resume.path, self.dist.rank)["loader"])
+        else:
+            before, now = plan.world_change
+            self.state.world_size_changes.append({"global_step": step, "from": before, "to": now})
+            self.loader.load_state_dict(ckpt.read_rank_state(resume.path, 0, restore_rng=False)["loader"])
+            # the saved RNG states belong to ranks that no longer exist: dropout draws afresh, reproducibly
+            seed = int(np.random.SeedSequence([self.cfg.run.seed, step, self.dist.rank]).generate_state(1)[0])
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        for note in (plan.resume_note(self.phase, self.accumulation), plan.precision_resume_note()):
+            if note:
+                self._log0(note)
+        self._log0(f"resumed from {resume.path} at global step {step}")
 
     def _log0(self, message: str) -> None:
         if self.dist.rank == 0:
@@ -415,6 +439,7 @@ class Trainer:
                     "tokenizer_fingerprint": self.tokenizer.fingerprint,
                     "world_size": self.dist.world_size,
                     "zero_stage": self.engine.ds_config["zero_optimization"]["stage"],
+                    "precision": self.engine.precision,
                     "vocab_rows": self.vocab_rows,
                     "data_order": ckpt.data_order(self.cfg, self.phase_index),
                     "config": self.cfg.to_dict(),
@@ -549,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = detect_accelerator(cfg.distributed.accelerator)
         dist = init_distributed(accelerator, cfg.distributed.timeout_minutes,
                                 cfg.distributed.rendezvous_timeout_minutes)
+        check_precision_here(cfg, accelerator, dist)
         if accelerator == "cpu":
             threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
             torch.set_num_threads(threads)
@@ -563,6 +589,21 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.record_exit(rank, "stopped" if trainer.stopped else "ok")
     torch.distributed.destroy_process_group()
     return 0
+
+
+def check_precision_here(cfg: RunConfig, accelerator: str, dist: DistInfo) -> None:
+    """This rank's device against the run's precision: refuse one it cannot compute (bf16 on a GPU older than
+    Ampere); on a CPU without native bf16, warn once per node unless the launcher ran here and warned already
+    (a hostfile launch decides on another machine)."""
+    name = run_precision(cfg, accelerator)
+    problem = precision.unsupported(name, accelerator, devices=dist.local_rank + 1)
+    if problem:
+        raise ConfigError(f"rank {dist.rank} on {socket.gethostname()}: {problem}")
+    launched_here = os.environ.get(LAUNCHER_ENV, "").partition(":")[0] == socket.gethostname()
+    if name == "bf16" and accelerator == "cpu" and dist.local_rank == 0 and not launched_here:
+        native, _ = precision.cpu_bf16_native()
+        if not native:
+            log.warning("rank %d on %s: warning: %s", dist.rank, socket.gethostname(), precision.emulated_warning())
 
 
 LAUNCHER_ENV = "BERTSCALE_LAUNCHER"

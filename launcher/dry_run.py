@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from bertscale import checkpoint as ckpt
 from bertscale.config import ConfigError, PhaseSection, RunConfig
 from bertscale.console import duration
+from bertscale.precision import Precision
 from launcher.environment import WorkerEnvironment, detect_accelerator, ranks_per_node
 from launcher.plan import PhasePlan
 
@@ -48,13 +49,17 @@ def run_summary(cfg: RunConfig, plans: list[PhasePlan], accelerator: str) -> lis
 
 
 def print_plan(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointInfo | None,
-               env: WorkerEnvironment, port: int | None, estimate: bool = False) -> None:
-    """What --dry-run prints: the resolved configuration, the run summary, where the ranks' environment comes
-    from, each phase's command line and, with ``estimate``, each phase's estimated time (``estimate_phases``)."""
+               env: WorkerEnvironment, port: int | None, precision: Precision, estimate: bool = False) -> None:
+    """What --dry-run prints: the resolved configuration, the run summary, the precision and why, where the
+    ranks' environment comes from, each phase's command line and, with ``estimate``, each phase's estimated
+    time (``estimate_phases``)."""
     print("# resolved configuration")
     print(json.dumps(cfg.to_dict(), indent=2))
     accelerator = detect_accelerator(cfg.distributed)
     print("\n".join(f"# {line.strip()}" for line in run_summary(cfg, plans, accelerator)))
+    print(f"# {precision.line()}")
+    if precision.warning:
+        print(f"# warning: {precision.warning}")
     if port is not None:
         print(f"# master port {port}: free now; a run picks its own free port when distributed.master_port is unset")
     if source is not None:
@@ -110,17 +115,14 @@ def measure_step(cfg: RunConfig, phase: PhaseSection, accelerator: str, threads:
     share)."""
     import torch
 
-    from bertscale.engine import load_ds_config
     from bertscale.lamb import Lamb
     from bertscale.model import BertForPreTraining
     from bertscale.packing import batch_to, model_inputs
     from bertscale.tokenizer import tokenizer_info
-    from bertscale.train import model_config, perf_options
+    from bertscale.train import model_config, perf_options, run_precision
 
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
-    ds = load_ds_config(cfg.distributed.deepspeed_config)
-    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else (
-        torch.float16 if ds.get("fp16", {}).get("enabled") and device.type == "cuda" else torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[run_precision(cfg, accelerator)]
     info = tokenizer_info(cfg.model.tokenizer)
     batch = batch_to(estimate_batch(cfg, phase), device)
     previous_threads = torch.get_num_threads()

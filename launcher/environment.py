@@ -1,15 +1,17 @@
-"""What every rank's environment holds: the accelerator, CPU threads and allocator settings, and the
-user's own ``.deepspeed_env`` merged in. The result goes both into the launch's own environment (ranks on
+"""What every rank's environment holds: the accelerator, the precision it computes in, CPU threads and
+allocator settings, and the user's own ``.deepspeed_env`` merged in. The result goes both into the launch's own environment (ranks on
 this node) and into the one file DeepSpeed's runner sends to every node of a hostfile launch (``DS_ENV_FILE``),
 which is why the user's file, which DeepSpeed would otherwise read, must be merged here."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertscale.config import ConfigError, DistributedSection, RunConfig
+from bertscale.precision import Precision
 
 DEFAULT_CPU_RANKS = 2
 
@@ -41,6 +43,36 @@ def detect_accelerator(distributed: DistributedSection) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def decide_precision(cfg: RunConfig, accelerator: str) -> Precision:
+    """The precision the ranks train in (``bertscale.precision.choose``), decided here, where the ranks run.
+
+    A DeepSpeed JSON that enables bf16 or fp16 itself wins. A hostfile launch (not --no_ssh) runs its ranks on
+    machines this one cannot see, so ``auto`` is refused there as ``distributed.accelerator = "auto"`` is, and an
+    explicit precision is checked by each rank against its own device at start (``bertscale.train``)."""
+    from bertscale import precision
+    from bertscale.engine import json_precision, load_ds_config
+
+    d = cfg.distributed
+    try:
+        fixed = json_precision(load_ds_config(d.deepspeed_config))
+    except ConfigError:
+        fixed = None  # preflight reports the JSON's own problem
+    remote = bool(d.hostfile) and not d.no_ssh
+    if remote and fixed is None and cfg.train.precision == "auto":
+        raise ConfigError(
+            f"train.precision is 'auto' but the ranks run on the hosts of {d.hostfile}, whose devices this machine "
+            f"cannot see; set train.precision = \"bf16\" (Ampere or newer GPUs; CPUs with avx512_bf16 or amx_bf16), "
+            f"\"fp16\" (older GPUs: V100, T4) or \"fp32\" (CPUs without native bf16), e.g. --set train.precision=bf16")
+    return precision.choose(cfg.train.precision, accelerator, ranks_per_node(cfg, accelerator), fixed,
+                            d.deepspeed_config, local=not remote)
+
+
+def with_precision(cfg: RunConfig, choice: Precision) -> RunConfig:
+    """``cfg`` with ``train.precision`` the concrete choice: what the launcher writes for the ranks, and what
+    the resume checks compare with the checkpoint's."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=choice.name))
 
 
 def ranks_per_node(cfg: RunConfig, accelerator: str) -> int:

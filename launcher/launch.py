@@ -26,7 +26,7 @@ from bertscale.config import RunConfig, config_from_data, load_config, resolve_p
 from bertscale.console import RunLog
 from bertscale.rundir import RunDir
 from launcher.dry_run import print_plan, run_summary
-from launcher.environment import detect_accelerator, merged_environment
+from launcher.environment import detect_accelerator, merged_environment, with_precision
 from launcher.plan import check_resume, plan, preflight, resume_source, world_size
 from launcher.ports import pick_port
 from launcher.supervise import RunFailed, RunStopped, run_phases
@@ -59,7 +59,8 @@ def pretrain(config: str | os.PathLike | RunConfig | dict, overrides: list[str] 
     cfg = resolve_config(config, overrides)
     accelerator = detect_accelerator(cfg.distributed)
     world = world_size(cfg, accelerator)
-    preflight(cfg, world, accelerator)
+    precision = preflight(cfg, world, accelerator)
+    cfg = with_precision(cfg, precision)  # the ranks, and the resume checks, see the choice, not "auto"
     run_dir = RunDir.of(cfg)
     # node 0 holds the run directory (every --no_ssh node runs a launcher against the same one)
     lock = run_dir.lock() if not dry_run and cfg.distributed.node_rank in (None, 0) else None
@@ -73,21 +74,23 @@ def pretrain(config: str | os.PathLike | RunConfig | dict, overrides: list[str] 
             first.command.extend(["--resume-from", str(source.path)])
         start = (check_resume(cfg, first, accelerator, str(source.path) if explicit else None)
                  if first is not None else None)
-        change = start.world_change if start is not None else None
+        change = start.universal_change() if start is not None else None
         if dry_run:
-            print_plan(cfg, plans, source, merged_environment(cfg, accelerator), port, estimate=estimate)
+            print_plan(cfg, plans, source, merged_environment(cfg, accelerator), port, precision, estimate=estimate)
             if change is not None:
-                print(f"# {change[1]} ranks continue a phase that {change[0]} ranks started: the run converts "
-                      f"{start.resume.path} to DeepSpeed's universal checkpoint first (kept beside it)")
+                print(f"# {change}: the run converts {start.resume.path} to DeepSpeed's universal checkpoint first "
+                      f"(kept beside it)")
             return run_dir.root
         with RunLog(run_dir.train_log, "bertscale pretrain") as run_log:
             try:
                 log.info("%s", "\n".join(run_summary(cfg, plans, accelerator)))
+                log.info("%s", precision.line())
+                if precision.warning:
+                    log.warning("warning: %s", precision.warning)
                 if change is not None and lock is not None:
-                    log.info("%s ranks continue a phase that %s ranks started: converting %s to a universal "
-                             "checkpoint", change[1], change[0], start.resume.path)
+                    log.info("%s: converting %s to a universal checkpoint", change, start.resume.path)
                     ckpt.universal_checkpoint(start.resume)
-                run_phases(cfg, plans, source, accelerator, run_log, port)
+                run_phases(cfg, plans, source, accelerator, run_log, port, precision)
             except BaseException as exc:  # the record ends with how the run ended, as the console does
                 run_log.note(f"{'stopped' if isinstance(exc, RunStopped) else 'error'}: {exc}")
                 raise

@@ -12,7 +12,8 @@ from pathlib import Path
 from bertscale import checkpoint as ckpt
 from bertscale.config import ConfigError, PhaseSection, RunConfig, accumulation_steps
 from bertscale.rundir import RunDir
-from launcher.environment import detect_accelerator, ranks_per_node
+from bertscale.precision import Precision
+from launcher.environment import decide_precision, detect_accelerator, ranks_per_node
 from launcher.ports import DEFAULT_MASTER_PORT
 
 @dataclass(frozen=True)
@@ -125,21 +126,21 @@ def deepspeed_command(cfg: RunConfig, phase: PhaseSection, config_path: Path, ac
     return cmd
 
 
-def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
-    """Everything that can be checked before any rank starts: batch arithmetic, the DeepSpeed JSON,
-    tokenizer, shards."""
+def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> Precision:
+    """Everything that can be checked before any rank starts: batch arithmetic, the DeepSpeed JSON, the
+    precision (decided here: ``decide_precision``; returned), tokenizer, shards."""
     from bertscale.engine import load_ds_config
     from bertscale.shard_format import load_manifest
     from bertscale.tokenizer import tokenizer_info
     from bertscale.train import model_config
 
-    problems = []
+    problems, choice = [], None
     try:
-        ds = load_ds_config(cfg.distributed.deepspeed_config)
-        if accelerator == "cpu" and ds.get("fp16", {}).get("enabled"):
-            problems.append(f"{cfg.distributed.deepspeed_config} enables fp16, which DeepSpeed has no CPU support for "
-                            f"(its ranks would fail at start: 'Type fp16 is not supported on your device'): on CPU "
-                            f"use a bf16 config such as ds_configs/zero2_bf16.json, or run on CUDA devices")
+        load_ds_config(cfg.distributed.deepspeed_config)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:
+        choice = decide_precision(cfg, accelerator)
     except ConfigError as exc:
         problems.append(str(exc))
     try:
@@ -163,6 +164,7 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> None:
             problems.append(f"phase {phase.name!r}: {exc}")
     if problems:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
+    return choice
 
 
 def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from: str | None) -> ckpt.ResumePlan:

@@ -17,8 +17,9 @@ from pathlib import Path
 import psutil
 
 from bertscale import checkpoint as ckpt
-from bertscale.config import RunConfig
+from bertscale.config import DECIDED, RunConfig
 from bertscale.console import RunLog
+from bertscale.precision import Precision
 from bertscale.rundir import RunDir
 from launcher import ports
 from launcher.diagnose import failure_message
@@ -111,9 +112,11 @@ def _is_rank(proc) -> bool:
 
 
 def run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointInfo | None,
-               accelerator: str, run_log: RunLog, port: int | None = None) -> None:
+               accelerator: str, run_log: RunLog, port: int | None = None, precision: Precision | None = None) -> None:
     """Start each unfinished phase in turn. ``port``: a master port picked for this run (not configured);
-    if another process takes it before rank 0 listens, the phase is started once more on a fresh one."""
+    if another process takes it before rank 0 listens, the phase is started once more on a fresh one.
+    ``precision``: the launcher's choice (``cfg.train.precision`` already holds its name); the resolved
+    configuration written for the ranks records why under ``decided``."""
     if port is None:
         ports.check_port(cfg)
     else:
@@ -123,7 +126,8 @@ def run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointIn
     run_dir.root.mkdir(parents=True, exist_ok=True)
     if cfg.distributed.no_ssh and not cfg.distributed.hostfile:
         no_ssh_hostfile(cfg, accelerator)
-    resolved = json.dumps(cfg.to_dict(), indent=2) + "\n"  # what the workers load (bertscale.config)
+    decided = {DECIDED: {"precision": precision.record()}} if precision is not None else {}
+    resolved = json.dumps({**cfg.to_dict(), **decided}, indent=2) + "\n"  # what the workers load (bertscale.config)
     run_dir.write(node_file(cfg, "run_config.json"), resolved)
     if cfg.distributed.node_rank in (None, 0):
         run_dir.write(run_dir.config, resolved)  # the run's own record (tools/run_summary.py reads it)

@@ -217,12 +217,14 @@ def test_mid_phase_on_another_world_size_continues_through_the_universal_checkpo
     path = make(RunDir.of(cfg).checkpoints, 2)
     meta = json.loads((path / ckpt.META).read_text())
 
-    def plan(world: int, stage: int = 2, saved_stage: int = 2, **phase) -> ckpt.ResumePlan:
-        (path / ckpt.META).write_text(json.dumps({**meta, "world_size": 2, "zero_stage": saved_stage}))
+    def plan(world: int, stage: int = 2, saved_stage: int = 2, precision: str = "bf16", saved_precision="bf16",
+             **phase) -> ckpt.ResumePlan:
+        saved = {"precision": saved_precision} if saved_precision else {}  # none: written before it was recorded
+        (path / ckpt.META).write_text(json.dumps({**meta, "world_size": 2, "zero_stage": saved_stage, **saved}))
         for key, value in phase.items():
             setattr(cfg.phases[0], key, value)
         shape = ckpt.RunShape(model_config={}, tokenizer_fingerprint=None, vocab_rows=None, world_size=world,
-                              zero_stage=stage)
+                              zero_stage=stage, precision=precision)
         return ckpt.plan_resume(cfg, 0, shape)
 
     assert plan(2).world_change is None
@@ -235,6 +237,16 @@ def test_mid_phase_on_another_world_size_continues_through_the_universal_checkpo
     assert plan(1, stage=3, saved_stage=3).world_change == (2, 1)
     with pytest.raises(ckpt.ResumeError, match="universal checkpoint.*stages 1, 2, 3 only"):
         plan(1, stage=0, saved_stage=0)
+    # another precision (auto on another kind of machine): through the universal checkpoint too, said
+    assert not plan(2).through_universal and plan(2).universal_change() is None
+    other = plan(2, precision="fp32")
+    assert other.precision_change == ("bf16", "fp32") and other.world_change is None and other.through_universal
+    assert other.universal_change() == "the phase continues in fp32, trained so far in bf16"
+    assert "precision changed from bf16 to fp32 at global step 2" in other.precision_resume_note()
+    assert 'Set train.precision = "bf16" to continue as it was trained' in other.precision_resume_note()
+    both = plan(4, precision="fp16")
+    assert both.world_change == (2, 4) and both.precision_change == ("bf16", "fp16")
+    assert plan(2, precision="fp32", saved_precision=None).precision_change is None  # older checkpoints
 
 
 def test_a_phase_carries_optimizer_state_at_the_same_stage_on_any_number_of_ranks(tmp_path):
@@ -249,11 +261,13 @@ def test_a_phase_carries_optimizer_state_at_the_same_stage_on_any_number_of_rank
     path = make(RunDir.of(cfg).checkpoints, 6, phase_complete=True)
     meta = json.loads((path / ckpt.META).read_text())
 
-    def plan(world: int, stage: int = 2, saved_stage: int = 2, carry: bool = True) -> ckpt.ResumePlan:
-        (path / ckpt.META).write_text(json.dumps({**meta, "world_size": 2, "zero_stage": saved_stage}))
+    def plan(world: int, stage: int = 2, saved_stage: int = 2, carry: bool = True,
+             precision: str = "bf16") -> ckpt.ResumePlan:
+        (path / ckpt.META).write_text(json.dumps({**meta, "world_size": 2, "zero_stage": saved_stage,
+                                                  "precision": "bf16"}))
         cfg.phases[1].carry_optimizer_state = carry
         shape = ckpt.RunShape(model_config={}, tokenizer_fingerprint=None, vocab_rows=None, world_size=world,
-                              zero_stage=stage)
+                              zero_stage=stage, precision=precision)
         return ckpt.plan_resume(cfg, 1, shape)
 
     same = plan(2)
@@ -268,3 +282,12 @@ def test_a_phase_carries_optimizer_state_at_the_same_stage_on_any_number_of_rank
     with pytest.raises(ckpt.ResumeError, match="on any number of ranks at stages 1, 2, 3"):
         plan(1, stage=0, saved_stage=0)
     assert plan(2, stage=0, saved_stage=0).carry_moments  # no ZeRO, the same ranks: the shards as they are
+    # another precision: the moments come through the universal checkpoint, and the phase says so
+    other = plan(2, precision="fp32")
+    assert other.carry_moments and other.carry_through_universal
+    shape = ckpt.RunShape(model_config={}, tokenizer_fingerprint=None, vocab_rows=None, world_size=2, zero_stage=2,
+                          precision="fp32")
+    assert other.precision_note(cfg.phases[1], shape) == ("phase phase2: trains in fp32, the previous phase in bf16; "
+                                                          "it starts from the previous phase's fp32 weights and, "
+                                                          "through its universal checkpoint, its optimizer moments")
+    assert plan(2, carry=False, precision="fp32").precision_note(cfg.phases[1], shape).endswith("fp32 weights")

@@ -24,7 +24,7 @@ tokenizer = "data/tok"
 num_hidden_layers = 1
 
 [distributed]
-deepspeed_config = "ds_configs/zero2_bf16.json"
+deepspeed_config = "ds_configs/zero2.json"
 accelerator = "cpu"
 num_gpus = 2
 
@@ -271,7 +271,7 @@ def test_resolve_paths_makes_paths_absolute(tmp_path):
     assert resolved.run.out_dir == str(tmp_path.resolve() / "out" / "run")
     assert resolved.model.tokenizer == str(tmp_path.resolve() / "data" / "tok")
     # not in tmp_path: the shipped file of the checkout (the default, named relatively, from anywhere)
-    assert resolved.distributed.deepspeed_config == str(REPO / "ds_configs" / "zero2_bf16.json")
+    assert resolved.distributed.deepspeed_config == str(REPO / "ds_configs" / "zero2.json")
     assert resolved.distributed.hostfile == str(tmp_path.resolve() / "hosts")
     assert [p.data for p in resolved.phases] == [str(tmp_path.resolve() / "data" / d) for d in ("d128", "d512")]
     # the input is left alone, and non-path fields are copied
@@ -280,7 +280,7 @@ def test_resolve_paths_makes_paths_absolute(tmp_path):
 
 
 def test_resolve_paths_prefers_a_deepspeed_json_in_the_current_directory(tmp_path):
-    own = tmp_path / "ds_configs" / "zero2_bf16.json"
+    own = tmp_path / "ds_configs" / "zero2.json"
     own.parent.mkdir()
     own.write_text("{}")
     cfg = resolve_paths(load_config(write(tmp_path, GOOD)), base=tmp_path)

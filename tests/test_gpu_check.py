@@ -32,6 +32,13 @@ def test_gpu_check_smoke_mode_runs_every_step_and_summarises(tmp_path):
         assert any("training finished" in line for line in summary[run]), run
     # on CPU the fp16 step checks its config only (--dry-run; DeepSpeed has no fp16 there): its phase plan
     assert any("phase phase1: seq_len 128, 3 steps" in line for line in summary["fp16_compile_last_lines"])
+    # where it ran and in what: the CPU, its bf16 capability, and the precision auto picked for the runs
+    from bertscale.precision import choose, cpu_info
+
+    assert summary["cpu_model"] == cpu_info().model and summary["cpu_bf16"].startswith(("native", "emulated"))
+    assert summary["precision"]["requested"] == "auto"
+    assert summary["precision"]["used"] == choose("auto", "cpu").name
+    assert summary["pretrain_precision"] == summary["zero3_precision"] == summary["precision"]["used"]
     steps_log = (out / "steps.log").read_text()
     assert "=== convert: exit 0" in steps_log and "=== convert_zero3: exit 0" in steps_log
     assert "ZeRO stage 3, optimizer lamb" in steps_log  # the ZeRO-3 step ran ZeRO-3

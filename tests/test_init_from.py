@@ -61,7 +61,7 @@ seed = 3
 [model]
 init_from = "{init_from}"
 [distributed]
-deepspeed_config = "{REPO / 'ds_configs' / 'zero2_bf16.json'}"
+deepspeed_config = "{REPO / 'ds_configs' / 'zero2.json'}"
 accelerator = "cpu"
 num_gpus = 1
 master_port = {free_port()}

@@ -411,13 +411,19 @@ def test_preflight_passes_on_matching_data(data, tmp_path):
 
 
 def test_preflight_refuses_fp16_on_cpu(data, tmp_path):
-    """DeepSpeed has no fp16 on CPU: the run is refused before any rank starts, not by every rank at start."""
+    """DeepSpeed has no fp16 on CPU: the run is refused before any rank starts, not by every rank at start,
+    whether train.precision or the DeepSpeed JSON asks for it."""
     cfg = real_cfg(data, tmp_path)
-    cfg.distributed.deepspeed_config = str(REPO / "ds_configs" / "zero2_fp16.json")
-    with pytest.raises(ConfigError, match=r"zero2_fp16\.json enables fp16, which DeepSpeed has no CPU support for.*"
-                                          r"use a bf16 config such as ds_configs/zero2_bf16\.json"):
+    cfg.train.precision = "fp16"
+    with pytest.raises(ConfigError, match=r"precision fp16 on CPU: DeepSpeed has no fp16 there.*"
+                                          r"set train.precision = \"auto\""):
         preflight(cfg, 2, "cpu")
-    preflight(cfg, 2, "cuda")  # on GPUs the same config passes
+    own = tmp_path / "fp16.json"
+    own.write_text('{"fp16": {"enabled": true}, "zero_optimization": {"stage": 2}}')
+    cfg = real_cfg(data, tmp_path)
+    cfg.distributed.deepspeed_config = str(own)
+    with pytest.raises(ConfigError, match=rf"precision fp16 on CPU.*\({own} sets it\)"):
+        preflight(cfg, 2, "cpu")
 
 
 def test_preflight_seq_len_mismatch(data, tmp_path):
@@ -567,7 +573,7 @@ def test_an_exception_inside_pretrain_kills_its_ranks(data, tmp_path):
 # ---------------------------------------------------------------- the DeepSpeed JSON, before any rank
 
 @pytest.mark.parametrize("content, fragments", [
-    (None, ["distributed.deepspeed_config:", "does not exist", "zero2_bf16.json"]),
+    (None, ["distributed.deepspeed_config:", "does not exist", "zero2.json"]),
     ('{"zero_optimization": {"stage": 2},', ["distributed.deepspeed_config:", "is not valid JSON"]),
     ('{"zero_optimization": {"stage": 2}, "train_batch_size": 64}', ["sets train_batch_size;"]),
     ('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}, "scheduler": {}}',
@@ -590,12 +596,12 @@ def test_dry_run_refuses_a_bad_deepspeed_json_naming_file_and_key(data, tmp_path
 
 def test_the_default_deepspeed_json_is_found_from_another_directory(data, tmp_path, monkeypatch, capsys):
     config = run_config(tmp_path, data, out=tmp_path / "run")
-    del config["distributed"]["deepspeed_config"]  # the default: ds_configs/zero2_bf16.json, relative
+    del config["distributed"]["deepspeed_config"]  # the default: ds_configs/zero2.json, relative
     monkeypatch.chdir(tmp_path)  # not the checkout
     pretrain(config, dry_run=True)
     resolved = json.loads(capsys.readouterr().out.split("# resolved configuration\n", 1)[1].split("\n#", 1)[0])
     assert resolved["distributed"]["deepspeed_config"] == str(Path(__file__).resolve().parent.parent /
-                                                              "ds_configs" / "zero2_bf16.json")
+                                                              "ds_configs" / "zero2.json")
 
 
 # ---------------------------------------------------------------- config in code, multi-node environment, --estimate
@@ -626,11 +632,13 @@ def test_a_hostfile_launch_refuses_auto_rather_than_decide_the_nodes_accelerator
     assert "distributed.accelerator is 'auto'" in str(info.value) and str(hosts) in str(info.value)
     assert "--set distributed.accelerator=cuda" in str(info.value)
     assert "--module" not in capsys.readouterr().out
-    pretrain(config, ["distributed.accelerator=cuda"], dry_run=True)  # said explicitly: the nodes' own
+    # said explicitly: the nodes' own (and so must the precision be: tests/test_precision.py)
+    pretrain(config, ["distributed.accelerator=cuda", "train.precision=bf16"], dry_run=True)
     commands = [line for line in capsys.readouterr().out.splitlines() if "--module bertscale.train" in line]
     assert commands and all(c.startswith(f"PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda {deepspeed_executable()} ")
                             for c in commands)  # and no OMP_NUM_THREADS or allocator settings of this machine
-    pretrain(config, ["distributed.accelerator=cpu"], dry_run=True)  # CPU nodes: each rank counts its node's cores
+    # CPU nodes: each rank counts its node's cores
+    pretrain(config, ["distributed.accelerator=cpu", "train.precision=fp32"], dry_run=True)
     commands = [line for line in capsys.readouterr().out.splitlines() if "--module bertscale.train" in line]
     assert commands and not any("OMP_NUM_THREADS" in c for c in commands)
 

@@ -35,27 +35,31 @@ def _fp16_base(tmp_path, **extra) -> str:
 def test_fp16_loss_scaling_knobs_reach_deepspeed(tmp_path):
     opt = OptimizerSection(loss_scale_initial_power=12, loss_scale_window=200, loss_scale_hysteresis=3,
                            loss_scale_min=4.0)
-    cfg = build_ds_config(_fp16_base(tmp_path), PhaseSection(global_batch=16, micro_batch=4), 2, opt, "cpu")
+    # a JSON that enables fp16 itself wins over the precision the launcher chose
+    cfg = build_ds_config(_fp16_base(tmp_path), PhaseSection(global_batch=16, micro_batch=4), 2, opt, "cpu", "fp32")
     assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 200,
                            "hysteresis": 3, "min_loss_scale": 4.0}
     assert cfg["gradient_accumulation_steps"] == 2 and "optimizer" not in cfg  # our LAMB on every accelerator
-    # the shipped fp16 base config leaves the knobs to the run config
-    shipped = build_ds_config(REPO / "ds_configs" / "zero2_fp16.json", PhaseSection(global_batch=16, micro_batch=4),
-                              2, OptimizerSection(), "cuda")
-    assert shipped["fp16"]["initial_scale_power"] == 16 and shipped["fp16"]["min_loss_scale"] == 1.0
-    assert "optimizer" not in shipped
+    # train.precision = fp16 on the shipped ZeRO config: the knobs come from the run config
+    shipped = build_ds_config(REPO / "ds_configs" / "zero2.json", PhaseSection(global_batch=16, micro_batch=4),
+                              2, OptimizerSection(), "cuda", "fp16")
+    assert shipped["fp16"]["enabled"] and shipped["fp16"]["initial_scale_power"] == 16
+    assert shipped["fp16"]["min_loss_scale"] == 1.0 and "bf16" not in shipped and "optimizer" not in shipped
 
 
-def test_bf16_config_gets_no_fp16_table(tmp_path):
-    cfg = build_ds_config(REPO / "ds_configs" / "zero2_bf16.json", PhaseSection(global_batch=16, micro_batch=4), 2,
-                          OptimizerSection(), "cpu")
-    assert "fp16" not in cfg and cfg["bf16"] == {"enabled": True}
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_precision_section_follows_the_run_setting(precision):
+    cfg = build_ds_config(REPO / "ds_configs" / "zero2.json", PhaseSection(global_batch=16, micro_batch=4), 2,
+                          OptimizerSection(), "cpu", precision)
+    assert "fp16" not in cfg
+    assert cfg.get("bf16") == ({"enabled": True} if precision == "bf16" else None)
+    assert cfg["zero_optimization"]["stage"] == 2
 
 
 def test_loss_scaling_in_the_json_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="loss_scale_"):
         build_ds_config(_fp16_base(tmp_path, min_loss_scale=1), PhaseSection(global_batch=16, micro_batch=4), 2,
-                        OptimizerSection(), "cpu")
+                        OptimizerSection(), "cpu", "fp32")
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -86,4 +90,4 @@ def test_turning_off_the_overflow_check_is_refused(tmp_path, table, key):
     base[table][key] = False
     path.write_text(json.dumps(base))
     with pytest.raises(ConfigError, match="overflow check"):
-        build_ds_config(path, PhaseSection(global_batch=16, micro_batch=4), 2, OptimizerSection(), "cpu")
+        build_ds_config(path, PhaseSection(global_batch=16, micro_batch=4), 2, OptimizerSection(), "cpu", "fp32")

@@ -64,7 +64,7 @@ def _worker(rank: int, world: int, port: int, stage: int, shard_lamb: bool, out:
     torch.manual_seed(3)
     model = BertForPreTraining(preset_config("tiny", vocab_size=VOCAB, num_hidden_layers=1,
                                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    engine = Engine(model, build_ds_config(base, phase, world, optimizer, "cpu"), optimizer, "cpu", lr=phase.lr)
+    engine = Engine(model, build_ds_config(base, phase, world, optimizer, "cpu", "fp32"), optimizer, "cpu", lr=phase.lr)
     if not shard_lamb:  # the naive LAMB: trust ratios of whole flat partitions
         engine.engine.optimizer.optimizer.shard({}, reduce=None)
     split = split_over_ranks(zero_layouts(engine.engine.optimizer)[0], world)
