@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bertscale.corpus import iter_documents, write_stdlib_corpus
+from bertscale.precision import machine_report
 from bertscale.shards import build_shards
 from bertscale.tokenizer import load_tokenizer, tokenizer_info, train_tokenizer
 
@@ -157,6 +158,8 @@ def bench(corpus: Path | None, workers: int, work: Path, max_docs: int, vocab_si
         "many_files": many_files,
         "build_workers": workers,
         "cores": os.cpu_count(),
+        **machine_report(),
+        "precision": "none (no model compute: tokenizer, builder and loader only)",
     }
 
 
@@ -182,7 +185,7 @@ def main() -> None:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:>38}: {v:,}" if v is not None else f"{k:>38}: n/a")
+            print(f"{k:>38}: {v:,}" if isinstance(v, (int, float)) else f"{k:>38}: {v if v is not None else 'n/a'}")
 
 
 if __name__ == "__main__":

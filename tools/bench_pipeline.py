@@ -7,13 +7,13 @@
 For each sequence length, in the same run:
 
 * **trainer**: the real thing, ``bertscale pretrain`` through the ``deepspeed`` launcher: DeepSpeed
-  ZeRO-2, bf16, our LAMB, ``--ranks`` CPU ranks, the loader with its shipped worker count, logging
+  ZeRO-2 in ``--precision`` (default ``auto``: bf16 where the CPU computes it natively, else fp32), our LAMB, ``--ranks`` CPU ranks, the loader with its shipped worker count, logging
   every ``--steps`` steps, no checkpoint until the end. Its ``throughput/tokens_per_s`` (real tokens, all
   ranks) over the logged intervals after the first (which holds start-up and warm-up) is the figure;
   ``throughput/data_wait_fraction`` says how much of it ranks spent waiting on the loader.
 * **bare step**: ``--ranks`` processes with the trainer's threads each, each running only forward,
   backward and an optimizer step (our LAMB with the trainer's settings, built by the engine's own
-  ``build_optimizer``, unsharded: each process steps the whole model) of the same model in bf16 on
+  ``build_optimizer``, unsharded: each process steps the whole model) of the same model in the same precision on
   that rank's same micro batches, read into memory first: no DeepSpeed, no loader, no logging, no
   collectives.
 
@@ -57,7 +57,7 @@ LR = 1e-3  # the phase's peak lr; the optimizer's other settings are the config'
 
 
 def _config(out: Path, data: Path, tok: Path, seq_len: int, steps: int, ranks: int, port: int, unpadded: bool,
-            preset: str = "tiny") -> str:
+            preset: str = "tiny", precision: str = "auto") -> str:
     micro = MICRO.get(seq_len, 16)
     return f"""
 [run]
@@ -68,11 +68,12 @@ seed = 1
 preset = "{preset}"
 tokenizer = "{tok.as_posix()}"
 [distributed]
-deepspeed_config = "{(REPO / 'ds_configs' / 'zero2_bf16.json').as_posix()}"
+deepspeed_config = "{(REPO / 'ds_configs' / 'zero2.json').as_posix()}"
 accelerator = "cpu"
 num_gpus = {ranks}
 master_port = {port}
 [train]
+precision = "{precision}"
 log_interval = {steps}
 save_interval = {10 * steps}
 eval_batches = 0
@@ -97,7 +98,7 @@ def free_port() -> int:
 
 
 def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool, work: Path,
-                 preset: str = "tiny") -> dict:
+                 preset: str = "tiny", precision: str = "auto") -> dict:
     """Real tokens/s of ``bertscale pretrain`` over intervals 2 and 3 of 3 (``steps`` steps each)."""
     from bertscale.metrics import read_scalars
     from launcher.launch import pretrain
@@ -105,7 +106,8 @@ def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, un
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"run{seq_len}"
     config = work / f"run{seq_len}.toml"
-    config.write_text(_config(out, data, tok, seq_len, steps, ranks, free_port(), unpadded, preset), encoding="utf-8")
+    config.write_text(_config(out, data, tok, seq_len, steps, ranks, free_port(), unpadded, preset, precision),
+                      encoding="utf-8")
     pretrain(str(config))
     s = read_scalars(out / "tensorboard")
     tail = lambda tag: [v for _, v in s[tag]][1:]  # noqa: E731 - intervals after the first
@@ -116,7 +118,7 @@ def trainer_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, un
 
 
 def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, steps: int, threads: int,
-                 unpadded: bool, start, results, preset: str = "tiny") -> None:
+                 unpadded: bool, start, results, preset: str = "tiny", precision: str = "bf16") -> None:
     import torch
 
     from bertscale.config import OptimizerSection
@@ -134,7 +136,7 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
     batches = [model_inputs(next(it)) for _ in range(3 * steps)]
     torch.manual_seed(0)
     model = BertForPreTraining(preset_config(preset, tok.vocab_size), PerfOptions.for_device("cpu"))
-    model = model.to(torch.bfloat16).train()
+    model = model.to(torch.bfloat16 if precision == "bf16" else torch.float32).train()
     # the trainer's optimizer with the trainer's settings, unsharded (the trainer's ZeRO-2 ranks each step
     # half of it, on fp32 master weights, and add the norm reductions LAMB's sharding needs)
     settings = OptimizerSection()
@@ -165,12 +167,12 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
 
 
 def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool,
-              preset: str = "tiny") -> dict:
+              preset: str = "tiny", precision: str = "bf16") -> dict:
     threads = max(1, (os.cpu_count() or 1) // ranks)  # what the launcher gives each CPU rank
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(ranks), ctx.Queue()
     procs = [ctx.Process(target=_bare_worker, args=(r, ranks, str(data), str(tok), seq_len, steps, threads, unpadded,
-                                                    start, results, preset)) for r in range(ranks)]
+                                                    start, results, preset, precision)) for r in range(ranks)]
     for p in procs:
         p.start()
     got = [results.get(timeout=1800) for _ in procs]
@@ -194,6 +196,7 @@ def find(folder: Path, seq_len: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bertscale import precision
     from bertscale.model import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="tiny", choices=list(PRESETS),
                    help="model size on both sides (tiny: the demo's)")
     p.add_argument("--padded", action="store_true", help="both sides on padded batches (train.unpadded = false)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="both sides (auto: bf16 where this CPU computes it natively, else fp32: bertscale.precision)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure trainer and bare this many times, alternating; the figures are the rounds' medians")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -213,16 +218,19 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--rounds must be at least 1 (got {a.rounds})")
     folder = Path(a.data).resolve()
     tok = Path(a.tokenizer).resolve() if a.tokenizer else folder / "tokenizer"
-    out: dict = {"preset": a.preset, "ranks": a.ranks, "steps_timed": 2 * a.steps,
-                 "layout": "padded" if a.padded else "unpadded", "rounds": a.rounds, "lengths": {}}
+    choice = precision.choose(a.precision, "cpu")
+    print(choice.line() + (f"\nwarning: {choice.warning}" if choice.warning else ""), flush=True)
+    out: dict = {**precision.machine_report(), "precision": choice.name, "preset": a.preset, "ranks": a.ranks,
+                 "steps_timed": 2 * a.steps, "layout": "padded" if a.padded else "unpadded", "rounds": a.rounds,
+                 "lengths": {}}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline.") as work:
         for seq_len in a.seq_len:
             data = find(folder, seq_len)
             rounds = []
             for i in range(a.rounds):
                 trainer = trainer_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, Path(work) / f"round{i}",
-                                       a.preset)
-                bare = bare_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, a.preset)
+                                       a.preset, choice.name)
+                bare = bare_rate(data, tok, seq_len, a.steps, a.ranks, not a.padded, a.preset, choice.name)
                 rounds.append(_ratios(trainer, bare))
                 print(f"seq_len {seq_len} round {i + 1}/{a.rounds}: trainer {trainer['real_tokens_per_s']:.0f} real "
                       f"tok/s (data wait {trainer['data_wait_fraction']:.1%}, fill {trainer['fill']:.2f}), bare step "

@@ -10,10 +10,13 @@ comparison is between models; our LAMB's own step time is reported on its own li
 alternate ours / peer after warm-up and every iteration also times a large matrix product in the
 same precision, so a noisy machine slows all three alike; figures are medians.
 
-Precision: ``fp32`` runs both in float32. ``bf16`` runs the peer under ``torch.autocast`` (fp32
+Precision: ``fp32`` runs both in float32. ``bf16`` (``fp16``) runs the peer under ``torch.autocast`` (fp32
 weights) and ours the way DeepSpeed trains in bf16: the module cast to bfloat16 (DeepSpeed's fp32
 master weights and their optimizer live outside the timed module; here AdamW updates the bf16
-parameters directly).
+parameters directly). ``auto`` is what ``train.precision = "auto"`` picks on this machine
+(``bertscale.precision``: bf16 where the device computes it natively, else fp16 on a GPU, fp32 on a CPU).
+The JSON names the CPU, its bf16 capability and the precision used: on a CPU without native bf16, bf16
+figures are torch's emulation, ~40x slower than fp32.
 
 Model FLOPs per sequence are ``bertscale.metrics.pretraining_flops`` with m = masked positions for
 ours (the head runs on those only) and m = s for the peer (its head runs on every position).
@@ -58,6 +61,7 @@ from bertscale.model import (BertForPreTraining, PerfOptions, attention_rows, pr
                              unpadded_attention_kernel)
 from bertscale.packing import (batch_to, computed_tokens, model_inputs, real_tokens,  # noqa: E402
                                samples_from_padded, unpadded_batch)
+from bertscale.precision import choose, machine_report  # noqa: E402
 from bertscale.shard_format import load_manifest  # noqa: E402
 from bertscale.tokenizer import tokenizer_info  # noqa: E402
 
@@ -184,7 +188,8 @@ def bench(preset: str = "mini", seq_len: int = 128, batch: int | None = None, pr
     if dev.type == "cpu" and threads:
         torch.set_num_threads(threads)
     batch = batch or DEFAULT_BATCH.get((dev.type, preset, seq_len), 8)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    precision = resolve_precision(precision, dev)
+    dtype = DTYPES[precision]
     perf = perf or PerfOptions.for_device(dev.type)
     torch.manual_seed(seed)
     config = preset_config(preset, VOCAB, max_position_embeddings=max(512, seq_len))
@@ -218,7 +223,8 @@ def bench(preset: str = "mini", seq_len: int = 128, batch: int | None = None, pr
             times[name].append(timed(fn, dev))
         rates.append(mm())
 
-    out: dict = {"device": _device_name(dev), "precision": precision, "threads": torch.get_num_threads(),
+    out: dict = {"device": _device_name(dev), **machine_report(), "precision": precision,
+                 "threads": torch.get_num_threads(),
                  "config": {"preset": preset, "seq_len": seq_len, "batch": batch, "layers": config.num_hidden_layers,
                             "hidden": config.hidden_size, "vocab": config.vocab_size,
                             "masked_per_seq": masked_per_seq, "iters": iters, "perf": asdict(perf)}}
@@ -258,6 +264,16 @@ def bench(preset: str = "mini", seq_len: int = 128, batch: int | None = None, pr
         out.update(_memory(dev, peer_model, opt_peer, steps["peer"], "peer"))
     out["host_max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return out
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """``precision`` itself, or for ``auto`` the training's choice on this device (``bertscale.precision``)."""
+    if precision not in (*DTYPES, "auto"):
+        raise ValueError(f"precision must be one of {', '.join((*DTYPES, 'auto'))}, not {precision!r}")
+    return choose(precision, dev.type).name if precision == "auto" else precision
 
 
 DATA_BATCH = {128: 32, 512: 16}
@@ -384,9 +400,10 @@ def bench_data(data: list[str | Path], preset: str = "tiny", batch: int | None =
     torch.manual_seed(seed)
     config = preset_config(preset, tok.vocab_size, max_position_embeddings=max(512, longest))
     model = BertForPreTraining(config, perf).to(dev).train()  # shipped defaults: dropout on
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
-    out: dict = {"device": _device_name(dev), "precision": precision, "threads": torch.get_num_threads(),
+    precision = resolve_precision(precision, dev)
+    model = model.to(DTYPES[precision])
+    out: dict = {"device": _device_name(dev), **machine_report(), "precision": precision,
+                 "threads": torch.get_num_threads(),
                  "clock": clock,
                  "config": {"preset": preset, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
                             "vocab": config.vocab_size, "iters": iters, "perf": asdict(perf)},
@@ -400,8 +417,9 @@ def bench_data(data: list[str | Path], preset: str = "tiny", batch: int | None =
 
 def format_data_report(r: dict) -> str:
     c = r["config"]
-    lines = [f"{c['preset']} L={c['layers']} d={c['hidden']} V={c['vocab']} {r['precision']} on {r['device']}; "
-             f"real shards, padded to each batch's longest sample vs unpadded; {r['clock']} clock"]
+    lines = [f"{c['preset']} L={c['layers']} d={c['hidden']} V={c['vocab']} {r['precision']} on {r['device']} "
+             f"(CPU {r['cpu_model']}, bf16 {r['cpu_bf16']}); real shards, padded to each batch's longest sample vs "
+             f"unpadded; {r['clock']} clock"]
     for s, x in r["lengths"].items():
         p, u = x["padded"], x["unpadded"]
         att = (f", attention rows {u['attention_fill']:.2f} full, {u['attention_scores_vs_ideal']:.2f}x the "
@@ -443,7 +461,8 @@ def _device_name(dev: torch.device) -> str:
 def format_report(r: dict) -> str:
     c = r["config"]
     lines = [f"{c['preset']} L={c['layers']} d={c['hidden']} s={c['seq_len']} batch={c['batch']} "
-             f"{r['precision']} on {r['device']}; {c['masked_per_seq']:.1f} masked/seq; perf {c['perf']}",
+             f"{r['precision']} on {r['device']} (CPU {r['cpu_model']}, bf16 {r['cpu_bf16']}); "
+             f"{c['masked_per_seq']:.1f} masked/seq; perf {c['perf']}",
              f"  ours: {r['ours_step_ms']:8.1f} ms/step {r['ours_tokens_per_s']:9.0f} tok/s "
              f"{r['ours_tflops']:.3f} TFLOP/s ({100 * r['ours_vs_matmul']:.0f}% of matmul), "
              f"first step {r['ours_first_step_s']:.1f} s, peak mem {r['ours_peak_mem_gib']:.2f} GiB"]
@@ -465,7 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="mini", choices=["tiny", "mini", "base", "large"])
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=None, help="default: per device and preset")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="auto: what train.precision = auto picks on this machine (bertscale.precision)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (0: leave torch's default)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

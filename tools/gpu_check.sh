@@ -7,12 +7,15 @@
 #    in $WHEELS (default .whl/, built by ../shared/gpu/make-gpu-wheels.sh): the GPU machine reaches no
 #    package registry;
 # 2. runs the tests marked `gpu`;
-# 3. tools/bench_step.py for `large` in bf16 at 128 and 512: synthetic full rows (ours vs transformers,
+# 3. tools/bench_step.py for `large` at 128 and 512: synthetic full rows (ours vs transformers,
 #    MFU) and real shards, padded vs unpadded (MFU of the samples' model FLOPs);
-# 4. a 2-phase `bertscale pretrain` of `base` (bf16, ZeRO-2, LAMB; 60 + 40 steps) on shards built here
+# 4. a 2-phase `bertscale pretrain` of `base` (ZeRO-2, LAMB; 60 + 40 steps) on shards built here
 #    from the standard library's docstrings, then `bertscale convert` of its checkpoint;
 # 5. the trainer's other CUDA paths, short runs of `mini`: fp16 with dynamic loss scaling and the
-#    compiled encoder layers (ZeRO-2), and ZeRO-3 in bf16 over both phases, then converted.
+#    compiled encoder layers (ZeRO-2), and ZeRO-3 over both phases, then converted.
+# Steps 3, 4 and 5's ZeRO-3 run train in GPU_CHECK_PRECISION (default auto: bf16 where the GPU computes it,
+# else fp16; or bf16, fp16, fp32 to force one); step 5's first run is always fp16, so the fp16 path runs on
+# whatever GPU is at hand. The summary names the GPU, the CPU, their bf16 capability and the precisions.
 # Each step has its own time limit (on an H200 steps 1-4 took ~4 minutes; step 5, not yet run there, should
 # add ~3; GPU_CHECK_ONLY splits the whole over several calls); a failing step is recorded and the rest still
 # run. The last line printed is the JSON summary (also $OUT/gpu_check.json when $OUT is
@@ -20,7 +23,7 @@
 #
 # GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. 'build_data|pretrain_base|convert').
 # GPU_CHECK_SMOKE=1 runs the same steps on CPU, small (tiny model, a few steps; the fp16 run of step 5 only
-# checked with --dry-run, in bf16): it checks this script's plumbing on a machine without a GPU
+# checked with --dry-run, in GPU_CHECK_PRECISION): it checks this script's plumbing on a machine without a GPU
 # (tests/test_gpu_check.py); its figures mean nothing.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,16 +38,18 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
 
 SMOKE=${GPU_CHECK_SMOKE:-0}
+PREC=${GPU_CHECK_PRECISION:-auto}
+case "$PREC" in auto|bf16|fp16|fp32) ;; *) echo "gpu_check: GPU_CHECK_PRECISION must be auto, bf16, fp16 or fp32 (got $PREC)" >&2; exit 2;; esac
 if [ "$SMOKE" = 1 ]; then
     BIG=tiny; BASE=tiny; ACC=cpu; DEV="--device cpu --threads 1"; ITERS=1; STEPS1=4; STEPS2=2; B128=8; B512=4
     VOCAB=2000; DOCS=400; GB1=16; MB1=8; GB2=8; MB2=4
     # DeepSpeed has no fp16 on CPU (the launcher refuses it) and compiling takes minutes there: step 5's
-    # fp16 run is a --dry-run of its config in bf16, eager; ZeRO-3 trains one phase
-    SMALL=tiny; FP16=zero2_bf16; COMPILE=false; VSTEPS=3; ZPHASES=1; FP16_RUN=--dry-run
+    # fp16 run is a --dry-run of its config in the run's own precision, eager; ZeRO-3 trains one phase
+    SMALL=tiny; FP16=$PREC; COMPILE=false; VSTEPS=3; ZPHASES=1; FP16_RUN=--dry-run
 else
     BIG=large; BASE=base; ACC=cuda; DEV=""; ITERS=10; STEPS1=60; STEPS2=40; B128=256; B512=128
     VOCAB=30522; DOCS=None; GB1=256; MB1=128; GB2=64; MB2=32
-    SMALL=mini; FP16=zero2_fp16; COMPILE=true; VSTEPS=20; ZPHASES=2; FP16_RUN=
+    SMALL=mini; FP16=fp16; COMPILE=true; VSTEPS=20; ZPHASES=2; FP16_RUN=
 fi
 if [ "$SMOKE" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "gpu_check: torch sees no CUDA device here; run this on a GPU machine" >&2
@@ -91,9 +96,9 @@ else
     step gpu_tests 120 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -x
 fi
 
-# --- 3. bench_step, large, bf16 -----------------------------------------------------------------------
+# --- 3. bench_step, large -------------------------------------------------------------------------------
 for s in 128 512; do
-    step "bench_large_$s" 90 "$PY" tools/bench_step.py --preset $BIG --seq-len "$s" --precision bf16 \
+    step "bench_large_$s" 90 "$PY" tools/bench_step.py --preset $BIG --seq-len "$s" --precision $PREC \
         --iters $ITERS --warmup 1 --json $DEV
 done
 
@@ -107,14 +112,14 @@ print(write_stdlib_corpus(Path(\"$DATA/corpus/stdlib.txt\"), $DOCS).summary())'
         --out '$DATA' --samples-per-shard 2000 --no-progress"
 D128=$(ls -d "$DATA"/*128* 2>/dev/null | head -1)
 D512=$(ls -d "$DATA"/*512* 2>/dev/null | head -1)
-step bench_data_128 90 "$PY" tools/bench_step.py --preset $BIG --precision bf16 --data "$D128" \
+step bench_data_128 90 "$PY" tools/bench_step.py --preset $BIG --precision $PREC --data "$D128" \
     --tokenizer "$DATA/tokenizer" --batch $B128 --iters $ITERS --warmup 1 --json $DEV
-step bench_data_512 90 "$PY" tools/bench_step.py --preset $BIG --precision bf16 --data "$D512" \
+step bench_data_512 90 "$PY" tools/bench_step.py --preset $BIG --precision $PREC --data "$D512" \
     --tokenizer "$DATA/tokenizer" --batch $B512 --iters $ITERS --warmup 1 --json $DEV
 
 # --- 4. two phases of base through the real launcher, then convert -------------------------------------
-run_config() {  # run_config OUT_DIR PRESET DS_CONFIG COMPILE STEPS1 STEPS2 [PHASES]: a pretrain config on stdout
-    local out=$1 preset=$2 ds=$3 compile=$4 steps1=$5 steps2=$6 phases=${7:-2}
+run_config() {  # run_config OUT_DIR PRESET DS_CONFIG PRECISION COMPILE STEPS1 STEPS2 [PHASES]: a pretrain config
+    local out=$1 preset=$2 ds=$3 precision=$4 compile=$5 steps1=$6 steps2=$7 phases=${8:-2}
     cat <<EOF
 [run]
 name = "gpu_check"
@@ -135,6 +140,7 @@ num_gpus = 1
 name = "lamb"
 
 [train]
+precision = "$precision"
 log_interval = 10
 save_interval = 1000
 eval_batches = 4
@@ -163,23 +169,24 @@ warmup = 0.2
 EOF
 }
 RUN=$WORK/run
-run_config "$RUN" "$BASE" zero2_bf16 false "$STEPS1" "$STEPS2" > "$WORK/base.toml"
+run_config "$RUN" "$BASE" zero2 "$PREC" false "$STEPS1" "$STEPS2" > "$WORK/base.toml"
 step pretrain_base 200 "$PY" -m bertscale pretrain --config "$WORK/base.toml"
 step convert 60 "$PY" -m bertscale convert --checkpoint "$RUN/checkpoints" --out "$WORK/hf"
 
 # --- 5. fp16 with the compiled layers; ZeRO-3 -----------------------------------------------------------
-run_config "$WORK/run_fp16" "$SMALL" "$FP16" "$COMPILE" "$VSTEPS" 0 1 > "$WORK/fp16.toml"
+run_config "$WORK/run_fp16" "$SMALL" zero2 "$FP16" "$COMPILE" "$VSTEPS" 0 1 > "$WORK/fp16.toml"
 step pretrain_fp16_compile 180 "$PY" -m bertscale pretrain --config "$WORK/fp16.toml" $FP16_RUN
-run_config "$WORK/run_zero3" "$SMALL" zero3_bf16 false "$VSTEPS" "$(( (VSTEPS + 1) / 2 ))" $ZPHASES > "$WORK/zero3.toml"
+run_config "$WORK/run_zero3" "$SMALL" zero3 "$PREC" false "$VSTEPS" "$(( (VSTEPS + 1) / 2 ))" $ZPHASES > "$WORK/zero3.toml"
 step pretrain_zero3 150 "$PY" -m bertscale pretrain --config "$WORK/zero3.toml"
 step convert_zero3 60 "$PY" -m bertscale convert --checkpoint "$WORK/run_zero3/checkpoints" --out "$WORK/hf_zero3"
 
 # --- summary ----------------------------------------------------------------------------------------
 STATUS_LINES=$(for k in "${!STATUS[@]}"; do echo "$k ${STATUS[$k]}"; done)
-"$PY" - "$LOGS" "$(( $(date +%s) - START ))" <<EOF
+"$PY" - "$LOGS" "$(( $(date +%s) - START ))" "$PREC" "$ACC" <<EOF
 import json, re, sys, torch
 from pathlib import Path
-logs, seconds = Path(sys.argv[1]), int(sys.argv[2])
+from bertscale import precision
+logs, seconds, requested, accelerator = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 steps = {}
 for line in """$STATUS_LINES""".strip().splitlines():
     name, rc, secs = line.split()
@@ -193,6 +200,10 @@ def last_json(name):
         return None
 
 out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)", "torch": torch.__version__, "cuda": torch.version.cuda,
+       **precision.machine_report(),
+       "gpu_bf16": precision.cuda_bf16(1)[1] if torch.cuda.is_available() else None,
+       "precision": {"requested": requested, "used": precision.choose(requested, accelerator).name,
+                     "fp16_run": "fp16" if accelerator == "cuda" else precision.choose(requested, accelerator).name},
        "seconds": seconds, "steps": steps, "passed": all(v["exit"] == 0 for v in steps.values())}
 t = (logs / "gpu_tests.log")
 if t.exists():
@@ -217,6 +228,8 @@ for name, key in (("pretrain_base", "pretrain_last_lines"), ("pretrain_fp16_comp
     if p.exists():
         text = p.read_text(errors="replace")
         out[key] = [l[:240] for l in text.strip().splitlines() if re.search(r"step|finished|scale|error|Error", l)][-6:]
+        chosen = re.search(r"precision (bf16|fp16|fp32) \(train.precision", text)
+        out[key.replace("_last_lines", "_precision")] = chosen.group(1) if chosen else None
 print(json.dumps(out))
 if "${OUT:-}":
     Path("${OUT:-}", "gpu_check.json").write_text(json.dumps(out, indent=1))

@@ -1,7 +1,7 @@
 """Is large-batch LAMB worth it here? LAMB vs AdamW at the same large global batch and sample count.
 
 Runs the demo corpus (the standard library's docstrings) through the real `deepspeed` launcher twice
-(2 CPU ranks by default, ZeRO-2, bf16, gradient accumulation to reach the global batch), one phase at
+(2 CPU ranks by default, ZeRO-2, train.precision = "auto", gradient accumulation to reach the global batch), one phase at
 sequence length 128 with the tiny model, and prints the held-out MLM accuracy of each run as JSON:
 
     .venv/bin/python tools/recipe_check.py --out /tmp/recipe_check
@@ -23,7 +23,7 @@ def run_config(out: Path, name: str, lr: float, args) -> dict:
     return {
         "run": {"name": f"recipe-check-{name}", "out_dir": f"{out}/{name}", "seed": 1234},
         "model": {"preset": "tiny", "tokenizer": f"{out}/tokenizer"},
-        "distributed": {"deepspeed_config": str(REPO / "ds_configs" / "zero2_bf16.json"), "accelerator": "cpu",
+        "distributed": {"deepspeed_config": str(REPO / "ds_configs" / "zero2.json"), "accelerator": "cpu",
                         "num_gpus": args.ranks},
         "optimizer": {"name": name, "weight_decay": 0.01, "grad_clip": 1.0},
         "train": {"log_interval": 10, "save_interval": 100000, "num_workers": 0, "eval_batches": args.eval_batches},
