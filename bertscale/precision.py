@@ -191,7 +191,7 @@ def cpu_bf16_native() -> tuple[bool, str]:
 def cuda_bf16(devices: int) -> tuple[bool, str]:
     """Whether each of the first ``devices`` CUDA devices (the ranks' on this node) computes bf16, and which do not."""
     lacking, names = [], []
-    for i in range(max(1, devices)):
+    for i in range(max(1, min(devices, torch.cuda.device_count()))):  # more ranks than devices: DeepSpeed says so
         name = torch.cuda.get_device_name(i)
         names.append(name)
         with torch.cuda.device(i):

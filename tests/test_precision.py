@@ -16,7 +16,7 @@ from bertscale import precision
 from bertscale.config import ConfigError, load_config
 from bertscale.engine import build_ds_config, json_precision, load_ds_config
 from launcher.launch import RunFailed, pretrain
-from runs import REPO, optimizer_steps, write_config
+from runs import REPO, optimizer_steps, run_config, write_config
 
 NATIVE = (True, "this CPU (test) computes bf16 natively (forced by the test)")
 EMULATED = (False, "this CPU (test) has no native bf16 (forced by the test)")
@@ -152,13 +152,14 @@ def test_forced_each_way_the_ranks_train_in_the_choice_and_a_resume_never_change
     A rank dies mid-phase; the machine is then one without native bf16: auto now means fp32, and the resume
     continues the phase in fp32 through the universal checkpoint, saying so in the log and the run state,
     with the fp32 weights and LAMB's moments carried over (its step count goes on)."""
-    config = write_config(tmp_path, run_data, out=tmp_path / "run", steps=(4, 1))
+    config = run_config(tmp_path, run_data, out=tmp_path / "run", steps=(4, 1))
+    config["phases"] = config["phases"][:1]  # one phase: a phase start is tests/test_checkpoint.py's
     settings = ["train.save_interval=2", "train.eval_batches=0"]
     cpu_bf16(True)
     os.environ["BERTSCALE_FAULT"] = "die-in-save:4:1"  # rank 1 dies saving step 4: step 2 is the last checkpoint
     try:
         with pytest.raises(RunFailed):
-            pretrain(str(config), settings)
+            pretrain(config, settings)
     finally:
         del os.environ["BERTSCALE_FAULT"]
     out = tmp_path / "run"
@@ -169,7 +170,7 @@ def test_forced_each_way_the_ranks_train_in_the_choice_and_a_resume_never_change
     assert decided["decided"]["precision"] == {"precision": "bf16", "requested": "auto", "reason": f"auto: {NATIVE[1]}"}
 
     cpu_bf16(False)
-    pretrain(str(config), settings)
+    pretrain(config, settings)
     decided = json.loads((out / "run_config.json").read_text())
     assert decided["train"]["precision"] == "fp32" and decided["decided"]["precision"]["reason"].startswith(
         f"auto: {EMULATED[1]}")
@@ -181,9 +182,6 @@ def test_forced_each_way_the_ranks_train_in_the_choice_and_a_resume_never_change
     assert end1.meta["precision"] == "fp32" and end1.global_step == 4
     assert end1.meta["state"]["precision_changes"] == [{"global_step": 2, "from": "bf16", "to": "fp32"}]
     assert optimizer_steps(end1) == 4  # LAMB's moments came through: 2 steps in bf16, 2 in fp32
-    # the next phase, in fp32 like the end of the first, starts from its weights with nothing to say about it
-    end2 = ckpt.final_of_phase(out / "checkpoints", 1)
-    assert end2.meta["precision"] == "fp32" and "phase phase2: trains in" not in log
     # the DeepSpeed config a rank builds from that run_config.json: fp32, no precision table enabled
     ds = build_ds_config(decided["distributed"]["deepspeed_config"], load_config(out / "run_config.json").phases[0],
                          2, load_config(out / "run_config.json").optimizer, "cpu", decided["train"]["precision"])
