@@ -138,6 +138,7 @@ class Bf16Speed:
 
     bf16_gflops: float
     fp32_gflops: float
+    size: int = 256
 
     @property
     def slowdown(self) -> float:
@@ -145,7 +146,8 @@ class Bf16Speed:
         return self.fp32_gflops / max(self.bf16_gflops, 1e-9)
 
     def describe(self) -> str:
-        return f"a 256x256 bf16 matrix product ran at {self.bf16_gflops:.1f} GFLOP/s vs {self.fp32_gflops:.1f} in fp32"
+        return (f"a {self.size}x{self.size} bf16 matrix product ran at {self.bf16_gflops:.1f} GFLOP/s vs "
+                f"{self.fp32_gflops:.1f} in fp32")
 
 
 @functools.lru_cache(maxsize=1)
@@ -167,7 +169,7 @@ def bf16_speed(n: int = 256, repeats: int = 5) -> Bf16Speed:
             speed[dtype] = 2 * n ** 3 / max(best, 1e-9) / 1e9
     finally:
         torch.set_num_threads(threads)
-    return Bf16Speed(bf16_gflops=speed[torch.bfloat16], fp32_gflops=speed[torch.float32])
+    return Bf16Speed(bf16_gflops=speed[torch.bfloat16], fp32_gflops=speed[torch.float32], size=n)
 
 
 NATIVE_SPEED = 1.0
