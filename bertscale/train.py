@@ -646,5 +646,28 @@ def watch_launcher(interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
+def exit_rank(code: int) -> None:
+    """End the rank once ``main`` returned, without the interpreter's teardown when nothing is left to wait for.
+
+    Tearing down torch's and DeepSpeed's modules takes a CPU rank ~1.3 s after its last line, at the end of
+    every phase (measured on the 2-core machine: 23.5 s -> 21.1 s for a 2-phase tiny run). The exit handlers
+    (the loader's workers, logging, multiprocessing) still run; only the freeing of objects the OS reclaims
+    anyway is skipped. A non-daemon thread still running (something writing in the background) gets the
+    ordinary exit, which waits for it."""
+    import atexit
+    import threading
+
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # the launcher's pipe is gone (bertscale.train.watch_launcher)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())
