@@ -247,7 +247,8 @@ class ResumePlan:
         if self.world_change is not None:
             why.append(f"{self.world_change[1]} ranks continue a phase that {self.world_change[0]} ranks started")
         if self.precision_change is not None:
-            why.append(f"the phase continues in {self.precision_change[1]}, trained so far in {self.precision_change[0]}")
+            before, now = self.precision_change
+            why.append(f"the phase continues in {now}, trained so far in {before}")
         return "; ".join(why)
 
     def precision_resume_note(self) -> str | None:

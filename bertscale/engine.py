@@ -133,7 +133,8 @@ def load_ds_config(base_path: str | os.PathLike) -> dict:
     tables = [k for k in ("zero_optimization", "fp16", "bf16", "checkpoint") if k in base and not isinstance(base[k], dict)]
     if tables:
         raise ConfigError(f"{path}: {', '.join(tables)} must be JSON objects")
-    loose = [f"{k}.enabled" for k in ("bf16", "fp16") if "enabled" in base.get(k, {}) and not isinstance(base[k]["enabled"], bool)]
+    loose = [f"{k}.enabled" for k in ("bf16", "fp16")
+             if "enabled" in base.get(k, {}) and not isinstance(base[k]["enabled"], bool)]
     if loose:
         raise ConfigError(f"{path}: {', '.join(loose)} must be true or false ('auto' is the Hugging Face Trainer's "
                           f"placeholder); remove the table and let train.precision decide, or say true or false")
@@ -181,7 +182,8 @@ def json_precision(base: dict) -> str | None:
     """The precision a base DeepSpeed JSON sets explicitly, or None when it leaves it to ``train.precision``:
     a ``bf16`` or ``fp16`` table with ``enabled`` true sets that precision; tables that only disable them
     (``enabled`` false) set fp32. A table without ``enabled`` holds options only."""
-    said = {k: bool(base[k]["enabled"]) for k in ("bf16", "fp16") if isinstance(base.get(k), dict) and "enabled" in base[k]}
+    said = {k: bool(base[k]["enabled"]) for k in ("bf16", "fp16")
+            if isinstance(base.get(k), dict) and "enabled" in base[k]}
     if not said:
         return None
     enabled = [k for k, on in said.items() if on]
@@ -203,7 +205,8 @@ def build_ds_config(base_path: str | os.PathLike, phase: PhaseSection, world_siz
     (``Engine.load_shards``)."""
     cfg = load_ds_config(base_path)
     if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be bf16, fp16 or fp32 (decided by bertscale.precision.choose), not {precision!r}")
+        raise ValueError(f"precision must be bf16, fp16 or fp32 (decided by bertscale.precision.choose), "
+                         f"not {precision!r}")
     if json_precision(cfg) is None and precision != "fp32":  # fp32: neither table enabled, DeepSpeed's default
         cfg[precision] = {**cfg.get(precision, {}), "enabled": True}
     if load_universal:

@@ -204,10 +204,11 @@ class Trainer:
                                     load_universal=plan.through_universal or plan.carry_through_universal)
         self.engine = Engine(model, ds_config, cfg.optimizer, accelerator, lr=self.phase.lr)
         if plan.previous is not None:
-            for note in (plan.world_size_note(self.phase, shape, self.accumulation), plan.precision_note(self.phase, shape)):
+            for note in (plan.world_size_note(self.phase, shape, self.accumulation),
+                         plan.precision_note(self.phase, shape)):
                 if note:
                     self._log0(note)
-            if plan.carry_through_universal:  # written by another number of ranks
+            if plan.carry_through_universal:  # written by another number of ranks, or in another precision
                 self._load_universal(plan.previous)
             elif plan.carry_moments:
                 self.engine.load_shards(plan.previous.path.parent, plan.previous.tag)

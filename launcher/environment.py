@@ -1,7 +1,8 @@
 """What every rank's environment holds: the accelerator, the precision it computes in, CPU threads and
-allocator settings, and the user's own ``.deepspeed_env`` merged in. The result goes both into the launch's own environment (ranks on
-this node) and into the one file DeepSpeed's runner sends to every node of a hostfile launch (``DS_ENV_FILE``),
-which is why the user's file, which DeepSpeed would otherwise read, must be merged here."""
+allocator settings, and the user's own ``.deepspeed_env`` merged in. The result goes both into the launch's own
+environment (ranks on this node) and into the one file DeepSpeed's runner sends to every node of a hostfile
+launch (``DS_ENV_FILE``), which is why the user's file, which DeepSpeed would otherwise read, must be merged
+here."""
 
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     from bertscale.precision import choose, cpu_info
 
     cpu = cpu_info()
-    return f"bertscale: {cpu.model}, bf16 {cpu.describe_bf16()}; train.precision = auto trains in {choose('auto', 'cpu').name}"
+    return (f"bertscale: {cpu.model}, bf16 {cpu.describe_bf16()}; train.precision = auto trains in "
+            f"{choose('auto', 'cpu').name}")
 
 
 _REAL_HOME = pytest.StashKey[str | None]()

@@ -143,7 +143,8 @@ def test_the_rank_side_loaders_refuse_too(trained, tmp_path):
         consolidated_state_dict(root, ckpt.tag_for(4))  # convert and phase hand-over
     with pytest.raises(safe_load.UnsafeFileError, match="posix.system"), safe_load.enforced():
         # the call DeepSpeed's engine makes on resume, asking for weights_only=False
-        TorchCheckpointEngine().load(str(ds_file(path, "zero_pp_rank_1_mp_rank_00_optim_states.pt")), map_location="cpu")
+        TorchCheckpointEngine().load(str(ds_file(path, "zero_pp_rank_1_mp_rank_00_optim_states.pt")),
+                                     map_location="cpu")
     assert not marker.exists()
     # what DeepSpeed's real files need is allowed: the untouched ones load
     assert "optimizer_state_dict" in safe_load.load(ds_file(path, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))

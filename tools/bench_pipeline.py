@@ -7,7 +7,8 @@
 For each sequence length, in the same run:
 
 * **trainer**: the real thing, ``bertscale pretrain`` through the ``deepspeed`` launcher: DeepSpeed
-  ZeRO-2 in ``--precision`` (default ``auto``: bf16 where the CPU computes it natively, else fp32), our LAMB, ``--ranks`` CPU ranks, the loader with its shipped worker count, logging
+  ZeRO-2 in ``--precision`` (default ``auto``: bf16 where the CPU computes it natively, else fp32), our
+  LAMB, ``--ranks`` CPU ranks, the loader with its shipped worker count, logging
   every ``--steps`` steps, no checkpoint until the end. Its ``throughput/tokens_per_s`` (real tokens, all
   ranks) over the logged intervals after the first (which holds start-up and warm-up) is the figure;
   ``throughput/data_wait_fraction`` says how much of it ranks spent waiting on the loader.

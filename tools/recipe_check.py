@@ -1,8 +1,8 @@
 """Is large-batch LAMB worth it here? LAMB vs AdamW at the same large global batch and sample count.
 
 Runs the demo corpus (the standard library's docstrings) through the real `deepspeed` launcher twice
-(2 CPU ranks by default, ZeRO-2, train.precision = "auto", gradient accumulation to reach the global batch), one phase at
-sequence length 128 with the tiny model, and prints the held-out MLM accuracy of each run as JSON:
+(2 CPU ranks by default, ZeRO-2, train.precision = "auto", gradient accumulation to reach the global batch),
+one phase at sequence length 128 with the tiny model, and prints the held-out MLM accuracy of each run as JSON:
 
     .venv/bin/python tools/recipe_check.py --out /tmp/recipe_check
 """
