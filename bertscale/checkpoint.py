@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bertscale import safe_load
+from bertscale import safe_load, storage
 from bertscale.config import ConfigError, PhaseSection, RunConfig, max_predictions
 from bertscale.files import atomic_output, write_atomic
 from bertscale.rundir import RunDir
@@ -171,12 +171,13 @@ class ResumeError(ConfigError):
     """This run cannot continue from the checkpoint it found; the message says why and what to do."""
 
 
-def manifest_fingerprint(data_dir: str | os.PathLike) -> str:
-    """A hash of a shard directory's manifest (``index.json``) bytes: the shards, their counts and how
-    they were built. Another build, or other shards, give another fingerprint."""
+def manifest_fingerprint(location: str | os.PathLike) -> str:
+    """A hash of a shard location's manifest (``index.json``) bytes, read where the loader reads it (a local
+    directory or a URL prefix, ``bertscale.storage``): the shards, their counts and how they were built.
+    Another build, or other shards, give another fingerprint; an unreadable manifest gives "missing"."""
     try:
-        return hashlib.sha256((Path(data_dir) / "index.json").read_bytes()).hexdigest()
-    except OSError:
+        return hashlib.sha256(storage.read_bytes(storage.join(location, "index.json"))).hexdigest()
+    except OSError:  # storage.LocationError included
         return "missing"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,32 @@ def test_a_phase_carries_optimizer_state_at_the_same_stage_on_any_number_of_rank
                                                           "it starts from the previous phase's fp32 weights and, "
                                                           "through its universal checkpoint, its optimizer moments")
     assert plan(2, carry=False, precision="fp32").precision_note(cfg.phases[1], shape).endswith("fp32 weights")
+
+
+def test_a_resume_onto_other_shards_served_over_http_is_refused(run_data, tmp_path):
+    """The data-order guard reads a URL phase's manifest where the loader reads it: a resume onto another
+    shard set at another URL is refused (before, both manifests read as "missing" through a local path and
+    the resume was accepted); the same set at the same URL continues."""
+    from bertscale.config import load_config
+    from bertscale.rundir import RunDir
+    from bertscale.shards import build_shards
+    from runs import serve, write_config
+
+    served = tmp_path / "served"
+    shutil.copytree(run_data["d128"], served / "a")
+    build_shards([run_data["corpus"]], run_data["tokenizer"], seq_len=128, out_dir=served / "b", samples_per_shard=60,
+                 seed=4, valid_fraction=0.05, show_progress=False)  # the same corpus, other samples
+    config = write_config(tmp_path, run_data, out=tmp_path / "run")
+    shape = ckpt.RunShape(model_config={}, tokenizer_fingerprint=None, vocab_rows=None, world_size=2, zero_stage=2,
+                          precision="fp32")
+    with serve(served) as (url, _):
+        cfg_a = load_config(config, [f"phases.phase1.data={url}/a"])
+        cfg_b = load_config(config, [f"phases.phase1.data={url}/b"])
+        assert ckpt.manifest_fingerprint(f"{url}/a") == ckpt.manifest_fingerprint(served / "a") != "missing"
+        path = make(RunDir.of(cfg_a).checkpoints, 2)
+        meta = json.loads((path / ckpt.META).read_text())
+        (path / ckpt.META).write_text(json.dumps({**meta, "world_size": 2, "zero_stage": 2, "precision": "fp32",
+                                                  "data_order": ckpt.data_order(cfg_a, 0)}))
+        with pytest.raises(ckpt.ResumeError, match=r"phases.phase1.data: the shards differ"):
+            ckpt.plan_resume(cfg_b, 0, shape)
+        assert ckpt.plan_resume(cfg_a, 0, shape).resume.path == path
