@@ -211,7 +211,7 @@ class RunShape:
     world_size: int
     zero_stage: int
     precision: str
-    """bf16, fp16 or fp32 (``bertscale.precision``)."""
+    """bf16, fp16 or fp32 (``bertscale.hardware``)."""
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ class OptimizerSection:
 @dataclass
 class TrainSection:
     precision: str = "auto"
-    """auto, bf16, fp16 or fp32. auto: bf16 where the hardware computes it natively (CUDA: Ampere and newer; CPU: avx512_bf16, amx_bf16 or ARM bf16), else fp16 with dynamic loss scaling on CUDA and fp32 on CPU (bertscale/precision.py). The launcher decides on the ranks' machine and records why in OUT/run_config.json; a DeepSpeed JSON enabling bf16 or fp16 itself wins."""
+    """auto, bf16, fp16 or fp32. auto: bf16 where the hardware computes it natively (CUDA: Ampere and newer; CPU: avx512_bf16, amx_bf16 or ARM bf16), else fp16 with dynamic loss scaling on CUDA and fp32 on CPU (bertscale/hardware.py). The launcher decides on the ranks' machine and records why in OUT/run_config.json; a DeepSpeed JSON enabling bf16 or fp16 itself wins."""
     log_interval: int = 10
     """Optimizer steps between console lines and TensorBoard points."""
     save_interval: int = 1000
@@ -479,7 +479,7 @@ def validate(cfg: RunConfig) -> list[str]:
     finite and in its range (named with the key and the range), every path set."""
     e: list[str] = []
     from bertscale.model import PRESETS  # local: the model owns the preset table
-    from bertscale.precision import PRECISIONS  # and the precision module its choices
+    from bertscale.hardware import PRECISIONS  # and the precision module its choices
 
     for section, key, *bounds in _RANGES:
         _check_ranges(e, section, getattr(cfg, section), [(key, *bounds)])

@@ -28,7 +28,7 @@ from bertscale.engine import consolidated_state_dict
 from bertscale.files import WriteError, atomic_output, write_atomic, write_failure
 from bertscale.hf_format import check_state_dict, resize_vocab_rows, save_hf
 from bertscale.model import BertConfig
-from bertscale.tokenizer import TOKENIZER_FILES
+from bertscale.tokenizer import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,5 @@ def _save_torch(weights: dict[str, torch.Tensor], config: BertConfig, out: Path,
     with atomic_output(out / "model.pt") as tmp:
         torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}, tmp)
     write_atomic(out / "config.json", json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-    for name in TOKENIZER_FILES:
-        if (tokenizer / name).is_file():
-            write_atomic(out / name, (tokenizer / name).read_bytes())
+    copy_tokenizer_files(tokenizer, out, complete=False)
     return out

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from bertscale import safe_load
+from bertscale import hardware, safe_load
 from bertscale.config import ConfigError, OptimizerSection, PhaseSection, accumulation_steps
 from bertscale.lamb import FlatLayout, Lamb
 from bertscale.packing import batch_to, model_inputs
@@ -32,14 +32,10 @@ _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
 
 
 def detect_accelerator(requested: str = "auto") -> str:
-    """'cuda' or 'cpu'. Sets DS_ACCELERATOR for DeepSpeed before it is imported."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("distributed.accelerator is 'cuda' but torch sees no CUDA device; "
-                          "use accelerator = 'cpu' or install a CUDA build of torch")
-    os.environ.setdefault("DS_ACCELERATOR", requested)
-    return requested
+    """'cuda' or 'cpu' (``hardware.accelerator``), also set as DS_ACCELERATOR for DeepSpeed before it is imported."""
+    chosen = hardware.accelerator(requested)
+    os.environ.setdefault("DS_ACCELERATOR", chosen)
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -200,12 +196,12 @@ def build_ds_config(base_path: str | os.PathLike, phase: PhaseSection, world_siz
                     optimizer: OptimizerSection, accelerator: str, precision: str,
                     load_universal: bool = False) -> dict:
     """The DeepSpeed config of one phase: the base file plus batch sizes, clipping, optimizer and the
-    ``precision`` the launcher chose (bf16, fp16 or fp32; ``bertscale.precision``), unless the base file sets
+    ``precision`` the launcher chose (bf16, fp16 or fp32; ``bertscale.hardware``), unless the base file sets
     one itself, which wins. ``load_universal``: the phase continues from a universal checkpoint
     (``Engine.load_shards``)."""
     cfg = load_ds_config(base_path)
     if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be bf16, fp16 or fp32 (decided by bertscale.precision.choose), "
+        raise ValueError(f"precision must be bf16, fp16 or fp32 (decided by bertscale.hardware.choose), "
                          f"not {precision!r}")
     if json_precision(cfg) is None and precision != "fp32":  # fp32: neither table enabled, DeepSpeed's default
         cfg[precision] = {**cfg.get(precision, {}), "enabled": True}

@@ -32,6 +32,7 @@ from bertscale.corpus import CorpusStats, iter_documents
 from bertscale.hf_format import load_hf
 from bertscale.loader import eval_batches, split_shards
 from bertscale.masking import IGNORE_INDEX, Masker, default_max_predictions
+from bertscale.packing import attention_mask, pad_rows
 from bertscale.shard_format import load_manifest
 from bertscale.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
 
@@ -232,13 +233,9 @@ def text_windows(paths: Sequence[str | os.PathLike], model_dir: str | os.PathLik
 def _text_batches(windows: Iterator[np.ndarray], info: TokenizerInfo, masker: Masker,
                   batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     def batch_of(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-        width = max(len(r[0]) for r in rows)
-        inputs = torch.full((len(rows), width), info.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(rows):
-            inputs[i, :len(ids)], labels[i, :len(ids)], attention[i, :len(ids)] = (
-                torch.from_numpy(ids), torch.from_numpy(lab), 1)
+        inputs = torch.from_numpy(pad_rows([r[0] for r in rows], info.pad_id))
+        labels = torch.from_numpy(pad_rows([r[1] for r in rows], IGNORE_INDEX))
+        attention = torch.from_numpy(attention_mask([len(r[0]) for r in rows], inputs.shape[1]))
         return {"input_ids": inputs, "token_type_ids": torch.zeros_like(inputs), "attention_mask": attention,
                 "labels": labels}
 

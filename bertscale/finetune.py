@@ -32,6 +32,7 @@ from torch import nn
 
 from bertscale.hf_format import load_hf
 from bertscale.model import BertForPreTraining, BertModel
+from bertscale.packing import attention_mask, pad_rows
 from bertscale.schedule import PhaseSpan, lr_at
 
 log = logging.getLogger("bertscale.finetune")
@@ -414,15 +415,9 @@ def _encode(tok: Tokenizer, examples: Sequence[Example], label_ids: dict[str, in
 
 def _collate(rows: Sequence[_Row], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Pad to the longest row of the batch (not to max_seq_len: short tasks train faster)."""
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    type_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.ids)
-        ids[i, :n] = torch.tensor(r.ids)
-        type_ids[i, :n] = torch.tensor(r.type_ids)
-        mask[i, :n] = 1
+    ids = torch.from_numpy(pad_rows([r.ids for r in rows], pad_id))
+    type_ids = torch.from_numpy(pad_rows([r.type_ids for r in rows], 0))
+    mask = torch.from_numpy(attention_mask([len(r.ids) for r in rows], ids.shape[1]))
     return {"input_ids": ids.to(device), "token_type_ids": type_ids.to(device), "attention_mask": mask.to(device),
             "labels": torch.tensor([r.label for r in rows], device=device)}
 
@@ -434,22 +429,17 @@ def _batches(rows: Sequence[_Row], batch_size: int, order: Sequence[int] | None 
 
 
 def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases and LayerNorm weights, as BERT's fine-tuning recipe."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    """AdamW without weight decay on biases and LayerNorm weights (pretraining's ``engine.parameter_groups``),
+    as BERT's fine-tuning recipe."""
+    from bertscale.engine import parameter_groups
+
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr)
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda")
-    return torch.device(device)
+    from bertscale.hardware import accelerator
+
+    return torch.device(accelerator(device, setting="--device"))
 
 
 @torch.inference_mode()

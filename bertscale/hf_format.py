@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from bertscale.files import atomic_output, write_atomic
 from bertscale.model import BertConfig, BertForPreTraining, PerfOptions
-from bertscale.tokenizer import TOKENIZER_FILES
+from bertscale.tokenizer import copy_tokenizer_files
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -138,16 +138,8 @@ def save_hf(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer_dir is not None:
-        tok = Path(tokenizer_dir)
-        present = [name for name in TOKENIZER_FILES if (tok / name).is_file()]
-        if not present:
-            raise FileNotFoundError(
-                f"tokenizer_dir {tok} holds none of {', '.join(TOKENIZER_FILES)}; point it at the folder "
-                f"the tokenizer was saved to, or pass tokenizer_dir=None to export weights only"
-            )
-        for name in present:
-            write_atomic(out / name, (tok / name).read_bytes())
+    if tokenizer_dir is not None:  # None: weights only
+        copy_tokenizer_files(tokenizer_dir, out, complete=False)
 
     # a crash (or a full disk) never leaves a half-written model behind
     with atomic_output(out / WEIGHTS_FILE) as tmp_weights:

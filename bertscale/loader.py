@@ -51,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bertscale.masking import IGNORE_INDEX, Masker
-from bertscale.packing import unpadded_batch
+from bertscale.packing import attention_mask, pad_rows, unpadded_batch
 from bertscale.shard_format import CorruptShardError, SampleRules, ShardIndex, load_manifest, read_shard, shard_paths
 from bertscale.tokenizer import TokenizerInfo
 
@@ -76,12 +76,8 @@ def collate(
     ``sample_id``. The length is the longest item rounded up to pad_to_multiple, at most max_len.
     """
     length = _padded_length(max(len(it["input_ids"]) for it in items), pad_to_multiple, max_len)
-    b = len(items)
-    input_ids = np.full((b, length), pad_id, dtype=np.int64)
-    labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
-    for row, it in enumerate(items):
-        input_ids[row, : len(it["input_ids"])] = it["input_ids"]
-        labels[row, : len(it["labels"])] = it["labels"]
+    input_ids = pad_rows([it["input_ids"] for it in items], pad_id, length)
+    labels = pad_rows([it["labels"] for it in items], IGNORE_INDEX, length)
     lengths = np.array([len(it["input_ids"]) for it in items])
     return _tensors(input_ids, labels, lengths, np.array([it["a_len"] for it in items]),
                     [it["nsp_label"] for it in items], [it["sample_id"] for it in items], with_sample_ids)
@@ -95,9 +91,8 @@ def _padded_length(longest: int, pad_to_multiple: int, max_len: int | None) -> i
 
 
 def _tensors(input_ids, labels, lengths, a_lens, nsp, sample_ids, with_sample_ids) -> dict[str, torch.Tensor]:
-    cols = np.arange(input_ids.shape[1])[None, :]
-    attention = (cols < lengths[:, None]).astype(np.int64)
-    token_type = ((cols >= a_lens[:, None]) & (cols < lengths[:, None])).astype(np.int64)
+    attention = attention_mask(lengths, input_ids.shape[1])
+    token_type = attention - attention_mask(a_lens, input_ids.shape[1])  # 1 from segment B's start to the end
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "token_type_ids": torch.from_numpy(token_type),
@@ -131,10 +126,9 @@ class _Masking:
             return unpadded_batch(masked, with_sample_ids=self.with_sample_ids)
         lengths = np.array([len(s[1]) for s in samples])
         width = _padded_length(int(lengths.max()), 8, self.max_len)
-        inputs = np.full((len(samples), width), self.pad_id, dtype=np.int64)
-        labels = np.full((len(samples), width), IGNORE_INDEX, dtype=np.int64)
-        for row, (sid, ids, _, _) in enumerate(samples):
-            inputs[row, : len(ids)], labels[row, : len(ids)] = self.masker(ids, sid)
+        masked = [self.masker(ids, sid) for sid, ids, _, _ in samples]
+        inputs = pad_rows([m[0] for m in masked], self.pad_id, width)
+        labels = pad_rows([m[1] for m in masked], IGNORE_INDEX, width)
         return _tensors(inputs, labels, lengths, np.array([s[2] for s in samples]), [s[3] for s in samples],
                         [s[0] for s in samples], self.with_sample_ids)
 

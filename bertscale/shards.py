@@ -25,7 +25,6 @@ in ``train/`` and ``valid/`` that no build listed are never deleted (the build r
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -34,9 +33,6 @@ import os
 import queue
 import re
 import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -47,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bertscale import docstore
+from bertscale import docstore, lifetime
 from bertscale.console import progress_bar
 from bertscale.corpus import (CorpusStats, check_document_mode, expand_inputs, file_documents, paragraph_layout,
                               refuse_binary_files)
@@ -111,24 +107,6 @@ def _read_json(path: Path) -> dict | None:
 # --- worker processes ------------------------------------------------------------------------------
 
 
-def _die_with_parent(parent: int) -> None:
-    """In a build process: exit when the parent does, even by SIGKILL, instead of working on as an orphan."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the parent died before prctl
-        os._exit(1)
-
-    def watch() -> None:  # where prctl is unavailable (and as a second line): poll
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-
-
 class _ProcessState:
     """What a build process keeps between tasks: loaded tokenizers and opened stores."""
 
@@ -154,7 +132,9 @@ _STATE: _ProcessState | None = None  # in a build process: its state (set by _in
 
 def _init_process(q, parent: int) -> None:
     global _STATE
-    _die_with_parent(parent)
+    # a build process exits when the parent does, even by SIGKILL, instead of working on as an orphan
+    lifetime.die_with_parent()
+    lifetime.exit_when_gone(parent)
     _STATE = _ProcessState(lambda kind, n: q.put((kind, n)))
 
 

@@ -291,12 +291,16 @@ def tokenizer_info(dir: str | os.PathLike) -> TokenizerInfo:
     )
 
 
-def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
-    """Copy the tokenizer files there are (e.g. next to an exported model); ``tokenizer_info`` must be able to
-    read the copy (``tokenizer_config.json`` and ``vocab.txt`` or ``tokenizer.json``)."""
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, complete: bool = True) -> None:
+    """Copy the tokenizer files there are (into a checkpoint, next to an exported model), each written whole.
+    ``complete``: ``tokenizer_info`` must be able to read the copy (``tokenizer_config.json`` and ``vocab.txt`` or
+    ``tokenizer.json``); otherwise at least one file must be there."""
     src, dst = Path(src_dir), Path(dst_dir)
     present = [n for n in TOKENIZER_FILES if (src / n).is_file()]
-    if "tokenizer_config.json" not in present or not {"vocab.txt", "tokenizer.json"} & set(present):
+    if not complete and not present:
+        raise FileNotFoundError(f"tokenizer directory {src} holds none of {', '.join(TOKENIZER_FILES)}; point it at "
+                                f"the folder the tokenizer was saved to")
+    if complete and ("tokenizer_config.json" not in present or not {"vocab.txt", "tokenizer.json"} & set(present)):
         raise FileNotFoundError(f"tokenizer directory {src} has only {present or 'none of ' + str(list(TOKENIZER_FILES))}; "
                                 f"it needs tokenizer_config.json and vocab.txt or tokenizer.json (retrain with "
                                 f"`bertscale tokenizer`)")

@@ -10,7 +10,6 @@ fresh run) ``model.init_from``'s Hugging Face weights or fresh ones.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import functools
 import logging
@@ -27,143 +26,24 @@ import numpy as np
 import torch
 
 from bertscale import checkpoint as ckpt
-from bertscale import precision, safe_load
-from bertscale.config import (ARCHITECTURE_OVERRIDES, ConfigError, RunConfig, accumulation_steps, load_config,
-                              max_predictions)
+from bertscale import hardware, lifetime, safe_load
+from bertscale.config import ConfigError, RunConfig, accumulation_steps, load_config, max_predictions
 from bertscale.console import Progress
 from bertscale.files import WriteError, open_log, write_failure
 from bertscale.engine import (DistInfo, Engine, all_reduce_sum, barrier, broadcast_from_rank0, build_ds_config,
-                              consolidated_state_dict, detect_accelerator, init_distributed, json_precision,
-                              load_ds_config, zero_stage)
+                              consolidated_state_dict, detect_accelerator, init_distributed)
 from bertscale.evaluate import EvalTally, Unigram, fit_unigram
-from bertscale.hf_format import (architectures, check_pretrained, load_pretrained_into, load_state_dict_into,
-                                 read_hf_config)
+from bertscale.hf_format import load_state_dict_into
 from bertscale.loader import PretrainingLoader
 from bertscale.metrics import Metrics, device_peak_tflops
-from bertscale.model import BertConfig, BertForPreTraining, PerfOptions, preset_config
 from bertscale.packing import token_counts, unpad
+from bertscale.recipe import cpu_threads, init_from_for, initial_model, model_config, run_precision, run_shape
 from bertscale.rundir import RunDir
 from bertscale.schedule import lr_at, phase_spans
 from bertscale.state import RunState
 from bertscale.tokenizer import TokenizerInfo, tokenizer_info
 
 log = logging.getLogger("bertscale.train")
-
-
-DEFAULT_PRESET = "base"
-"""The model size of a run that names no ``model.preset`` and no ``model.init_from``."""
-
-
-def model_config(cfg: RunConfig, vocab_size: int) -> BertConfig:
-    """The run's architecture: ``model.init_from``'s ``config.json`` (checked against the tokenizer and the
-    phases), else the preset with ``[model]``'s overrides; ``model.dropout`` applies to both."""
-    m = cfg.model
-    dropout = {} if m.dropout is None else {"hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout}
-    if m.init_from:
-        try:
-            config = read_hf_config(m.init_from)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model.init_from: {exc}") from None
-        problems = _init_from_problems(cfg, config, vocab_size)
-        if problems:
-            raise ConfigError(f"model.init_from {m.init_from} cannot start this run:\n  " + "\n  ".join(problems))
-        return dataclasses.replace(config, **dropout)
-    overrides = {k: getattr(m, k) for k in ARCHITECTURE_OVERRIDES if getattr(m, k) is not None}
-    return preset_config(m.preset or DEFAULT_PRESET, vocab_size=vocab_size, **overrides, **dropout)
-
-
-def _init_from_problems(cfg: RunConfig, config: BertConfig, vocab_size: int) -> list[str]:
-    """What keeps ``init_from``'s model from training this run: another tokenizer than its own, a vocabulary
-    that is not the tokenizer's, positions shorter than a phase."""
-    m, problems = cfg.model, []
-    source = Path(m.init_from)
-    if m.tokenizer and Path(m.tokenizer) != source:
-        try:
-            own = tokenizer_info(source).fingerprint
-        except (OSError, ValueError):
-            own = None  # the directory has no tokenizer of its own: model.tokenizer is the run's
-        if own is not None and own != tokenizer_info(m.tokenizer).fingerprint:
-            problems.append(f"model.tokenizer {m.tokenizer} is not the tokenizer of model.init_from {source} (another "
-                            f"vocabulary): the model was trained with its own; remove model.tokenizer")
-    if config.vocab_size != vocab_size:
-        problems.append(f"{source / 'config.json'}: vocab_size {config.vocab_size}, but the tokenizer "
-                        f"({m.tokenizer}) has {vocab_size} tokens; a model and its tokenizer must agree")
-    try:
-        check_pretrained(source, config)  # names and shapes only: a rank reads the weights themselves
-    except (OSError, ValueError) as exc:
-        problems.append(str(exc))
-    for i, phase in enumerate(cfg.phases):
-        if phase.seq_len > config.max_position_embeddings:
-            problems.append(f"phases[{i}] ({phase.name}).seq_len {phase.seq_len} is longer than max_position_embeddings "
-                            f"{config.max_position_embeddings} of {source / 'config.json'}")
-    return problems
-
-
-def model_name(cfg: RunConfig) -> str:
-    """The model in words for logs and ``--dry-run``: its preset, or where ``init_from`` takes it from."""
-    return f"from {cfg.model.init_from}" if cfg.model.init_from else (cfg.model.preset or DEFAULT_PRESET)
-
-
-def initial_model(cfg: RunConfig, config: BertConfig, accelerator: str, init_from: str = "",
-                  ) -> tuple[BertForPreTraining, list[str]]:
-    """Step 0's model: seeded fresh weights of ``config``, or those of the Hugging Face directory ``init_from``
-    with the heads it lacks (a ``BertForMaskedLM``'s pooler and NSP head) fresh; returns the fresh keys too."""
-    torch.manual_seed(cfg.run.seed)
-    model = BertForPreTraining(config, perf_options(cfg, accelerator))
-    fresh = load_pretrained_into(model, init_from) if init_from else []
-    return model, fresh
-
-
-def init_from_for(cfg: RunConfig, phase_index: int, plan: ckpt.ResumePlan) -> str:
-    """The Hugging Face directory phase ``phase_index`` starts from: ``model.init_from`` for the first phase of
-    a fresh run, else "" (a resumed phase continues its checkpoint, a later phase the previous one's weights)."""
-    return cfg.model.init_from if phase_index == 0 and plan.resume is None and plan.previous is None else ""
-
-
-def initial_weights(cfg: RunConfig) -> str:
-    """Where the first phase of a fresh run takes its weights from, in words (``--dry-run``)."""
-    m = cfg.model
-    if not m.init_from:
-        return f"random (seed {cfg.run.seed})"
-    fresh = check_pretrained(m.init_from, model_config(cfg, tokenizer_info(m.tokenizer).vocab_size))
-    return (f"{'/'.join(architectures(m.init_from)) or 'Hugging Face BERT'} in {m.init_from}; "
-            + (f"not in it, initialised fresh: {', '.join(fresh)}" if fresh else "every weight from it")
-            + " (a resumed run continues from its checkpoint instead)")
-
-
-def perf_options(cfg: RunConfig, accelerator: str) -> PerfOptions:
-    """The model's runtime levers from ``[model]``; vocabulary padding defaults per accelerator."""
-    m = cfg.model
-    pad = m.pad_vocab_multiple or PerfOptions.for_device(accelerator).pad_vocab_multiple
-    return PerfOptions(fused_qkv=m.fused_qkv, fast_dropout=m.fast_dropout, pad_vocab_multiple=pad,
-                       sparse_last_layer=m.sparse_last_layer, fused_mlm_loss=m.fused_mlm_loss, compile=m.compile,
-                       gradient_checkpointing=m.gradient_checkpointing)
-
-
-def run_precision(cfg: RunConfig, accelerator: str) -> str:
-    """bf16, fp16 or fp32: what this configuration trains in. The launcher has already put its choice in
-    ``train.precision``; a DeepSpeed JSON that sets one wins (as ``build_ds_config`` applies it); ``auto``
-    (a configuration that did not come through the launcher) is decided here as the launcher would."""
-    fixed = json_precision(load_ds_config(cfg.distributed.deepspeed_config))
-    if fixed is not None:
-        return fixed
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    devices = torch.cuda.device_count() if accelerator == "cuda" else 1
-    return precision.choose("auto", accelerator, devices).name
-
-
-def run_shape(cfg: RunConfig, accelerator: str, world_size: int,
-              tokenizer: TokenizerInfo | None = None) -> ckpt.RunShape:
-    """The model, vocabulary rows, ranks, ZeRO stage and precision this configuration trains with (checked
-    against a checkpoint before resuming it; the launcher checks the same before starting any rank)."""
-    tokenizer = tokenizer or tokenizer_info(cfg.model.tokenizer)
-    config = model_config(cfg, tokenizer.vocab_size)
-    multiple = perf_options(cfg, accelerator).pad_vocab_multiple
-    stage = zero_stage(load_ds_config(cfg.distributed.deepspeed_config))
-    return ckpt.RunShape(model_config=config.to_hf_dict(), tokenizer_fingerprint=tokenizer.fingerprint,
-                         vocab_rows=-(-config.vocab_size // multiple) * multiple,  # with tensor-core padding
-                         world_size=world_size, zero_stage=stage, precision=run_precision(cfg, accelerator))
 
 
 class Trainer:
@@ -563,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bertscale").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # DeepSpeed's own ZeRO code calls this deprecated collective on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    watch_launcher()
+    lifetime.watch_launcher()
     safe_load.enforce_in_this_process()  # every torch.load of this rank, DeepSpeed's included
     try:
         cfg = load_config(args.config)
@@ -577,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                                 cfg.distributed.rendezvous_timeout_minutes)
         check_precision_here(cfg, accelerator, dist)
         if accelerator == "cpu":
-            threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // dist.local_world_size)
-            torch.set_num_threads(threads)
+            torch.set_num_threads(cpu_threads(cfg, dist.local_world_size))
         stop = StopRequest()
         stop.install()
         trainer = Trainer(cfg, args.phase, dist, accelerator, resume_from=args.resume_from, stop=stop)
@@ -597,54 +476,13 @@ def check_precision_here(cfg: RunConfig, accelerator: str, dist: DistInfo) -> No
     Ampere); on a CPU without native bf16, warn once per node unless the launcher ran here and warned already
     (a hostfile launch decides on another machine)."""
     name = run_precision(cfg, accelerator)
-    problem = precision.unsupported(name, accelerator, devices=dist.local_rank + 1)
+    problem = hardware.unsupported(name, accelerator, devices=dist.local_rank + 1)
     if problem:
         raise ConfigError(f"rank {dist.rank} on {socket.gethostname()}: {problem}")
-    launched_here = os.environ.get(LAUNCHER_ENV, "").partition(":")[0] == socket.gethostname()
-    if name == "bf16" and accelerator == "cpu" and dist.local_rank == 0 and not launched_here:
-        native, _ = precision.cpu_bf16_native()
+    if name == "bf16" and accelerator == "cpu" and dist.local_rank == 0 and not lifetime.launched_here():
+        native, _ = hardware.cpu_bf16_native()
         if not native:
-            log.warning("rank %d on %s: warning: %s", dist.rank, socket.gethostname(), precision.emulated_warning())
-
-
-LAUNCHER_ENV = "BERTSCALE_LAUNCHER"
-"""``host:pid:start_time`` of the `bertscale pretrain` process that started this rank (same host only)."""
-
-
-def watch_launcher(interval: float = 1.0) -> None:
-    """Stop this rank within seconds once the `bertscale pretrain` process that started it is gone.
-
-    Between them sit the deepspeed runner and launcher, which keep their ranks running when their own
-    parent dies; a rank orphaned that way would train on, hold the master port and the run directory's
-    lock would be free for a second run to write beside it.
-    """
-    import threading
-
-    import psutil
-
-    host, _, rest = os.environ.get(LAUNCHER_ENV, "").partition(":")
-    pid, _, started = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return
-
-    def alive() -> bool:
-        try:
-            return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1.0
-        except (psutil.Error, ValueError):
-            return False
-
-    def watch() -> None:
-        while alive():
-            time.sleep(interval)
-        try:
-            print(f"rank {os.environ.get('RANK', '?')}: the bertscale launcher (pid {pid}) is gone; stopping",
-                  file=sys.stderr, flush=True)
-        except (OSError, ValueError):
-            pass  # our output went through the launcher (bertscale.console): that pipe died with it
-        finally:
-            os._exit(1)
-
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+            log.warning("rank %d on %s: warning: %s", dist.rank, socket.gethostname(), hardware.emulated_warning())
 
 
 def exit_rank(code: int) -> None:
@@ -666,7 +504,7 @@ def exit_rank(code: int) -> None:
         try:
             stream.flush()
         except (OSError, ValueError):
-            pass  # the launcher's pipe is gone (bertscale.train.watch_launcher)
+            pass  # the launcher's pipe is gone (lifetime.watch_launcher)
     os._exit(code)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -11,7 +10,8 @@ from dataclasses import dataclass
 from bertscale import checkpoint as ckpt
 from bertscale.config import ConfigError, PhaseSection, RunConfig
 from bertscale.console import duration
-from bertscale.precision import Precision
+from bertscale.hardware import Precision
+from bertscale.recipe import cpu_threads
 from launcher.environment import WorkerEnvironment, detect_accelerator, ranks_per_node
 from launcher.plan import PhasePlan
 
@@ -23,8 +23,8 @@ def run_summary(cfg: RunConfig, plans: list[PhasePlan], accelerator: str) -> lis
     from bertscale.engine import load_ds_config, zero_stage
     from bertscale.model import BertForPreTraining
     from bertscale.shard_format import load_manifest
+    from bertscale.recipe import model_config, model_name
     from bertscale.tokenizer import tokenizer_info
-    from bertscale.train import model_config, model_name
 
     config = model_config(cfg, tokenizer_info(cfg.model.tokenizer).vocab_size)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
@@ -65,7 +65,7 @@ def print_plan(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointIn
     if source is not None:
         print(f"# resuming from {source.path} (global step {source.global_step})")
     else:
-        from bertscale.train import initial_weights
+        from bertscale.recipe import initial_weights
 
         print(f"# initial weights: {initial_weights(cfg)}")
     print("\n".join(f"# environment: {line}" for line in env.describe()))
@@ -115,11 +115,11 @@ def measure_step(cfg: RunConfig, phase: PhaseSection, accelerator: str, threads:
     share)."""
     import torch
 
-    from bertscale.lamb import Lamb
+    from bertscale.engine import build_optimizer, parameter_groups
     from bertscale.model import BertForPreTraining
     from bertscale.packing import batch_to, model_inputs
+    from bertscale.recipe import model_config, perf_options, run_precision
     from bertscale.tokenizer import tokenizer_info
-    from bertscale.train import model_config, perf_options, run_precision
 
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[run_precision(cfg, accelerator)]
@@ -132,8 +132,8 @@ def measure_step(cfg: RunConfig, phase: PhaseSection, accelerator: str, threads:
         torch.manual_seed(cfg.run.seed)
         model = BertForPreTraining(model_config(cfg, info.vocab_size), perf_options(cfg, accelerator))
         model.to(device=device, dtype=dtype).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = Lamb(params, lr=phase.lr) if cfg.optimizer.name == "lamb" else torch.optim.AdamW(params, lr=phase.lr)
+        # the run's optimizer with the run's settings, unsharded (a rank steps its share of it under ZeRO)
+        optimizer = build_optimizer(parameter_groups(model, cfg.optimizer.weight_decay), cfg.optimizer, phase.lr)
 
         def timed(fn) -> float:
             if device.type == "cuda":
@@ -163,7 +163,7 @@ def estimate_phases(cfg: RunConfig, plans: list[PhasePlan], accelerator: str) ->
     measured with their share of this machine's cores."""
     threads = None
     if accelerator == "cpu":
-        threads = cfg.distributed.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_per_node(cfg, "cpu"))
+        threads = cpu_threads(cfg, ranks_per_node(cfg, "cpu"))
     lines = ["estimated time per phase (--estimate), from real steps of this model measured on this machine's "
              f"{accelerator}{f' with {threads} thread(s), one CPU rank' + chr(39) + 's share' if threads else ''}, on "
              f"{'unpadded' if cfg.train.unpadded else 'padded'} micro batches as training feeds them (train.unpadded):"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertscale.config import ConfigError, DistributedSection, RunConfig
-from bertscale.precision import Precision
+from bertscale.hardware import Precision
+from bertscale.recipe import cpu_threads
 
 DEFAULT_CPU_RANKS = 2
 
@@ -34,25 +35,25 @@ def detect_accelerator(distributed: DistributedSection) -> str:
     allocator settings, which glibc reads only when a process starts.
     """
     requested = distributed.accelerator
-    if requested != "auto":
-        return requested
     if distributed.hostfile and not distributed.no_ssh:
-        raise ConfigError(
-            f"distributed.accelerator is 'auto' but the ranks run on the hosts of {distributed.hostfile}, whose "
-            f"devices this machine cannot see (it would decide for every node what it has itself); set "
-            f"distributed.accelerator = \"cuda\" (or \"cpu\") in the config or --set distributed.accelerator=cuda")
-    import torch
+        if requested == "auto":
+            raise ConfigError(
+                f"distributed.accelerator is 'auto' but the ranks run on the hosts of {distributed.hostfile}, whose "
+                f"devices this machine cannot see (it would decide for every node what it has itself); set "
+                f"distributed.accelerator = \"cuda\" (or \"cpu\") in the config or --set distributed.accelerator=cuda")
+        return requested  # the nodes' own, not this machine's: a CPU login node launches CUDA ranks
+    from bertscale import hardware
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return hardware.accelerator(requested)
 
 
 def decide_precision(cfg: RunConfig, accelerator: str) -> Precision:
-    """The precision the ranks train in (``bertscale.precision.choose``), decided here, where the ranks run.
+    """The precision the ranks train in (``bertscale.hardware.choose``), decided here, where the ranks run.
 
     A DeepSpeed JSON that enables bf16 or fp16 itself wins. A hostfile launch (not --no_ssh) runs its ranks on
     machines this one cannot see, so ``auto`` is refused there as ``distributed.accelerator = "auto"`` is, and an
     explicit precision is checked by each rank against its own device at start (``bertscale.train``)."""
-    from bertscale import precision
+    from bertscale import hardware
     from bertscale.engine import json_precision, load_ds_config
 
     d = cfg.distributed
@@ -66,7 +67,7 @@ def decide_precision(cfg: RunConfig, accelerator: str) -> Precision:
             f"train.precision is 'auto' but the ranks run on the hosts of {d.hostfile}, whose devices this machine "
             f"cannot see; set train.precision = \"bf16\" (Ampere or newer GPUs; CPUs with avx512_bf16 or amx_bf16), "
             f"\"fp16\" (older GPUs: V100, T4) or \"fp32\" (CPUs without native bf16), e.g. --set train.precision=bf16")
-    return precision.choose(cfg.train.precision, accelerator, ranks_per_node(cfg, accelerator), fixed,
+    return hardware.choose(cfg.train.precision, accelerator, ranks_per_node(cfg, accelerator), fixed,
                             d.deepspeed_config, local=not remote)
 
 
@@ -101,7 +102,7 @@ def worker_environment(cfg: RunConfig, accelerator: str) -> dict[str, str]:
     remote = bool(d.hostfile) and not d.no_ssh
     if accelerator == "cpu":
         if d.threads_per_rank or not remote:
-            env["OMP_NUM_THREADS"] = str(d.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_per_node(cfg, "cpu")))
+            env["OMP_NUM_THREADS"] = str(cpu_threads(cfg, ranks_per_node(cfg, "cpu")))
         if "GLIBC_TUNABLES" not in os.environ:  # a user's own setting wins
             env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
     return env

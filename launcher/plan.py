@@ -12,7 +12,7 @@ from pathlib import Path
 from bertscale import checkpoint as ckpt
 from bertscale.config import ConfigError, PhaseSection, RunConfig, accumulation_steps
 from bertscale.rundir import RunDir
-from bertscale.precision import Precision
+from bertscale.hardware import Precision
 from launcher.environment import decide_precision, detect_accelerator, ranks_per_node
 from launcher.ports import DEFAULT_MASTER_PORT
 
@@ -132,7 +132,7 @@ def preflight(cfg: RunConfig, world: int, accelerator: str = "cpu") -> Precision
     from bertscale.engine import load_ds_config
     from bertscale.shard_format import load_manifest
     from bertscale.tokenizer import tokenizer_info
-    from bertscale.train import model_config
+    from bertscale.recipe import model_config
 
     problems, choice = [], None
     try:
@@ -171,7 +171,7 @@ def check_resume(cfg: RunConfig, first: PhasePlan, accelerator: str, resume_from
     """What the first phase to train would start from, checked as its ranks will (``plan_resume``), and
     every ``.pt`` of that checkpoint inspected (``safe_load``): refusals come before any rank starts."""
     from bertscale import safe_load
-    from bertscale.train import run_shape
+    from bertscale.recipe import run_shape
 
     start = ckpt.plan_resume(cfg, first.index, run_shape(cfg, accelerator, first.world_size), resume_from)
     for source in (start.resume, start.previous):

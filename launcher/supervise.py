@@ -8,7 +8,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,9 +16,10 @@ from pathlib import Path
 import psutil
 
 from bertscale import checkpoint as ckpt
+from bertscale import lifetime
 from bertscale.config import DECIDED, RunConfig
 from bertscale.console import RunLog
-from bertscale.precision import Precision
+from bertscale.hardware import Precision
 from bertscale.rundir import RunDir
 from launcher import ports
 from launcher.diagnose import failure_message
@@ -142,11 +142,8 @@ def run_phases(cfg: RunConfig, plans: list[PhasePlan], source: ckpt.CheckpointIn
     if source is not None:
         log.info("resuming from %s (global step %d, phase %s)", source.path, source.global_step,
                  source.meta.get("phase"))
-    from bertscale.train import LAUNCHER_ENV
-
-    me = psutil.Process()
-    # only for ranks on this host: they stop when this process is gone (bertscale.train.watch_launcher)
-    env[LAUNCHER_ENV] = f"{socket.gethostname()}:{me.pid}:{me.create_time()}"
+    # only for ranks on this host: they stop when this process is gone (lifetime.watch_launcher)
+    env[lifetime.LAUNCHER_ENV] = lifetime.launcher_identity()
     with _Forwarder() as forwarder:
         for p in plans:
             if p.complete:
@@ -190,7 +187,7 @@ def _run_deepspeed(forwarder: _Forwarder, watch: "_RankWatch", command: list[str
     """Run one deepspeed launch to its end, watching its ranks, its output relayed through ``run_log`` (the
     console and train.log, without third-party noise); its exit status."""
     forwarder.child = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True,
-                                       preexec_fn=_die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                       preexec_fn=lifetime.die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run_log.relay(forwarder.child.stdout, sys.stdout)
     run_log.relay(forwarder.child.stderr, sys.stderr)
     try:
@@ -248,12 +245,3 @@ def _rank_of(proc) -> int | None:
         return None
 
 
-def _die_with_parent() -> None:
-    """In the deepspeed runner, before it starts: the kernel kills it when this launcher dies, even by
-    SIGKILL (Linux ``PR_SET_PDEATHSIG``). Its ranks notice on their own (``watch_launcher``)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the ranks' own watch still stops them

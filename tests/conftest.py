@@ -43,7 +43,7 @@ def write_generated_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
 def pytest_report_header(config: pytest.Config) -> str:
     """Where the suite runs: the CPU, its bf16 capability and what train.precision = auto trains in here (the
     real runs follow it; on a CPU without native bf16, only the tests about bf16 itself compute in bf16)."""
-    from bertscale.precision import choose, cpu_info
+    from bertscale.hardware import choose, cpu_info
 
     cpu = cpu_info()
     return (f"bertscale: {cpu.model}, bf16 {cpu.describe_bf16()}; train.precision = auto trains in "

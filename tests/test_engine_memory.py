@@ -28,7 +28,7 @@ import torch
 from bertscale.config import OptimizerSection, PhaseSection
 from bertscale.engine import Engine, build_ds_config, init_distributed
 from bertscale.model import BertForPreTraining, preset_config
-from bertscale.precision import choose
+from bertscale.hardware import choose
 
 def vm_data_mib():
     for line in open("/proc/self/status"):

@@ -33,7 +33,7 @@ def test_gpu_check_smoke_mode_runs_every_step_and_summarises(tmp_path):
     # on CPU the fp16 step checks its config only (--dry-run; DeepSpeed has no fp16 there): its phase plan
     assert any("phase phase1: seq_len 128, 3 steps" in line for line in summary["fp16_compile_last_lines"])
     # where it ran and in what: the CPU, its bf16 capability, and the precision auto picked for the runs
-    from bertscale.precision import choose, cpu_info
+    from bertscale.hardware import choose, cpu_info
 
     assert summary["cpu_model"] == cpu_info().model and summary["cpu_bf16"].startswith(("native", "emulated"))
     assert summary["precision"]["requested"] == "auto"

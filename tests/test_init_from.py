@@ -19,7 +19,7 @@ from bertscale import checkpoint as ckpt
 from bertscale.config import ConfigError, from_dict, load_config, resolve_paths, validate
 from bertscale.hf_format import check_pretrained, read_hf_config, read_hf_weights
 from bertscale.tokenizer import tokenizer_info, train_tokenizer
-from bertscale.train import init_from_for, initial_model, model_config
+from bertscale.recipe import init_from_for, initial_model, model_config
 from runs import REPO, free_port
 
 transformers = pytest.importorskip("transformers")

@@ -28,7 +28,7 @@ from launcher.launch import pretrain
 from launcher.plan import (deepspeed_command, deepspeed_executable, no_ssh_hostfile, node_file, parse_hostfile, plan,
                            preflight, resume_source, world_size)
 from launcher.ports import check_port, pick_port
-from runs import REPO, build_data, run_config, write_config
+from runs import build_data, run_config, write_config
 
 
 def write(path: Path, text: str) -> Path:
@@ -508,7 +508,7 @@ def test_pretrain_dry_run_prints_every_phase_command(data, tmp_path, capsys):
 
 
 def test_pretrain_dry_run_with_explicit_resume(data, tmp_path, capsys):
-    from bertscale.train import run_shape
+    from bertscale.recipe import run_shape
 
     config = write_config(tmp_path, data, out=tmp_path / "run")
     shape = run_shape(load_config(config), "cpu", 2)

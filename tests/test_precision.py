@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bertscale import checkpoint as ckpt
-from bertscale import precision
+from bertscale import hardware
 from bertscale.config import ConfigError, load_config
 from bertscale.engine import build_ds_config, json_precision, load_ds_config
 from launcher.launch import RunFailed, pretrain
@@ -26,7 +26,7 @@ EMULATED = (False, "this CPU (test) has no native bf16 (forced by the test)")
 def cpu_bf16(monkeypatch):
     """Force what the CPU is said to compute: ``cpu_bf16(True)`` or ``cpu_bf16(False)``."""
     def force(native: bool) -> None:
-        monkeypatch.setattr(precision, "cpu_bf16_native", lambda: NATIVE if native else EMULATED)
+        monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: NATIVE if native else EMULATED)
     return force
 
 
@@ -34,44 +34,44 @@ def cpu_bf16(monkeypatch):
 
 def test_auto_on_cpu_follows_native_bf16(cpu_bf16):
     cpu_bf16(True)
-    chosen = precision.choose("auto", "cpu")
+    chosen = hardware.choose("auto", "cpu")
     assert (chosen.name, chosen.warning) == ("bf16", None)
     assert chosen.line() == f"precision bf16 (train.precision = 'auto'): auto: {NATIVE[1]}"
     cpu_bf16(False)
-    chosen = precision.choose("auto", "cpu")
+    chosen = hardware.choose("auto", "cpu")
     assert (chosen.name, chosen.warning) == ("fp32", None)
     assert EMULATED[1] in chosen.reason and "fp32 instead (bf16 would be emulated, about 40x slower)" in chosen.reason
 
 
 def test_explicit_bf16_on_a_cpu_without_it_runs_with_a_warning_naming_the_slowdown(cpu_bf16):
     cpu_bf16(False)
-    chosen = precision.choose("bf16", "cpu")
+    chosen = hardware.choose("bf16", "cpu")
     assert chosen.name == "bf16" and chosen.reason == "as configured"
     assert "torch emulates it" in chosen.warning and "x slower than fp32" in chosen.warning
     assert 'train.precision = "auto" or "fp32" trains at full speed here' in chosen.warning
     cpu_bf16(True)
-    assert precision.choose("bf16", "cpu").warning is None
-    assert precision.choose("fp32", "cpu").name == "fp32"
+    assert hardware.choose("bf16", "cpu").warning is None
+    assert hardware.choose("fp32", "cpu").name == "fp32"
 
 
 def test_auto_on_cuda_picks_fp16_where_the_gpu_has_no_bf16(monkeypatch):
-    monkeypatch.setattr(precision, "cuda_bf16", lambda devices: (False, "cuda:0 Tesla V100 has no native bf16"))
+    monkeypatch.setattr(hardware, "cuda_bf16", lambda devices: (False, "cuda:0 Tesla V100 has no native bf16"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    chosen = precision.choose("auto", "cuda", devices=2)
+    chosen = hardware.choose("auto", "cuda", devices=2)
     assert chosen.name == "fp16" and "Tesla V100" in chosen.reason and "dynamic loss scaling" in chosen.reason
     with pytest.raises(ConfigError, match=r'precision bf16: cuda:0 Tesla V100.*set train.precision = "fp16"'):
-        precision.choose("bf16", "cuda")
-    monkeypatch.setattr(precision, "cuda_bf16", lambda devices: (True, "NVIDIA H100 computes bf16 natively"))
-    assert precision.choose("auto", "cuda").name == "bf16"
+        hardware.choose("bf16", "cuda")
+    monkeypatch.setattr(hardware, "cuda_bf16", lambda devices: (True, "NVIDIA H100 computes bf16 natively"))
+    assert hardware.choose("auto", "cuda").name == "bf16"
 
 
 def test_fp16_on_cpu_is_refused():
     with pytest.raises(ConfigError, match="precision fp16 on CPU: DeepSpeed has no fp16 there"):
-        precision.choose("fp16", "cpu")
+        hardware.choose("fp16", "cpu")
 
 
 def test_the_cpu_report_agrees_with_proc_cpuinfo():
-    info = precision.cpu_info()
+    info = hardware.cpu_info()
     if not Path("/proc/cpuinfo").is_file():
         pytest.skip("no /proc/cpuinfo")
     flags = set()
@@ -79,9 +79,9 @@ def test_the_cpu_report_agrees_with_proc_cpuinfo():
         key, _, value = line.partition(":")
         if key.strip().lower() in ("flags", "features"):
             flags |= set(value.split())
-    for flag in precision.X86_BF16_FLAGS:
+    for flag in hardware.X86_BF16_FLAGS:
         assert (flag in info.bf16_features) == (flag in flags)
-    report = precision.machine_report()
+    report = hardware.machine_report()
     assert report["cpu_model"] == info.model and report["cpu_bf16"].split(" ")[0] in ("native", "emulated")
     # torch's oneDNN capped below AVX-512 (ONEDNN_MAX_CPU_ISA) runs bf16 emulated whatever the CPU has
     assert info.reports_native_bf16 == (bool(info.bf16_features) and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -94,7 +94,7 @@ def test_a_json_that_sets_a_precision_wins_and_says_so(tmp_path, cpu_bf16):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     fixed = json_precision(load_ds_config(path))
-    chosen = precision.choose("fp32", "cpu", json_precision=fixed, json_path=str(path))
+    chosen = hardware.choose("fp32", "cpu", json_precision=fixed, json_path=str(path))
     assert chosen.name == "bf16" and f"{path} sets bf16 explicitly, which wins over train.precision = 'fp32'" \
         in chosen.reason
     assert chosen.warning is not None  # still emulated on this (forced) CPU: said

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bertscale.corpus import iter_documents, write_stdlib_corpus
-from bertscale.precision import machine_report
+from bertscale.hardware import machine_report
 from bertscale.shards import build_shards
 from bertscale.tokenizer import load_tokenizer, tokenizer_info, train_tokenizer
 

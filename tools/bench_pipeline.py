@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import tempfile
@@ -169,7 +168,10 @@ def _bare_worker(rank: int, ranks: int, data: str, tok_dir: str, seq_len: int, s
 
 def bare_rate(data: Path, tok: Path, seq_len: int, steps: int, ranks: int, unpadded: bool,
               preset: str = "tiny", precision: str = "bf16") -> dict:
-    threads = max(1, (os.cpu_count() or 1) // ranks)  # what the launcher gives each CPU rank
+    from bertscale.config import RunConfig
+    from bertscale.recipe import cpu_threads
+
+    threads = cpu_threads(RunConfig(), ranks)  # what the launcher gives each CPU rank
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(ranks), ctx.Queue()
     procs = [ctx.Process(target=_bare_worker, args=(r, ranks, str(data), str(tok), seq_len, steps, threads, unpadded,
@@ -197,7 +199,7 @@ def find(folder: Path, seq_len: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bertscale import precision
+    from bertscale import hardware
     from bertscale.model import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="model size on both sides (tiny: the demo's)")
     p.add_argument("--padded", action="store_true", help="both sides on padded batches (train.unpadded = false)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="both sides (auto: bf16 where this CPU computes it natively, else fp32: bertscale.precision)")
+                   help="both sides (auto: bf16 where this CPU computes it natively, else fp32: bertscale.hardware)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure trainer and bare this many times, alternating; the figures are the rounds' medians")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -219,9 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--rounds must be at least 1 (got {a.rounds})")
     folder = Path(a.data).resolve()
     tok = Path(a.tokenizer).resolve() if a.tokenizer else folder / "tokenizer"
-    choice = precision.choose(a.precision, "cpu")
+    choice = hardware.choose(a.precision, "cpu")
     print(choice.line() + (f"\nwarning: {choice.warning}" if choice.warning else ""), flush=True)
-    out: dict = {**precision.machine_report(), "precision": choice.name, "preset": a.preset, "ranks": a.ranks,
+    out: dict = {**hardware.machine_report(), "precision": choice.name, "preset": a.preset, "ranks": a.ranks,
                  "steps_timed": 2 * a.steps, "layout": "padded" if a.padded else "unpadded", "rounds": a.rounds,
                  "lengths": {}}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline.") as work:

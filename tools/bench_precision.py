@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_step import make_batch  # noqa: E402
 
-from bertscale import precision  # noqa: E402
+from bertscale import hardware  # noqa: E402
 from bertscale.model import BertForPreTraining, PerfOptions, preset_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,7 +47,7 @@ def bench(preset: str = "tiny", seq_len: int = 128, batch: int = 32, iters: int 
           vocab: int = 8000) -> dict:
     """Time both precisions alternately; returns the figures (what ``--json`` prints)."""
     torch.set_num_threads(threads)
-    choice = precision.choose("auto", "cpu")
+    choice = hardware.choose("auto", "cpu")
     torch.manual_seed(0)
     config = preset_config(preset, vocab, max_position_embeddings=max(512, seq_len))
     base = BertForPreTraining(config, PerfOptions.for_device("cpu"))
@@ -74,7 +74,7 @@ def bench(preset: str = "tiny", seq_len: int = 128, batch: int = 32, iters: int 
             matmul[name].append(_matmul_gflops(DTYPES[name]))
     fp32, bf16 = (statistics.median(times[n]) for n in ("fp32", "bf16"))
     faster = "bf16" if bf16 < fp32 else "fp32"
-    return {**precision.machine_report(), "threads": threads, "auto": choice.name, "auto_reason": choice.reason,
+    return {**hardware.machine_report(), "threads": threads, "auto": choice.name, "auto_reason": choice.reason,
             "preset": preset, "seq_len": seq_len, "batch": batch, "iters": iters,
             "fp32_step_ms": fp32 * 1e3, "bf16_step_ms": bf16 * 1e3, "bf16_vs_fp32": fp32 / bf16,
             "fp32_matmul_gflops": statistics.median(matmul["fp32"]),

@@ -14,7 +14,7 @@ Precision: ``fp32`` runs both in float32. ``bf16`` (``fp16``) runs the peer unde
 weights) and ours the way DeepSpeed trains in bf16: the module cast to bfloat16 (DeepSpeed's fp32
 master weights and their optimizer live outside the timed module; here AdamW updates the bf16
 parameters directly). ``auto`` is what ``train.precision = "auto"`` picks on this machine
-(``bertscale.precision``: bf16 where the device computes it natively, else fp16 on a GPU, fp32 on a CPU).
+(``bertscale.hardware``: bf16 where the device computes it natively, else fp16 on a GPU, fp32 on a CPU).
 The JSON names the CPU, its bf16 capability and the precision used: on a CPU without native bf16, bf16
 figures are torch's emulation, ~40x slower than fp32.
 
@@ -61,7 +61,7 @@ from bertscale.model import (BertForPreTraining, PerfOptions, attention_rows, pr
                              unpadded_attention_kernel)
 from bertscale.packing import (batch_to, computed_tokens, model_inputs, real_tokens,  # noqa: E402
                                samples_from_padded, unpadded_batch)
-from bertscale.precision import choose, machine_report  # noqa: E402
+from bertscale.hardware import choose, machine_report  # noqa: E402
 from bertscale.shard_format import load_manifest  # noqa: E402
 from bertscale.tokenizer import tokenizer_info  # noqa: E402
 
@@ -270,7 +270,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision: str, dev: torch.device) -> str:
-    """``precision`` itself, or for ``auto`` the training's choice on this device (``bertscale.precision``)."""
+    """``precision`` itself, or for ``auto`` the training's choice on this device (``bertscale.hardware``)."""
     if precision not in (*DTYPES, "auto"):
         raise ValueError(f"precision must be one of {', '.join((*DTYPES, 'auto'))}, not {precision!r}")
     return choose(precision, dev.type).name if precision == "auto" else precision
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=None, help="default: per device and preset")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
-                   help="auto: what train.precision = auto picks on this machine (bertscale.precision)")
+                   help="auto: what train.precision = auto picks on this machine (bertscale.hardware)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (0: leave torch's default)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -185,7 +185,7 @@ STATUS_LINES=$(for k in "${!STATUS[@]}"; do echo "$k ${STATUS[$k]}"; done)
 "$PY" - "$LOGS" "$(( $(date +%s) - START ))" "$PREC" "$ACC" <<EOF
 import json, re, sys, torch
 from pathlib import Path
-from bertscale import precision
+from bertscale import hardware
 logs, seconds, requested, accelerator = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 steps = {}
 for line in """$STATUS_LINES""".strip().splitlines():
@@ -200,10 +200,10 @@ def last_json(name):
         return None
 
 out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)", "torch": torch.__version__, "cuda": torch.version.cuda,
-       **precision.machine_report(),
-       "gpu_bf16": precision.cuda_bf16(1)[1] if torch.cuda.is_available() else None,
-       "precision": {"requested": requested, "used": precision.choose(requested, accelerator).name,
-                     "fp16_run": "fp16" if accelerator == "cuda" else precision.choose(requested, accelerator).name},
+       **hardware.machine_report(),
+       "gpu_bf16": hardware.cuda_bf16(1)[1] if torch.cuda.is_available() else None,
+       "precision": {"requested": requested, "used": hardware.choose(requested, accelerator).name,
+                     "fp16_run": "fp16" if accelerator == "cuda" else hardware.choose(requested, accelerator).name},
        "seconds": seconds, "steps": steps, "passed": all(v["exit"] == 0 for v in steps.values())}
 t = (logs / "gpu_tests.log")
 if t.exists():

@@ -1,4 +1,8 @@
-"""The precision the ranks compute in, chosen from what the hardware computes natively.
+"""What this machine has, and what follows from it: the accelerator (CUDA or CPU), whether its GPUs or its
+CPU compute bf16 natively, and the precision a run trains in.
+
+``accelerator`` decides ``auto`` (CUDA when torch sees a device, else CPU) for the launcher, the ranks and
+``bertscale finetune`` alike.
 
 ``train.precision`` is ``auto`` (the default), ``bf16``, ``fp16`` or ``fp32``. ``auto`` means:
 
@@ -29,6 +33,23 @@ from dataclasses import dataclass
 import torch
 
 from bertscale.config import ConfigError
+
+ACCELERATORS = ("auto", "cpu", "cuda")
+"""What ``distributed.accelerator`` (and ``bertscale finetune --device``) accepts."""
+
+
+def accelerator(requested: str = "auto", setting: str = "distributed.accelerator") -> str:
+    """'cuda' or 'cpu': ``requested``, with ``auto`` CUDA when torch sees a device. ``setting`` names what asked
+    for it, in the error a request this machine cannot serve raises (``ConfigError``)."""
+    if requested not in ACCELERATORS:
+        raise ConfigError(f"{setting}: {requested!r} is not one of {', '.join(ACCELERATORS)}")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting} is 'cuda' but torch sees no CUDA device; use 'cpu' (or 'auto'), or install a "
+                          f"CUDA build of torch")
+    return requested
+
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 """What ``train.precision`` accepts; every choice is one of the last three."""
